@@ -1,0 +1,33 @@
+# Two commands do everything on a fresh machine: `make test` and `make demo`.
+# `make setup` is their shared, idempotent first step.
+VENV    := .venv
+PY      := $(VENV)/bin/python
+STAMP   := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: setup test demo lint format bench-gpu clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt scripts/find_python.sh
+	@test -x $(PY) || { base=$$(scripts/find_python.sh) || exit 1; echo "creating $(VENV) with $$base"; $$base -m venv $(VENV); }
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt -e ".[dev,data]"
+	@touch $(STAMP)
+
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+demo: setup
+	$(PY) experiments/demo_attention.py
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: setup
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

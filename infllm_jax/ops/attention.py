@@ -1,0 +1,132 @@
+"""Public InfLLM-V2 ops with ``implementation=`` dispatch.
+
+Implementations live in two registries, ``SELECT_BLOCKS`` and ``SPARSE_ATTENTION``. ``"xla"`` is the
+pure-JAX reference and runs everywhere. Accelerated backends register themselves under their
+own name (``"pallas"``) and raise ``NotImplementedError`` for inputs they do not support. With
+``implementation=None`` the preferred backends for the current platform are tried in order and
+the reference is the last resort; an explicitly named implementation never falls back.
+"""
+
+from collections.abc import Callable
+
+import jax
+
+from infllm_jax.config import SparseConfig
+from infllm_jax.ops._checks import check_block_idx, check_qk, check_qkv
+from infllm_jax.ops.reference import dense_attention, sparse_attention_xla
+from infllm_jax.ops.selection import select_blocks_reference
+
+__all__ = [
+    "SELECT_BLOCKS",
+    "SPARSE_ATTENTION",
+    "infllmv2_attention",
+    "select_blocks",
+    "sparse_attention",
+]
+
+# name -> fn(q, k, cfg) -> block_idx
+SELECT_BLOCKS: dict[str, Callable] = {"xla": select_blocks_reference}
+# name -> fn(q, k, v, block_idx, *, block_size) -> out
+SPARSE_ATTENTION: dict[str, Callable] = {"xla": sparse_attention_xla}
+# Order in which implementation=None tries backends on each platform.
+_PREFERENCE = {"gpu": ("pallas", "xla")}
+
+
+def _dispatch(registry: dict[str, Callable], implementation: str | None, *args, **kwargs):
+    if implementation is not None:
+        if implementation not in registry:
+            raise ValueError(f"unknown implementation {implementation!r}; available: {sorted(registry)}")
+        return registry[implementation](*args, **kwargs)
+    skipped = []
+    for name in _PREFERENCE.get(jax.default_backend(), ("xla",)):
+        if name not in registry:
+            continue
+        try:
+            return registry[name](*args, **kwargs)
+        except NotImplementedError as err:
+            skipped.append(err)
+    raise ExceptionGroup("no implementation supports these inputs", skipped)
+
+
+def select_blocks(q: jax.Array, k: jax.Array, cfg: SparseConfig, *, implementation: str | None = None) -> jax.Array:
+    """Selects the key blocks each query token attends to (InfLLM-V2 stage 1, no gradient).
+
+    Args:
+      q: ``[B, T, Hq, D]`` queries (post-RoPE, or pre-RoPE when ``cfg.use_nope``).
+      k: ``[B, T, Hkv, D]`` keys, likewise.
+      cfg: sparse configuration.
+      implementation: ``None`` (best available), ``"xla"`` or a registered backend such as ``"pallas"``.
+
+    Returns:
+      int32 ``[B, Hkv, T, cfg.num_selected]``: selected block ids per token and KV head, ascending,
+      ``-1`` in unused slots, never a block after the token's own block.
+
+    Raises:
+      ValueError / TypeError: on malformed shapes, dtypes or head ratios.
+    """
+    check_qk(q, k)
+    return _dispatch(SELECT_BLOCKS, implementation, q, k, cfg)
+
+
+def sparse_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    block_idx: jax.Array,
+    *,
+    block_size: int,
+    implementation: str | None = None,
+) -> jax.Array:
+    """Causal attention of each token over the union of its selected key blocks.
+
+    Args:
+      q: ``[B, T, Hq, D]`` queries; head ``h = kv * G + g`` uses the selection of KV head ``kv``.
+      k, v: ``[B, T, Hkv, D]``.
+      block_idx: int ``[B, Hkv, T, K]``, ascending ids with ``-1`` in unused slots (``select_blocks``).
+      block_size: tokens per key block.
+      implementation: ``None`` (best available), ``"xla"`` or a registered backend such as ``"pallas"``.
+
+    Returns:
+      ``[B, T, Hq, D]`` in ``q.dtype``; differentiable w.r.t. q, k and v.
+    """
+    b, t, _, hkv, _ = check_qkv(q, k, v)
+    check_block_idx(block_idx, b, hkv, t, block_size)
+    return _dispatch(SPARSE_ATTENTION, implementation, q, k, v, block_idx, block_size=block_size)
+
+
+def infllmv2_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    cfg: SparseConfig,
+    *,
+    implementation: str | None = None,
+    select_q: jax.Array | None = None,
+    select_k: jax.Array | None = None,
+) -> jax.Array:
+    """InfLLM-V2 attention: dense causal below ``cfg.dense_len`` tokens, block-sparse at or above.
+
+    Args:
+      q: ``[B, T, Hq, D]``; k, v: ``[B, T, Hkv, D]``.
+      cfg: sparse configuration.
+      implementation: backend for selection and sparse attention (``None``, ``"xla"``, ``"pallas"``).
+      select_q, select_k: queries/keys used only for block selection (the pre-RoPE ones when
+        ``cfg.use_nope``); default ``q`` and ``k``.
+
+    Returns:
+      ``[B, T, Hq, D]`` in ``q.dtype``; differentiable w.r.t. q, k and v (selection is not).
+    """
+    _, t, _, _, _ = check_qkv(q, k, v)
+    if not cfg.is_sparse(t):
+        return dense_attention(q, k, v)
+    if cfg.use_nope and (select_q is None or select_k is None):
+        raise ValueError("cfg.use_nope=True: pass the pre-RoPE queries and keys as select_q and select_k")
+    select_q = q if select_q is None else select_q
+    select_k = k if select_k is None else select_k
+    if select_q.shape != q.shape or select_k.shape != k.shape:
+        raise ValueError(
+            f"select_q/select_k must have the shapes of q/k: {select_q.shape} vs {q.shape}, "
+            f"{select_k.shape} vs {k.shape}"
+        )
+    block_idx = select_blocks(select_q, select_k, cfg, implementation=implementation)
+    return sparse_attention(q, k, v, block_idx, block_size=cfg.block_size, implementation=implementation)
