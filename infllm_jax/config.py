@@ -50,10 +50,15 @@ class SparseConfig:
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"SparseConfig.{name} must be a non-negative int, got {value!r}")
         if not isinstance(self.dense_len, int) or (self.dense_len < 0 and self.dense_len != -1):
-            raise ValueError(f"SparseConfig.dense_len must be >= 0 or -1 (always sparse), got {self.dense_len!r}")
-        if self.kernel_size % self.kernel_stride:
             raise ValueError(
-                f"kernel_size={self.kernel_size} must be a multiple of kernel_stride={self.kernel_stride}"
+                f"SparseConfig.dense_len must be >= 0 or -1 (always sparse), got {self.dense_len!r}"
+            )
+        if self.kernel_size != 2 * self.kernel_stride:
+            # The official block max-pool (kernel block_size // kernel_stride + 1, padding 1) covers
+            # exactly the windows that intersect a block only when windows overlap by half.
+            raise ValueError(
+                f"kernel_size={self.kernel_size} must equal 2 * kernel_stride={2 * self.kernel_stride} "
+                "(InfLLM-V2 uses half-overlapping windows, e.g. 32/16)"
             )
         if self.block_size % self.kernel_stride:
             raise ValueError(

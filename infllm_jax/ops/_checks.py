@@ -3,7 +3,7 @@
 import jax
 import jax.numpy as jnp
 
-__all__ = ["check_block_idx", "check_qkv", "check_qk"]
+__all__ = ["check_block_idx", "check_qk", "check_qkv"]
 
 
 def _check_float(name: str, x) -> None:

@@ -25,9 +25,13 @@ __all__ = [
 ]
 
 # name -> fn(q, k, cfg) -> block_idx
-SELECT_BLOCKS: dict[str, Callable] = {"xla": select_blocks_reference}
+SELECT_BLOCKS: dict[str, Callable] = {
+    "xla": select_blocks_reference,
+}
 # name -> fn(q, k, v, block_idx, *, block_size) -> out
-SPARSE_ATTENTION: dict[str, Callable] = {"xla": sparse_attention_xla}
+SPARSE_ATTENTION: dict[str, Callable] = {
+    "xla": sparse_attention_xla,
+}
 # Order in which implementation=None tries backends on each platform.
 _PREFERENCE = {"gpu": ("pallas", "xla")}
 
@@ -48,7 +52,9 @@ def _dispatch(registry: dict[str, Callable], implementation: str | None, *args, 
     raise ExceptionGroup("no implementation supports these inputs", skipped)
 
 
-def select_blocks(q: jax.Array, k: jax.Array, cfg: SparseConfig, *, implementation: str | None = None) -> jax.Array:
+def select_blocks(
+    q: jax.Array, k: jax.Array, cfg: SparseConfig, *, implementation: str | None = None
+) -> jax.Array:
     """Selects the key blocks each query token attends to (InfLLM-V2 stage 1, no gradient).
 
     Args:

@@ -90,7 +90,8 @@ def sparse_attention_xla(
     def one_chunk(args):
         q_chunk, idx, ok, start = args
         t_c = start + jnp.arange(chunk)
-        pos = (jnp.maximum(idx, 0) * block_size)[..., None] + jnp.arange(block_size)  # [B, Hkv, C, K, bs]
+        offsets = jnp.arange(block_size)[None, None, None, None, :]
+        pos = (jnp.maximum(idx, 0) * block_size)[..., None] + offsets  # [B, Hkv, C, K, bs]
         valid = ok[..., None] & (pos <= t_c[None, None, :, None, None])
         pos = jnp.minimum(pos, t - 1).reshape(b, hkv, chunk, span)
         valid = valid.reshape(b, hkv, chunk, span)
@@ -110,7 +111,9 @@ def sparse_attention_xla(
     return out.astype(q.dtype)
 
 
-def dense_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, implementation: str | None = None) -> jax.Array:
+def dense_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, *, implementation: str | None = None
+) -> jax.Array:
     """Dense causal GQA attention through ``jax.nn.dot_product_attention``.
 
     On a GPU with bf16/fp16 inputs and a head dim cuDNN supports, ``implementation=None`` picks cuDNN

@@ -74,8 +74,8 @@ def _stage1_chunk(q_c, t_c, k1, k2, cfg: SparseConfig):
     """
     scale = q_c.shape[-1] ** -0.5
     n1, n2 = k1.shape[1], k2.shape[1]
-    vis2 = jnp.arange(n2) * cfg.coarse_kernel_stride + cfg.coarse_kernel_size <= t_c[:, None] + 1  # [C, n2]
-    vis1 = jnp.arange(n1) * cfg.kernel_stride + cfg.kernel_size <= t_c[:, None] + 1  # [C, n1]
+    vis2 = jnp.arange(n2)[None, :] * cfg.coarse_kernel_stride + cfg.coarse_kernel_size <= t_c[:, None] + 1
+    vis1 = jnp.arange(n1)[None, :] * cfg.kernel_stride + cfg.kernel_size <= t_c[:, None] + 1  # [C, n1]
     logits2 = jnp.einsum("bchgd,bnhd->bhcgn", q_c, k2, precision=_HIGHEST) * scale
     logits2 = jnp.where(vis2[None, None, :, None, :], logits2, -jnp.inf)
     lse2 = jax.nn.logsumexp(logits2, axis=-1)  # [B, Hkv, C, G]; -inf when nothing is visible
@@ -95,7 +95,7 @@ def _pool_and_force(s, t_c, nb: int, cfg: SparseConfig):
     padded = padded.at[..., 1 : n1 + 1].set(s)  # n1 <= r * nb always
     body = padded[..., : r * nb].reshape(*s.shape[:-1], nb, r).max(axis=-1)
     blk = jnp.maximum(body, padded[..., r : r * nb + 1 : r])
-    j = jnp.arange(nb)
+    j = jnp.arange(nb)[None, :]
     q_block = (t_c // cfg.block_size)[:, None]  # [C, 1]
     forced = (j < cfg.init_blocks) | ((j >= q_block - cfg.local_blocks) & (j <= q_block))  # [C, nb]
     return jnp.where(forced[None, None], jnp.inf, blk)
