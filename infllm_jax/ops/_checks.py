@@ -11,8 +11,12 @@ def _check_float(name: str, x) -> None:
         raise TypeError(f"{name} must be a floating-point array, got dtype {x.dtype}")
 
 
-def check_qk(q: jax.Array, k: jax.Array) -> tuple[int, int, int, int, int]:
-    """Validates ``q [B, T, Hq, D]`` and ``k [B, T, Hkv, D]``; returns ``(B, T, Hq, Hkv, D)``."""
+def check_qk(q: jax.Array, k: jax.Array, *, shorter_q: bool = False) -> tuple[int, int, int, int, int]:
+    """Validates ``q [B, T, Hq, D]`` and ``k [B, T, Hkv, D]``; returns ``(B, T, Hq, Hkv, D)``.
+
+    With ``shorter_q`` the queries may be a contiguous slice of the key positions (``Tq <= Tk``, for
+    context parallelism); ``T`` is then the query length.
+    """
     if q.ndim != 4:
         raise ValueError(f"q must have shape [B, T, Hq, D] (rank 4), got shape {q.shape}")
     if k.ndim != 4:
@@ -20,8 +24,11 @@ def check_qk(q: jax.Array, k: jax.Array) -> tuple[int, int, int, int, int]:
     _check_float("q", q)
     _check_float("k", k)
     b, t, hq, d = q.shape
-    if k.shape[0] != b or k.shape[1] != t:
-        raise ValueError(f"q and k must share batch and sequence length: q {q.shape} vs k {k.shape}")
+    if k.shape[0] != b or (k.shape[1] < t if shorter_q else k.shape[1] != t):
+        relation = "at most the key length" if shorter_q else "the key length"
+        raise ValueError(
+            f"q and k must share batch and sequence length ({relation}): q {q.shape} vs k {k.shape}"
+        )
     if k.shape[3] != d:
         raise ValueError(f"q and k must share the head dim: q {q.shape} vs k {k.shape}")
     hkv = k.shape[2]
@@ -32,9 +39,11 @@ def check_qk(q: jax.Array, k: jax.Array) -> tuple[int, int, int, int, int]:
     return b, t, hq, hkv, d
 
 
-def check_qkv(q: jax.Array, k: jax.Array, v: jax.Array) -> tuple[int, int, int, int, int]:
+def check_qkv(
+    q: jax.Array, k: jax.Array, v: jax.Array, *, shorter_q: bool = False
+) -> tuple[int, int, int, int, int]:
     """Validates ``q [B, T, Hq, D]``, ``k, v [B, T, Hkv, D]``; returns ``(B, T, Hq, Hkv, D)``."""
-    dims = check_qk(q, k)
+    dims = check_qk(q, k, shorter_q=shorter_q)
     if v.ndim != 4 or v.shape != k.shape:
         raise ValueError(f"v must have the shape of k {k.shape}, got {v.shape}")
     _check_float("v", v)

@@ -36,6 +36,11 @@ SPARSE_ATTENTION: dict[str, Callable] = {
 _PREFERENCE = {"gpu": ("pallas", "xla")}
 
 
+def _offset_kwargs(q_offset) -> dict:
+    # Backends that do not support query offsets never see the argument unless it is used.
+    return {} if isinstance(q_offset, int) and q_offset == 0 else {"q_offset": q_offset}
+
+
 def _dispatch(registry: dict[str, Callable], implementation: str | None, *args, **kwargs):
     if implementation is not None:
         if implementation not in registry:
@@ -53,7 +58,12 @@ def _dispatch(registry: dict[str, Callable], implementation: str | None, *args, 
 
 
 def select_blocks(
-    q: jax.Array, k: jax.Array, cfg: SparseConfig, *, implementation: str | None = None
+    q: jax.Array,
+    k: jax.Array,
+    cfg: SparseConfig,
+    *,
+    implementation: str | None = None,
+    q_offset: int | jax.Array = 0,
 ) -> jax.Array:
     """Selects the key blocks each query token attends to (InfLLM-V2 stage 1, no gradient).
 
@@ -62,16 +72,18 @@ def select_blocks(
       k: ``[B, T, Hkv, D]`` keys, likewise.
       cfg: sparse configuration.
       implementation: ``None`` (best available), ``"xla"`` or a registered backend such as ``"pallas"``.
+      q_offset: position of ``q[:, 0]`` among the keys when ``q`` holds only the contiguous slice
+        ``[q_offset, q_offset + Tq)`` of the key positions (context parallelism); may be traced.
 
     Returns:
-      int32 ``[B, Hkv, T, cfg.num_selected]``: selected block ids per token and KV head, ascending,
+      int32 ``[B, Hkv, Tq, cfg.num_selected]``: selected block ids per token and KV head, ascending,
       ``-1`` in unused slots, never a block after the token's own block.
 
     Raises:
       ValueError / TypeError: on malformed shapes, dtypes or head ratios.
     """
-    check_qk(q, k)
-    return _dispatch(SELECT_BLOCKS, implementation, q, k, cfg)
+    check_qk(q, k, shorter_q=True)
+    return _dispatch(SELECT_BLOCKS, implementation, q, k, cfg, **_offset_kwargs(q_offset))
 
 
 def sparse_attention(
@@ -82,6 +94,7 @@ def sparse_attention(
     *,
     block_size: int,
     implementation: str | None = None,
+    q_offset: int | jax.Array = 0,
 ) -> jax.Array:
     """Causal attention of each token over the union of its selected key blocks.
 
@@ -91,13 +104,15 @@ def sparse_attention(
       block_idx: int ``[B, Hkv, T, K]``, ascending ids with ``-1`` in unused slots (``select_blocks``).
       block_size: tokens per key block.
       implementation: ``None`` (best available), ``"xla"`` or a registered backend such as ``"pallas"``.
+      q_offset: position of ``q[:, 0]`` among the keys (see ``select_blocks``).
 
     Returns:
       ``[B, T, Hq, D]`` in ``q.dtype``; differentiable w.r.t. q, k and v.
     """
-    b, t, _, hkv, _ = check_qkv(q, k, v)
+    b, t, _, hkv, _ = check_qkv(q, k, v, shorter_q=True)
     check_block_idx(block_idx, b, hkv, t, block_size)
-    return _dispatch(SPARSE_ATTENTION, implementation, q, k, v, block_idx, block_size=block_size)
+    offset = _offset_kwargs(q_offset)
+    return _dispatch(SPARSE_ATTENTION, implementation, q, k, v, block_idx, block_size=block_size, **offset)
 
 
 def infllmv2_attention(
@@ -109,6 +124,7 @@ def infllmv2_attention(
     implementation: str | None = None,
     select_q: jax.Array | None = None,
     select_k: jax.Array | None = None,
+    q_offset: int | jax.Array = 0,
 ) -> jax.Array:
     """InfLLM-V2 attention: dense causal below ``cfg.dense_len`` tokens, block-sparse at or above.
 
@@ -118,13 +134,16 @@ def infllmv2_attention(
       implementation: backend for selection and sparse attention (``None``, ``"xla"``, ``"pallas"``).
       select_q, select_k: queries/keys used only for block selection (the pre-RoPE ones when
         ``cfg.use_nope``); default ``q`` and ``k``.
+      q_offset: position of ``q[:, 0]`` among the keys when ``q`` holds only a contiguous slice of the
+        key positions (context parallelism: local queries against all-gathered keys). The dense/sparse
+        switch looks at the key length, like the official ``kv_seq_len`` rule.
 
     Returns:
       ``[B, T, Hq, D]`` in ``q.dtype``; differentiable w.r.t. q, k and v (selection is not).
     """
-    _, t, _, _, _ = check_qkv(q, k, v)
-    if not cfg.is_sparse(t):
-        return dense_attention(q, k, v)
+    check_qkv(q, k, v, shorter_q=True)
+    if not cfg.is_sparse(k.shape[1]):
+        return dense_attention(q, k, v, q_offset=q_offset)
     if cfg.use_nope and (select_q is None or select_k is None):
         raise ValueError("cfg.use_nope=True: pass the pre-RoPE queries and keys as select_q and select_k")
     select_q = q if select_q is None else select_q
@@ -134,5 +153,7 @@ def infllmv2_attention(
             f"select_q/select_k must have the shapes of q/k: {select_q.shape} vs {q.shape}, "
             f"{select_k.shape} vs {k.shape}"
         )
-    block_idx = select_blocks(select_q, select_k, cfg, implementation=implementation)
-    return sparse_attention(q, k, v, block_idx, block_size=cfg.block_size, implementation=implementation)
+    block_idx = select_blocks(select_q, select_k, cfg, implementation=implementation, q_offset=q_offset)
+    return sparse_attention(
+        q, k, v, block_idx, block_size=cfg.block_size, implementation=implementation, q_offset=q_offset
+    )

@@ -49,6 +49,7 @@ def sparse_attention_xla(
     *,
     block_size: int,
     query_chunk: int | None = None,
+    q_offset: int | jax.Array = 0,
 ) -> jax.Array:
     """Block-sparse causal attention by gathering each token's selected blocks (float32 math).
 
@@ -58,13 +59,15 @@ def sparse_attention_xla(
       block_idx: int ``[B, Hkv, T, K]`` selected block ids per token, ascending, ``-1`` padded.
       block_size: tokens per key block.
       query_chunk: tokens processed at once (default: bounded by a 32 MiB gather tile).
+      q_offset: position of ``q[:, 0]`` among the keys when ``q`` (and ``block_idx``) hold only the
+        slice ``[q_offset, q_offset + Tq)`` of the key positions (context parallelism); may be traced.
 
     Returns:
       ``[B, T, Hq, D]`` in ``q.dtype``. A token attends to keys ``p <= t`` inside its blocks; a token
       with no such key gets a zero output. Differentiable w.r.t. q, k, v (not ``block_idx``).
     """
     b, t, hq, d = q.shape
-    hkv, n_slots = k.shape[2], block_idx.shape[-1]
+    t_k, hkv, n_slots = k.shape[1], k.shape[2], block_idx.shape[-1]
     g = hq // hkv
     scale = d**-0.5
     span = n_slots * block_size
@@ -93,7 +96,7 @@ def sparse_attention_xla(
         offsets = jnp.arange(block_size)[None, None, None, None, :]
         pos = (jnp.maximum(idx, 0) * block_size)[..., None] + offsets  # [B, Hkv, C, K, bs]
         valid = ok[..., None] & (pos <= t_c[None, None, :, None, None])
-        pos = jnp.minimum(pos, t - 1).reshape(b, hkv, chunk, span)
+        pos = jnp.minimum(pos, t_k - 1).reshape(b, hkv, chunk, span)
         valid = valid.reshape(b, hkv, chunk, span)
         kg, vg = _gather_rows(kh, pos), _gather_rows(vh, pos)  # [B, Hkv, C, span, D]
         s = jnp.einsum("bhcgd,bhcnd->bhcgn", q_chunk, kg, precision=_HIGHEST) * scale
@@ -105,14 +108,19 @@ def sparse_attention_xla(
         o = jnp.einsum("bhcgn,bhcnd->bhcgd", p, vg, precision=_HIGHEST)
         return jnp.where(l > 0, o / jnp.where(l > 0, l, 1.0), 0.0)  # [B, Hkv, C, G, D]
 
-    starts = jnp.arange(n_chunks, dtype=jnp.int32) * chunk
+    starts = q_offset + jnp.arange(n_chunks, dtype=jnp.int32) * chunk
     out = lax.map(one_chunk, (qg, idx_c, ok_c, starts))  # [n, B, Hkv, C, G, D]
     out = out.transpose(1, 0, 3, 2, 4, 5).reshape(b, t_pad, hq, d)[:, :t]
     return out.astype(q.dtype)
 
 
 def dense_attention(
-    q: jax.Array, k: jax.Array, v: jax.Array, *, implementation: str | None = None
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    implementation: str | None = None,
+    q_offset: int | jax.Array = 0,
 ) -> jax.Array:
     """Dense causal GQA attention through ``jax.nn.dot_product_attention``.
 
@@ -122,10 +130,15 @@ def dense_attention(
     Args:
       q: ``[B, T, Hq, D]``; k, v: ``[B, T, Hkv, D]``.
       implementation: ``None``, ``"xla"`` or ``"cudnn"``.
+      q_offset: position of ``q[:, 0]`` among the keys when ``q`` holds only a slice of the key
+        positions (context parallelism); then an explicit causal mask is used (XLA).
 
     Returns:
       ``[B, T, Hq, D]`` in ``q.dtype``.
     """
+    if not (isinstance(q_offset, int) and q_offset == 0 and q.shape[1] == k.shape[1]):
+        causal = jnp.arange(k.shape[1])[None, :] <= q_offset + jnp.arange(q.shape[1])[:, None]
+        return jax.nn.dot_product_attention(q, k, v, mask=causal[None, None], implementation=implementation)
     if implementation is None:
         d = q.shape[-1]
         cudnn_ok = q.dtype in (jnp.bfloat16, jnp.float16) and d % 8 == 0 and d <= 128

@@ -152,7 +152,12 @@ def block_scores(q: jax.Array, k: jax.Array, cfg: SparseConfig) -> jax.Array:
 
 @functools.partial(jax.jit, static_argnames=("cfg", "query_chunk"))
 def select_blocks_reference(
-    q: jax.Array, k: jax.Array, cfg: SparseConfig, *, query_chunk: int | None = None
+    q: jax.Array,
+    k: jax.Array,
+    cfg: SparseConfig,
+    *,
+    query_chunk: int | None = None,
+    q_offset: int | jax.Array = 0,
 ) -> jax.Array:
     """Reference block selection, chunked over query tokens so memory stays bounded.
 
@@ -161,16 +166,18 @@ def select_blocks_reference(
       k: ``[B, T, Hkv, D]`` keys.
       cfg: sparse configuration.
       query_chunk: tokens scored at once (default: sized so the largest intermediate is ~64 MiB).
+      q_offset: position of ``q[:, 0]`` among the keys, when ``q`` holds only the contiguous slice
+        ``[q_offset, q_offset + Tq)`` of the key positions (context parallelism); may be traced.
 
     Returns:
-      int32 ``[B, Hkv, T, cfg.num_selected]``: per token and KV head, selected block ids in
+      int32 ``[B, Hkv, Tq, cfg.num_selected]``: per token and KV head, selected block ids in
       ascending order, ``-1`` in unused slots; never a block after the token's own.
     """
-    b, t, hq, hkv, d = check_qk(q, k)
+    b, t, hq, hkv, d = check_qk(q, k, shorter_q=True)
     g = hq // hkv
     q = lax.stop_gradient(q)
     k1, k2 = _compressed(lax.stop_gradient(k), cfg)
-    nb = num_blocks(t, cfg.block_size)
+    nb = num_blocks(k.shape[1], cfg.block_size)
     chunk = query_chunk or _default_chunk(b, hq, k1.shape[1], t)
     n_chunks = -(-t // chunk)
     q_c = jnp.pad(q.astype(jnp.float32), ((0, 0), (0, n_chunks * chunk - t), (0, 0), (0, 0)))
@@ -182,7 +189,7 @@ def select_blocks_reference(
         s = _stage1_chunk(q_chunk, t_c, k1, k2, cfg)
         return _top_blocks(_pool_and_force(s, t_c, nb, cfg), t_c, cfg)
 
-    starts = jnp.arange(n_chunks, dtype=jnp.int32) * chunk
+    starts = q_offset + jnp.arange(n_chunks, dtype=jnp.int32) * chunk
     idx = lax.map(one_chunk, (q_c, starts))  # [n_chunks, B, Hkv, C, K]
     idx = idx.transpose(1, 2, 0, 3, 4).reshape(b, hkv, n_chunks * chunk, cfg.num_selected)
     return idx[:, :, :t]

@@ -154,3 +154,17 @@ def test_query_chunking_does_not_change_the_result():
     np.testing.assert_allclose(
         ops.sparse_attention_xla(q, k, v, idx, block_size=8, query_chunk=7), whole, rtol=1e-6, atol=1e-6
     )
+
+
+@pytest.mark.parametrize("sparse", [True, False], ids=["sparse", "dense"])
+def test_query_slice_with_offset_equals_the_slice_of_the_full_result(sparse):
+    # Context parallelism runs local queries against all keys: the result must be the full one's slice.
+    t, lo, hi = 96, 40, 72
+    q, k, v = qkv(9, 2, t, 4, 2, 8)
+    cfg = SMALL if sparse else dataclasses.replace(SMALL, dense_len=t + 1)
+    full = infllmv2_attention(q, k, v, cfg)
+    part = jax.jit(lambda q, k, v, off: infllmv2_attention(q, k, v, cfg, q_offset=off))(q[:, lo:hi], k, v, lo)
+    np.testing.assert_allclose(part, full[:, lo:hi], rtol=1e-5, atol=1e-6)
+    if sparse:
+        idx = ops.select_blocks(q[:, lo:hi], k, cfg, q_offset=lo)
+        np.testing.assert_array_equal(idx, ops.select_blocks(q, k, cfg)[:, :, lo:hi])
