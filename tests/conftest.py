@@ -1,4 +1,13 @@
-"""Test-wide JAX settings: 32-bit (Pallas interpret mode needs it) and no silent rank promotion."""
+"""Test-wide JAX settings: 32-bit (Pallas interpret mode needs it) and no silent rank promotion.
+
+On CPU the host platform is split into 8 devices so that sharded code (data and context parallelism)
+is tested without GPUs; unsharded computations still run on one device.
+"""
+
+import os
+
+# Must be set before jax initialises its backends.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
 import jax
 import pytest
