@@ -14,6 +14,8 @@ import pytest
 
 jax.config.update("jax_enable_x64", False)
 jax.config.update("jax_numpy_rank_promotion", "raise")
+# float32 references at full precision on GPUs too (XLA would otherwise use TF32 for f32 matmuls).
+jax.config.update("jax_default_matmul_precision", "highest")
 
 
 def pytest_collection_modifyitems(config, items):

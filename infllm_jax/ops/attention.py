@@ -12,6 +12,7 @@ from collections.abc import Callable
 import jax
 
 from infllm_jax.config import SparseConfig
+from infllm_jax.ops import pallas_backend
 from infllm_jax.ops._checks import check_block_idx, check_qk, check_qkv
 from infllm_jax.ops.reference import dense_attention, sparse_attention_xla
 from infllm_jax.ops.selection import select_blocks_reference
@@ -27,10 +28,12 @@ __all__ = [
 # name -> fn(q, k, cfg) -> block_idx
 SELECT_BLOCKS: dict[str, Callable] = {
     "xla": select_blocks_reference,
+    "pallas": pallas_backend.select_blocks_pallas,
 }
 # name -> fn(q, k, v, block_idx, *, block_size) -> out
 SPARSE_ATTENTION: dict[str, Callable] = {
     "xla": sparse_attention_xla,
+    "pallas": pallas_backend.sparse_attention_pallas,
 }
 # Order in which implementation=None tries backends on each platform.
 _PREFERENCE = {"gpu": ("pallas", "xla")}

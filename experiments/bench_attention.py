@@ -1,0 +1,449 @@
+"""Benchmark: Pallas block-sparse attention vs dense cuDNN attention, one run on one GPU.
+
+Shapes (ANCHORS.md): B=1, Hq=32, Hkv=2, D=128, bf16, 96 selected blocks of 64 tokens. In the same
+process it times, at each T: dense cuDNN (``jax.nn.dot_product_attention(implementation="cudnn",
+is_causal=True)``) forward and forward+backward, and the sparse kernels' forward and
+forward+backward (``jax.grad`` of ``sum(out**2)`` w.r.t. q, k, v) on two selection patterns:
+
+- ``per_token_random``: block 0 + the 33 local blocks + 62 distinct random past blocks drawn
+  independently per token and KV head (no sharing between tokens beyond init + local);
+- ``correlated``: ``select_blocks_reference`` (the library's stage-1 selection) on queries and keys
+  that follow a smooth random process plus white noise (``--corr`` tokens, ``--noise`` relative
+  amplitude); the selection is computed once at the longest T and its prefix is used for shorter T
+  (a token's selection depends only on tokens before it).
+
+Each pattern's sharing is reported (blocks per token, union and blocks shared by >= 2 tokens per
+tile of 4 and 8 tokens). Times are medians of ``--reps`` calls after a warm-up, compile excluded;
+per-kernel device times come from a ``jax.profiler`` trace. Optional stages: ``--check`` runs the
+kernel tests (compiled) first, ``--sweep`` times tiling variants at the longest T, and the table
+uses the fastest forward variant per pattern. Everything stops starting new work after
+``--budget`` seconds and writes what it has: ``bench_attention_h200.json`` and ``.png`` in ``--out``.
+
+Usage (GPU)::
+
+    PYTHONPATH=. python3 experiments/bench_attention.py --check --sweep --out experiments/results
+
+``--smoke`` runs the same code on a CPU in Pallas interpret mode with tiny shapes.
+"""
+
+import argparse
+import dataclasses
+import datetime
+import functools
+import glob
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from infllm_jax.config import SparseConfig
+from infllm_jax.ops.selection import select_blocks_reference
+from pallas_kernels._compat import silence_triton_deprecation
+from pallas_kernels.sparse_attention import BlockSizes, canonical_blocks, sparse_attention_pallas, tile_lists
+
+warnings.filterwarnings("ignore", category=DeprecationWarning)
+silence_triton_deprecation()
+
+BLOCK = 64
+# Tiling variants: name -> BlockSizes. "token_*" is the plain per-token kernel (the ANCHORS naive
+# kernel is token_w2_s2); "tileN_shareM" runs blocks shared by >= M of N tokens on N * 16-row tiles;
+# "_sK" = num_stages K, "_w8" = 8 warps. The default BlockSizes() is "tile4_share2_s3_nosplit".
+VARIANTS = {
+    "token_w2_s2": BlockSizes(tile_tokens=0, token_warps=2, num_stages=2),
+    "token_w2_s3": BlockSizes(tile_tokens=0, token_warps=2, num_stages=3, mask_split=True),
+    "tile4_share2_s3": BlockSizes(tile_tokens=4, min_share=2, tile_warps=4, num_stages=3, mask_split=True),
+    "tile4_share2_s3_nosplit": BlockSizes(tile_tokens=4, min_share=2, tile_warps=4, num_stages=3),
+    "tile4_share2_w8": BlockSizes(tile_tokens=4, min_share=2, tile_warps=8, num_stages=3, mask_split=True),
+    "tile4_share2_s4": BlockSizes(tile_tokens=4, min_share=2, tile_warps=4, num_stages=4, mask_split=True),
+    "tile4_share3_s3": BlockSizes(tile_tokens=4, min_share=3, tile_warps=4, num_stages=3, mask_split=True),
+    "tile8_share2_s3": BlockSizes(tile_tokens=8, min_share=2, tile_warps=8, num_stages=3, mask_split=True),
+    "tile8_share3_s3": BlockSizes(tile_tokens=8, min_share=3, tile_warps=8, num_stages=3, mask_split=True),
+    "tile8_union_s3": BlockSizes(tile_tokens=8, min_share=1, tile_warps=8, num_stages=3, mask_split=True),
+}
+
+
+class Clock:
+    """Wall-clock budget: work is skipped once ``left() <= 0``."""
+
+    def __init__(self, budget):
+        self.start, self.budget = time.time(), budget
+
+    def left(self):
+        return self.budget - (time.time() - self.start)
+
+
+def log(msg):
+    print(msg, flush=True)
+
+
+def timed(fn, *args, reps):
+    """Compile (first call), warm up once, then the median of ``reps`` calls in ms."""
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    compile_s = time.perf_counter() - t0
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3, compile_s
+
+
+def kernel_times(fn, *args, calls=2):
+    """Device time per call of each GPU kernel (ms), from a profiler trace; {} where unavailable."""
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            jax.profiler.start_trace(tmp)
+            for _ in range(calls):
+                jax.block_until_ready(fn(*args))
+            jax.profiler.stop_trace()
+            (path,) = glob.glob(os.path.join(tmp, "**", "*.xplane.pb"), recursive=True)
+            data = jax.profiler.ProfileData.from_file(path)
+        except Exception as err:  # the profiler is an extra: never lose the timings for it
+            log(f"  (profiler unavailable: {err!r:.200})")
+            return {}
+    per_line = {}
+    for plane in data.planes:
+        if plane.name.startswith("/device:GPU"):
+            for line in plane.lines:
+                totals = per_line.setdefault(line.name, {})
+                for event in line.events:
+                    totals[event.name] = totals.get(event.name, 0.0) + event.duration_ns / 1e6 / calls
+    # Stream lines hold one event per kernel launch; "XLA Ops"/"XLA Modules" lines summarise them.
+    streams = [name for name in per_line if "Stream" in name] or list(per_line)
+    totals = {}
+    for name in streams:
+        for kernel, ms in per_line[name].items():
+            totals[kernel] = totals.get(kernel, 0.0) + ms
+    if not totals:
+        log(f"  (no GPU kernel events; lines: {list(per_line)[:8]})")
+    return {k: round(v, 3) for k, v in sorted(totals.items(), key=lambda kv: -kv[1])[:12]}
+
+
+def random_selection(key, t, hkv, n_random=62, local=33, chunk=4096):
+    """per_token_random: int32 ``[1, Hkv, T, 1 + local + n_random]``, sorted, -1 padded."""
+    nb = -(-t // BLOCK)
+    chunk = min(chunk, t)
+    k_sel = min(n_random, nb)
+
+    def one(args):
+        key, start = args
+        own = (start + jnp.arange(chunk, dtype=jnp.int32)) // BLOCK  # [C]
+        j = jnp.arange(nb, dtype=jnp.int32)
+        cand = (j[None, :] >= 1) & (j[None, :] <= own[:, None] - local)  # strictly before the local window
+        u = jnp.where(cand[None], jax.random.uniform(key, (hkv, chunk, nb)), -1.0)
+        vals, picks = lax.top_k(u, k_sel)
+        picks = jnp.where(vals >= 0, picks, -1)
+        loc = own[:, None] - local + 1 + jnp.arange(local, dtype=jnp.int32)[None, :]  # [C, local]
+        loc = jnp.broadcast_to(jnp.where(loc >= 1, loc, -1)[None], (hkv, chunk, local))
+        init = jnp.zeros((hkv, chunk, 1), jnp.int32)
+        ids = jnp.concatenate([init, loc, picks.astype(jnp.int32)], axis=-1)
+        ids = jnp.sort(jnp.where(ids >= 0, ids, jnp.iinfo(jnp.int32).max), axis=-1)
+        return jnp.where(ids == jnp.iinfo(jnp.int32).max, -1, ids)
+
+    n = -(-t // chunk)
+    keys = jax.random.split(key, n)
+    out = lax.map(one, (keys, jnp.arange(n, dtype=jnp.int32) * chunk))  # [n, Hkv, C, K]
+    return out.transpose(1, 0, 2, 3).reshape(1, hkv, n * chunk, -1)[:, :, :t]
+
+
+def smooth_process(key, t, h, d, corr, noise):
+    """Unit-variance ``[1, T, H, D]``: a piecewise-linear random walk between anchors every ``corr``
+    tokens (neighbouring tokens are correlated) plus white noise of relative amplitude ``noise``."""
+    k_anchor, k_noise = jax.random.split(key)
+    anchors = jax.random.normal(k_anchor, (t // corr + 2, h, d))
+    pos = jnp.arange(t) / corr
+    i0 = jnp.floor(pos).astype(jnp.int32)
+    w = (pos - i0)[:, None, None]
+    x = (anchors[i0] * (1 - w) + anchors[i0 + 1] * w) / jnp.sqrt((1 - w) ** 2 + w**2)
+    x = (x + noise * jax.random.normal(k_noise, (t, h, d))) / np.sqrt(1 + noise**2)
+    return x[None]
+
+
+def correlated_selection(key, t, hq, hkv, d, corr, noise, chunk):
+    kq, kk = jax.random.split(key)
+    q = smooth_process(kq, t, hq, d, corr, noise)
+    k = smooth_process(kk, t, hkv, d, corr, noise)
+    cfg = SparseConfig(dense_len=-1)
+    return select_blocks_reference(q, k, cfg, query_chunk=min(chunk, t))
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def pattern_stats(idx, t):
+    """Sharing statistics of a selection over the second half of the sequence (full lists there)."""
+    ids, cnt = canonical_blocks(idx, padded_len=t, block_size=BLOCK)
+    half = t // 2
+    stats = {"blocks_per_token": cnt[..., half:].mean()}
+    for tq in (4, 8):
+        union = tile_lists(ids, BlockSizes(tile_tokens=tq, min_share=1), BLOCK).tile_cnt[..., 0]
+        shared = tile_lists(ids, BlockSizes(tile_tokens=tq, min_share=2), BLOCK).tile_cnt[..., 0]
+        stats[f"union_per_tile{tq}"] = union[..., half // tq :].mean()
+        stats[f"shared2_per_tile{tq}"] = shared[..., half // tq :].mean()
+    return stats
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def sparse_flops(idx, t, g, d):
+    """Forward FLOPs counting only visible keys: 4 * D * G * sum over (b, kv, t) of visible keys."""
+    ids, cnt = canonical_blocks(idx, padded_len=t, block_size=BLOCK)
+    tok = jnp.arange(t, dtype=jnp.int32)[None, None, :, None]
+    keys = jnp.clip(tok - ids * BLOCK + 1, 0, BLOCK)
+    valid = jnp.arange(ids.shape[-1])[None, None, None, :] < cnt[..., None]
+    return 4.0 * d * g * jnp.sum(jnp.where(valid, keys, 0), dtype=jnp.float32)
+
+
+def make_fns(config, block_size, interpret):
+    def fwd(q, k, v, idx):
+        return sparse_attention_pallas(
+            q, k, v, idx, block_size=block_size, config=config, interpret=interpret
+        )
+
+    def loss(q, k, v, idx):
+        return jnp.sum(jnp.square(fwd(q, k, v, idx).astype(jnp.float32)))
+
+    return jax.jit(fwd), jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+
+
+def dense_fns(implementation):
+    def fwd(q, k, v):
+        return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=implementation)
+
+    def loss(q, k, v):
+        return jnp.sum(jnp.square(fwd(q, k, v).astype(jnp.float32)))
+
+    return jax.jit(fwd), jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+
+
+def run_tests(timeout):
+    """Runs the kernel tests (compiled on a GPU) in a subprocess; returns its exit code and summary."""
+    cmd = [sys.executable, "-m", "pytest", "tests/kernels/test_sparse_attention_pallas.py", "-q"]
+    cmd += ["-p", "no:cacheprovider", "--durations=5"]
+    log(f"$ {' '.join(cmd)}")
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        lines, code = (proc.stdout + proc.stderr).strip().splitlines(), proc.returncode
+    except subprocess.TimeoutExpired as err:
+        lines, code = (err.stdout or b"").decode(errors="replace").strip().splitlines(), None
+        lines.append(f"timed out after {timeout}s")
+    log("\n".join(lines[-40:]))
+    return {"returncode": code, "summary": lines[-1] if lines else ""}
+
+
+def plot(result, path):
+    # Imported here: matplotlib is needed only for the figure.
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    fig, (ax_t, ax_s) = plt.subplots(1, 2, figsize=(13, 5))
+    series = {}
+    for r in rows:
+        label = f"{r['impl']} {r['pass']}" + (f" [{r['pattern']}]" if r["pattern"] else "")
+        series.setdefault(label, []).append(r)
+    for label, rs in series.items():
+        rs = sorted(rs, key=lambda r: r["T"])
+        style = "--" if rs[0]["impl"] == "cudnn_dense" else "-"
+        ax_t.plot([r["T"] for r in rs], [r["median_ms"] for r in rs], style, marker="o", label=label)
+        if rs[0]["impl"] != "cudnn_dense":
+            ax_s.plot([r["T"] for r in rs], [r["speedup_vs_cudnn"] for r in rs], marker="o", label=label)
+    for ax in (ax_t, ax_s):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("sequence length T")
+        ax.grid(True, which="both", alpha=0.3)
+    ax_t.set_yscale("log")
+    ax_t.set_ylabel("median ms")
+    ax_t.legend(fontsize=7)
+    ax_s.axhline(6, color="gray", ls=":", label="fwd target 6x")
+    ax_s.axhline(5, color="gray", ls="-.", label="fwd+bwd target 5x")
+    ax_s.set_ylabel("speedup vs cuDNN dense (same pass)")
+    ax_s.legend(fontsize=7)
+    fig.suptitle(
+        f"InfLLM-V2 sparse attention vs cuDNN, {result['device']}, B=1 Hq=32 Hkv=2 D=128 bf16, 96 blocks"
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def save(result, args):
+    """Writes the JSON (after every stage, so a run cut short keeps what it measured); returns its stem."""
+    os.makedirs(args.out, exist_ok=True)
+    stem = os.path.join(args.out, "bench_attention_smoke" if args.smoke else "bench_attention_h200")
+    with open(stem + ".json", "w") as f:
+        json.dump(result, f, indent=1)
+    return stem
+
+
+def config_dict(config):
+    return dataclasses.asdict(config)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seqs", default="8192,16384,32768,65536,131072")
+    parser.add_argument("--patterns", default="per_token_random,correlated")
+    parser.add_argument("--check", action="store_true", help="run tests/kernels first")
+    parser.add_argument("--test-timeout", type=int, default=110)
+    parser.add_argument(
+        "--config", default="auto", help="table variant (auto: fastest in the sweep), or pattern=variant,..."
+    )
+    parser.add_argument("--sweep", action="store_true", help="first time tiling variants at the longest T")
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--corr", type=int, default=256)
+    parser.add_argument("--noise", type=float, default=0.3)
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--budget", type=float, default=300.0)
+    parser.add_argument("--out", default="experiments/results")
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes, CPU interpret mode")
+    args = parser.parse_args()
+    if "auto" in args.config and not args.sweep:
+        parser.error("--config auto needs --sweep")
+    clock = Clock(args.budget)
+    interpret = jax.default_backend() == "cpu"
+    seqs = [int(s) for s in args.seqs.split(",")]
+    hq, hkv, d = 32, 2, 128
+    if args.smoke:
+        seqs, hq, args.reps = [256, 512], 4, 1
+    t_max = max(seqs)
+    result = {
+        "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "device": jax.devices()[0].device_kind,
+        "jax_version": jax.__version__,
+        "shapes": {
+            "B": 1,
+            "Hq": hq,
+            "Hkv": hkv,
+            "D": d,
+            "dtype": "bfloat16",
+            "block_size": BLOCK,
+            "blocks": 96,
+        },
+        "flops_convention": "dense causal fwd 2*Hq*T^2*D; sparse fwd 4*D*Hq*visible keys; fwd+bwd = 3.5x fwd",
+        "timing": f"median of {args.reps} calls after compile + 1 warm-up, block_until_ready, host clock",
+        "patterns": {},
+        "rows": [],
+        "variants": [],
+        "kernels": {},
+    }
+    log(f"device {result['device']}, jax {jax.__version__}, backend {jax.default_backend()}")
+    if args.check:
+        result["tests"] = run_tests(args.test_timeout)
+        save(result, args)
+
+    key = jax.random.key(0)
+    kq, kk, kv, ksel, kcor = jax.random.split(key, 5)
+    q_all = jax.random.normal(kq, (1, t_max, hq, d), jnp.bfloat16)
+    k_all = jax.random.normal(kk, (1, t_max, hkv, d), jnp.bfloat16)
+    v_all = jax.random.normal(kv, (1, t_max, hkv, d), jnp.bfloat16)
+    selections = {}
+    for name in args.patterns.split(","):
+        t0 = time.perf_counter()
+        if name == "per_token_random":
+            idx = jax.block_until_ready(random_selection(ksel, t_max, hkv))
+            desc = "block 0 + 33 local + 62 distinct uniform random blocks before the local window, per token"
+        elif name == "correlated":
+            idx = jax.block_until_ready(
+                correlated_selection(kcor, t_max, hq, hkv, d, args.corr, args.noise, 1024)
+            )
+            desc = (
+                f"select_blocks_reference (96 = 1 init + 33 local + 62 top-k) on smooth q/k: random "
+                f"walk anchors every {args.corr} tokens + white noise x{args.noise} (prefix of the T_max "
+                "selection)"
+            )
+        else:
+            raise ValueError(f"unknown pattern {name}")
+        selections[name] = idx
+        stats = {key: float(value) for key, value in pattern_stats(idx, t_max).items()}
+        result["patterns"][name] = {
+            "description": desc,
+            "stats_at_T_max": stats,
+            "build_s": time.perf_counter() - t0,
+        }
+        log(f"pattern {name}: {stats} ({time.perf_counter() - t0:.1f}s)")
+
+    def sparse_inputs(t, name):
+        return q_all[:, :t], k_all[:, :t], v_all[:, :t], selections[name][:, :, :t]
+
+    # Tiling variants at the longest T (forward only); "--config auto" takes the fastest per pattern.
+    fastest = {}
+    if args.sweep:
+        for vname in args.variants.split(","):
+            if clock.left() < 100:
+                log(f"budget: sweep stops before {vname}")
+                break
+            fwd, _ = make_fns(VARIANTS[vname], BLOCK, interpret)
+            for name in selections:
+                ms, comp = timed(fwd, *sparse_inputs(t_max, name), reps=args.reps)
+                kern = kernel_times(fwd, *sparse_inputs(t_max, name))
+                row = {"variant": vname, "pattern": name, "T": t_max, "pass": "fwd", "median_ms": ms}
+                row.update(compile_s=comp, kernels_ms=kern, config=config_dict(VARIANTS[vname]))
+                result["variants"].append(row)
+                log(f"sweep fwd {vname:24s} {name:17s} {ms:8.2f} ms  compile {comp:5.1f}s  {kern}")
+                fastest[name] = min(fastest.get(name, (ms, vname)), (ms, vname))
+            save(result, args)
+    chosen = {}
+    for item in args.config.split(","):
+        name, _, variant = item.rpartition("=")
+        for pattern in [name] if name else selections:
+            chosen[pattern] = fastest[pattern][1] if variant == "auto" else variant
+    result["config"] = {name: {"variant": v, **config_dict(VARIANTS[v])} for name, v in chosen.items()}
+    log(f"table configs: {chosen}")
+
+    # The table: dense cuDNN and the sparse kernels at each T (longest first: the headline numbers).
+    dense_impl = "xla" if interpret else "cudnn"
+    dense_fwd, dense_grad = dense_fns(dense_impl)
+    for t in sorted(seqs, reverse=True):
+        if clock.left() < 20:
+            log(f"budget: table stops before T={t}")
+            break
+        q, k, v = q_all[:, :t], k_all[:, :t], v_all[:, :t]
+        dense_flops = 2.0 * hq * t * t * d
+        dense_ms = {}
+        for pass_name, fn, mult in (("fwd", dense_fwd, 1.0), ("fwd_bwd", dense_grad, 3.5)):
+            ms, _ = timed(fn, q, k, v, reps=args.reps)
+            dense_ms[pass_name] = ms
+            row = {"impl": f"{dense_impl}_dense", "pattern": None, "pass": pass_name, "T": t, "median_ms": ms}
+            row.update(tflops=mult * dense_flops / ms / 1e9, speedup_vs_cudnn=1.0)
+            result["rows"].append(row)
+        for name in selections:
+            fwd, grad = make_fns(VARIANTS[chosen[name]], BLOCK, interpret)
+            inputs = sparse_inputs(t, name)
+            flops = float(sparse_flops(inputs[3], t, hq // hkv, d))
+            for pass_name, fn, mult in (("fwd", fwd, 1.0), ("fwd_bwd", grad, 3.5)):
+                ms, _ = timed(fn, *inputs, reps=args.reps)
+                row = {"impl": "pallas_sparse", "pattern": name, "pass": pass_name, "T": t, "median_ms": ms}
+                row.update(tflops=mult * flops / ms / 1e9, speedup_vs_cudnn=dense_ms[pass_name] / ms)
+                result["rows"].append(row)
+            if t == t_max:
+                kern = {"fwd": kernel_times(fwd, *inputs), "fwd_bwd": kernel_times(grad, *inputs, calls=1)}
+                result["kernels"][name] = kern
+                log(f"kernels at T={t} [{name}]: {kern}")
+        save(result, args)
+        log(f"T={t} done ({clock.left():.0f}s left)")
+
+    stem = save(result, args)
+    if result["rows"]:
+        plot(result, stem + ".png")
+    log(f"\n{'impl':14s} {'pattern':17s} {'pass':8s} {'T':>7s} {'ms':>9s} {'TFLOP/s':>8s} {'vs cuDNN':>8s}")
+    for r in sorted(result["rows"], key=lambda r: (r["T"], r["pass"], r["impl"], r["pattern"] or "")):
+        log(
+            f"{r['impl']:14s} {r['pattern'] or '-':17s} {r['pass']:8s} {r['T']:7d} {r['median_ms']:9.2f} "
+            f"{r['tflops']:8.1f} {r['speedup_vs_cudnn']:7.2f}x"
+        )
+    log(f"wrote {stem}.json ({time.time() - clock.start:.0f}s total)")
+
+
+if __name__ == "__main__":
+    main()

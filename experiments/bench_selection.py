@@ -1,0 +1,386 @@
+"""Benchmark: InfLLM-V2 block selection (Pallas) and sparse prefill attention vs cuDNN dense forward.
+
+Rows (ANCHORS.md "How to report"), all measured in one run on one device:
+
+- ``select``: block selection alone (key compression, fused scoring/pooling, top-k), Pallas and, at
+  the shortest selection length, the XLA reference (that row also records how often the two
+  selections agree: bf16 near-ties may order differently). Paper anchor (A100, 16 blocks, LSE
+  approximation): 3.93 / 14.07 / 32.44 / 56.59 ms at 32K / 64K / 96K / 128K.
+- ``prefill``: the whole sparse attention forward, ``infllmv2_attention(..., implementation="pallas")``
+  (selection + block-sparse attention), and the dense baseline
+  ``jax.nn.dot_product_attention(implementation="cudnn", is_causal=True)``.
+- ``select`` rows (``"sweep": true``) for other kernel tilings at 32K, to guide tuning; they stop
+  once the run has used 120 s (``--no-sweep`` skips them).
+
+Timing: each function is jitted and compiled ahead (compile excluded), run twice to warm up, then
+timed ``--iters`` times with ``block_until_ready``; the median is reported. Memory: the compiled
+executable's ``memory_analysis()`` (arguments + outputs + temporaries - aliases), the device memory
+the call needs at its peak; inputs count on both sides.
+
+Usage::
+
+    PYTHONPATH=. python3 experiments/bench_selection.py --out experiments/results   # GPU, < 3 min
+    PYTHONPATH=. python3 experiments/bench_selection.py --smoke --out /tmp/bench    # CPU, interpret mode
+"""
+
+import argparse
+import dataclasses
+import datetime
+import json
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from infllm_jax import SparseConfig, ops
+from pallas_kernels import selection as pallas_selection
+
+warnings.filterwarnings(
+    "ignore", message=".*Pallas Triton backend is deprecated.*", category=DeprecationWarning
+)
+
+# Paper Tab. 5, A100, block selection only (16 selected blocks, with the LSE approximation), in ms.
+PAPER_A100_SELECT_MS = {32768: 3.93, 65536: 14.07, 98304: 32.44, 131072: 56.59}
+# Tilings tried besides the default (pallas_selection.BlockSizes()).
+SWEEP = (
+    pallas_selection.BlockSizes(block_k1=128, score_warps=8),
+    pallas_selection.BlockSizes(score_rows=64),
+    pallas_selection.BlockSizes(score_stages=3),
+    pallas_selection.BlockSizes(score_rows=256, score_warps=8),
+    pallas_selection.BlockSizes(topk_elems=8192, topk_warps=8),
+    pallas_selection.BlockSizes(group_sum="reshape"),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    batch: int
+    q_heads: int
+    kv_heads: int
+    head_dim: int
+
+
+# MiniCPM4-8B attention (ANCHORS.md) and the shipped sparse config, sparse at every length.
+MINICPM4_SHAPE = Shape(batch=1, q_heads=32, kv_heads=2, head_dim=128)
+SHIPPED = SparseConfig(dense_len=-1)
+
+
+def _compile(fn, *args):
+    return jax.jit(fn).lower(*args).compile()
+
+
+def _peak_bytes(compiled) -> dict:
+    mem = compiled.memory_analysis()
+    if mem is None:
+        return {"peak_bytes": None, "temp_bytes": None}
+    peak = (
+        mem.argument_size_in_bytes
+        + mem.output_size_in_bytes
+        + mem.temp_size_in_bytes
+        - mem.alias_size_in_bytes
+    )
+    return {"peak_bytes": int(peak), "temp_bytes": int(mem.temp_size_in_bytes)}
+
+
+def _time_ms(compiled, args, iters: int) -> dict:
+    for _ in range(2):
+        jax.block_until_ready(compiled(*args))
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        jax.block_until_ready(compiled(*args))
+        times.append((time.perf_counter() - start) * 1e3)
+    return {"median_ms": statistics.median(times), "min_ms": min(times)}
+
+
+def _visible_counts(t: int, cfg: SparseConfig) -> tuple[int, int, int]:
+    """Sums over tokens of visible fine kernels, visible coarse kernels and selected blocks."""
+    pos = np.arange(t, dtype=np.int64)
+    fine = np.clip((pos + 1 - cfg.kernel_size) // cfg.kernel_stride + 1, 0, None)
+    coarse = np.clip((pos + 1 - cfg.coarse_kernel_size) // cfg.coarse_kernel_stride + 1, 0, None)
+    blocks = np.minimum(cfg.num_selected, pos // cfg.block_size + 1)
+    return int(fine.sum()), int(coarse.sum()), int(blocks.sum())
+
+
+def _flops(pass_: str, impl: str, t: int, shape: Shape, cfg: SparseConfig) -> float:
+    heads = shape.batch * shape.q_heads
+    fine, coarse, blocks = _visible_counts(t, cfg)
+    select = 2.0 * heads * shape.head_dim * (fine + coarse)
+    if pass_ == "select":
+        return select
+    if impl == "cudnn":
+        return 2.0 * heads * t * t * shape.head_dim  # causal: half of 4 * T^2 * D per head
+    return select + 4.0 * heads * shape.head_dim * blocks * cfg.block_size
+
+
+def _inputs(t: int, shape: Shape, dtype, seed: int = 0):
+    kq, kk, kv = jax.random.split(jax.random.PRNGKey(seed), 3)
+    q = jax.random.normal(kq, (shape.batch, t, shape.q_heads, shape.head_dim), dtype)
+    k = jax.random.normal(kk, (shape.batch, t, shape.kv_heads, shape.head_dim), dtype)
+    v = jax.random.normal(kv, (shape.batch, t, shape.kv_heads, shape.head_dim), dtype)
+    return q, k, v
+
+
+def _pallas_select_fn(cfg: SparseConfig, block_sizes, interpret: bool):
+    def select(q, k):
+        return pallas_selection.select_blocks(
+            q,
+            k,
+            block_size=cfg.block_size,
+            kernel_size=cfg.kernel_size,
+            kernel_stride=cfg.kernel_stride,
+            init_blocks=cfg.init_blocks,
+            local_blocks=cfg.local_blocks,
+            num_selected=cfg.num_selected,
+            block_sizes=block_sizes,
+            interpret=interpret,
+        )
+
+    return select
+
+
+def run(
+    *,
+    select_lens=(32768, 65536, 131072),
+    prefill_lens=(8192, 16384, 32768, 65536, 131072),
+    shape: Shape = MINICPM4_SHAPE,
+    cfg: SparseConfig = SHIPPED,
+    dtype=jnp.bfloat16,
+    sweep_len: int | None = 32768,
+    iters: int = 5,
+    sweep_budget_s: float = 120.0,
+    log=print,
+) -> list[dict]:
+    """Measures selection and prefill; returns one dict per row (errors are rows with ``error``).
+
+    Args:
+      select_lens: sequence lengths of the selection-only rows.
+      prefill_lens: sequence lengths of the prefill rows (dense cuDNN and sparse Pallas).
+      shape: batch, heads and head dim.
+      cfg: sparse configuration (``dense_len=-1`` so that every length runs sparse).
+      dtype: input dtype.
+      sweep_len: length of the tiling sweep, or ``None`` to skip it.
+      iters: timed calls per row.
+      sweep_budget_s: sweep variants start only while the run has used less than this.
+      log: progress printer.
+    """
+    started = time.perf_counter()
+    on_cpu = jax.default_backend() == "cpu"
+    dense_impl = "xla" if on_cpu else "cudnn"
+    rows: list[dict] = []
+    dense_ms: dict[int, float] = {}
+
+    def record(impl: str, pass_: str, t: int, fn, args, **extra):
+        row = {
+            "implementation": impl,
+            "pass": pass_,
+            "batch": shape.batch,
+            "seq_len": t,
+            "q_heads": shape.q_heads,
+            "kv_heads": shape.kv_heads,
+            "head_dim": shape.head_dim,
+            "dtype": jnp.dtype(dtype).name,
+            "num_selected": cfg.num_selected,
+            **extra,
+        }
+        compiled = None
+        try:
+            compiled = _compile(fn, *args)
+            row |= _peak_bytes(compiled) | _time_ms(compiled, args, iters)
+            row["tflops"] = _flops(pass_, impl, t, shape, cfg) / row["median_ms"] / 1e9
+        except Exception as err:  # a failed row is reported, the rest of the run continues
+            row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"[:500]
+        if impl == dense_impl and pass_ == "prefill" and "median_ms" in row:
+            dense_ms[t] = row["median_ms"]
+        if t in dense_ms and "median_ms" in row:
+            row["speedup_vs_cudnn_dense"] = dense_ms[t] / row["median_ms"]
+        if pass_ == "select" and t in PAPER_A100_SELECT_MS:
+            row["paper_a100_select_ms"] = PAPER_A100_SELECT_MS[t]
+        rows.append(row)
+        log(_format_row(row))
+        return row, compiled
+
+    select_fn = _pallas_select_fn(cfg, pallas_selection.BlockSizes(), on_cpu)
+    for t in sorted(set(select_lens) | set(prefill_lens)):
+        q, k, v = _inputs(t, shape, dtype)
+        record(
+            dense_impl,
+            "prefill",
+            t,
+            lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=dense_impl),
+            (q, k, v),
+        )
+        if t in prefill_lens:
+            record(
+                "pallas",
+                "prefill",
+                t,
+                lambda q, k, v: ops.infllmv2_attention(q, k, v, cfg, implementation="pallas"),
+                (q, k, v),
+            )
+        if t in select_lens:
+            block_sizes = dataclasses.asdict(pallas_selection.BlockSizes())
+            _, pallas_compiled = record("pallas", "select", t, select_fn, (q, k), block_sizes=block_sizes)
+            if t == min(select_lens):
+                xla_row, xla_compiled = record(
+                    "xla", "select", t, lambda q, k: ops.select_blocks_reference(q, k, cfg), (q, k)
+                )
+                if pallas_compiled is not None and xla_compiled is not None:
+                    agreement = _agreement(pallas_compiled(q, k), xla_compiled(q, k))
+                    xla_row |= agreement
+                    log(f"    xla vs pallas selection: {agreement}")
+        del q, k, v
+
+    if sweep_len is not None:
+        q, k, _ = _inputs(sweep_len, shape, dtype)
+        for block_sizes in SWEEP:
+            if time.perf_counter() - started > sweep_budget_s:
+                log(f"sweep stopped: {sweep_budget_s:.0f} s budget used")
+                break
+            fn = _pallas_select_fn(cfg, block_sizes, on_cpu)
+            record(
+                "pallas",
+                "select",
+                sweep_len,
+                fn,
+                (q, k),
+                block_sizes=dataclasses.asdict(block_sizes),
+                sweep=True,
+            )
+    return rows
+
+
+def _agreement(got: jax.Array, want: jax.Array) -> dict:
+    """How far two selections agree: identical (token, KV head) rows and the mean id overlap."""
+    got, want = np.asarray(got), np.asarray(want)
+    nb = int(max(got.max(), want.max())) + 1
+
+    def mask(idx):
+        out = np.zeros((*idx.shape[:-1], nb + 1), bool)
+        np.put_along_axis(out, np.where(idx >= 0, idx, nb), True, axis=-1)
+        return out[..., :nb]
+
+    common = (mask(got) & mask(want)).sum(-1)
+    return {
+        "rows_identical_to_pallas": float(np.mean(np.all(got == want, axis=-1))),
+        "id_overlap_with_pallas": float(common.sum() / max(1, (want >= 0).sum())),
+    }
+
+
+def _format_row(row: dict) -> str:
+    def fmt(key, spec, scale=1.0):
+        value = row.get(key)
+        return format(value / scale, spec) if value is not None else "-"
+
+    tiling = ""
+    if row.get("sweep"):
+        changed = {
+            name: value
+            for name, value in row["block_sizes"].items()
+            if value != getattr(pallas_selection.BlockSizes(), name)
+        }
+        tiling = f" {changed}"
+    text = (
+        f"{row['implementation']:>7} {row['pass']:>8} T={row['seq_len']:>7} "
+        f"{fmt('median_ms', '9.2f')} ms {fmt('tflops', '7.1f')} TFLOP/s "
+        f"x{fmt('speedup_vs_cudnn_dense', '6.2f')} vs dense  "
+        f"peak {fmt('peak_bytes', '7.2f', 2**30)} GiB{tiling}"
+    )
+    return text + (f"  ERROR {row['error']}" if "error" in row else "")
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """Time and peak memory vs sequence length (log-log), from the rows of ``run``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series = {
+        "dense fwd": lambda r: r["pass"] == "prefill" and r["implementation"] != "pallas",
+        "sparse prefill (Pallas select + attention)": lambda r: (
+            r["pass"] == "prefill" and r["implementation"] == "pallas"
+        ),
+        "selection only (Pallas)": lambda r: (
+            r["pass"] == "select" and r["implementation"] == "pallas" and not r.get("sweep")
+        ),
+    }
+    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for label, keep in series.items():
+        pts = sorted((r["seq_len"], r) for r in rows if keep(r) and "median_ms" in r)
+        if not pts:
+            continue
+        lens = [p[0] for p in pts]
+        if label == "dense fwd":
+            label = f"dense fwd ({pts[0][1]['implementation']})"
+        ax_t.plot(lens, [p[1]["median_ms"] for p in pts], marker="o", label=label)
+        if "selection" not in label:
+            ax_m.plot(lens, [p[1]["peak_bytes"] / 2**30 for p in pts], marker="o", label=label)
+    paper = sorted(PAPER_A100_SELECT_MS.items())
+    ax_t.plot([p[0] for p in paper], [p[1] for p in paper], "k--", label="paper selection, A100 (16 blocks)")
+    for ax, ylabel in ((ax_t, "median ms"), (ax_m, "peak device memory, GiB")):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("sequence length")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    r = rows[0]
+    ax_t.set_title(
+        f"InfLLM-V2 prefill, batch {r['batch']}, {r['q_heads']}/{r['kv_heads']} heads, "
+        f"hd {r['head_dim']}, {r['dtype']}, {r['num_selected']} blocks"
+    )
+    ax_m.set_title("peak memory (compiled memory_analysis)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    parser.add_argument("--iters", type=int, default=5)
+    parser.add_argument("--no-sweep", action="store_true", help="skip the tiling sweep")
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes (CPU interpret mode check)")
+    args = parser.parse_args(argv)
+
+    if args.smoke:
+        kwargs = dict(
+            select_lens=(512,),
+            prefill_lens=(256, 512),
+            shape=Shape(batch=1, q_heads=16, kv_heads=1, head_dim=64),
+            cfg=SparseConfig(
+                block_size=16, kernel_size=8, kernel_stride=4, window_size=32, topk=4, dense_len=-1
+            ),
+            sweep_len=None if args.no_sweep else 512,
+            iters=2,
+        )
+        name = "bench_selection_smoke"
+    else:
+        kwargs = dict(sweep_len=None if args.no_sweep else 32768, iters=args.iters)
+        name = "bench_selection_h200"
+    device = jax.devices()[0]
+    print(f"device: {device.device_kind}  jax {jax.__version__}")
+    rows = run(**kwargs)
+    args.out.mkdir(parents=True, exist_ok=True)
+    report = {
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "device": device.device_kind,
+        "jax_version": jax.__version__,
+        "config": dataclasses.asdict(kwargs.get("cfg", SHIPPED)),
+        "block_sizes_default": dataclasses.asdict(pallas_selection.BlockSizes()),
+        "rows": rows,
+    }
+    (args.out / f"{name}.json").write_text(json.dumps(report, indent=1))
+    plot(rows, args.out / f"{name}.png")
+    print(f"wrote {args.out / f'{name}.json'} and {args.out / f'{name}.png'}")
+
+
+if __name__ == "__main__":
+    main()

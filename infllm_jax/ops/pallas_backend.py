@@ -1,0 +1,79 @@
+"""Pallas GPU backends of the public ops, registered as ``implementation="pallas"``.
+
+``pallas_kernels`` is imported on first use, so importing ``infllm_jax`` stays cheap and never
+needs the Pallas GPU modules. On a CPU backend the kernels run in Pallas interpret mode (tests);
+on GPU they are compiled through Triton. Unsupported inputs raise ``NotImplementedError``, which
+lets ``implementation=None`` fall back to the XLA reference.
+"""
+
+import jax
+
+from infllm_jax.config import SparseConfig
+
+__all__ = ["select_blocks_pallas", "sparse_attention_pallas"]
+
+
+def sparse_attention_pallas(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    block_idx: jax.Array,
+    *,
+    block_size: int,
+    q_offset: int | jax.Array = 0,
+) -> jax.Array:
+    """Block-sparse attention by the Pallas kernels (the signature of ``sparse_attention_xla``).
+
+    Raises:
+      NotImplementedError: on a backend other than CPU/GPU, for a query slice (``q_offset`` not 0 or
+        fewer queries than keys), or for inputs the kernels do not support (head dim not 64/128, GQA
+        group > 16, dtype not bf16/fp16/fp32, block size not 16..128).
+    """
+    backend = jax.default_backend()
+    if backend not in ("cpu", "gpu"):
+        raise NotImplementedError(
+            f"Pallas sparse attention runs on GPU (or CPU in interpret mode), not {backend}"
+        )
+    if not (isinstance(q_offset, int) and q_offset == 0):
+        raise NotImplementedError("Pallas sparse attention needs the whole query sequence (q_offset=0)")
+    from pallas_kernels import _compat, sparse_attention
+
+    _compat.silence_triton_deprecation()
+    return sparse_attention.sparse_attention_pallas(
+        q, k, v, block_idx, block_size=block_size, interpret=backend == "cpu"
+    )
+
+
+def select_blocks_pallas(
+    q: jax.Array, k: jax.Array, cfg: SparseConfig, *, q_offset: int | jax.Array = 0
+) -> jax.Array:
+    """Block selection by the fused Pallas kernels (the signature of ``select_blocks_reference``).
+
+    bf16/fp16 inputs score with bf16/fp16 dots (float32 accumulation), so near-tied blocks may be
+    chosen differently from the float32 reference; float32 inputs select exactly as the reference
+    up to float32 rounding.
+
+    Raises:
+      NotImplementedError: on a backend other than CPU/GPU, or for inputs the kernels do not support
+        (``block_size / kernel_stride`` not a power of two, head dim > 256, more than 16384 blocks).
+    """
+    backend = jax.default_backend()
+    if backend not in ("cpu", "gpu"):
+        raise NotImplementedError(
+            f"Pallas block selection runs on GPU (or CPU in interpret mode), not {backend}"
+        )
+    from pallas_kernels import _compat, selection
+
+    _compat.silence_triton_deprecation()
+    return selection.select_blocks(
+        q,
+        k,
+        block_size=cfg.block_size,
+        kernel_size=cfg.kernel_size,
+        kernel_stride=cfg.kernel_stride,
+        init_blocks=cfg.init_blocks,
+        local_blocks=cfg.local_blocks,
+        num_selected=cfg.num_selected,
+        q_offset=q_offset,
+        interpret=backend == "cpu",
+    )

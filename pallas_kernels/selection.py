@@ -1,0 +1,521 @@
+"""InfLLM-V2 stage-1 block selection in Pallas (Triton backend): scores, pooling and top-k fused.
+
+Computes what ``infllm_jax.ops.selection.select_blocks_reference`` computes (SPEC.md §3-§6) without
+ever writing the per-token score matrix ``S [B, Hkv, T, n1]`` to HBM. Two kernels run per query
+chunk (``lax.map`` over chunks of ``C`` tokens, so only one chunk's intermediates exist at a time):
+
+1. ``_score_kernel``, grid ``(C / tq, B, Hkv)``. A program owns ``tq`` tokens x ``Gp`` query heads
+   of one KV group (``Gp`` = G rounded up to a power of two; rows ``t * Gp + g``; ``tq * Gp = 128``
+   rows by default) and computes scores transposed, ``[keys, rows]``. Pass 1 walks the coarse keys
+   K2 up to the program's last visible one with an online max/sum (base 2), giving ``lse2`` per
+   row. Pass 2 walks the fine keys K1 in tiles of ``block_k1`` kernels, forms ``p = exp2(s - lse2)``
+   (0 where invisible), sums the G rows of each token (an MMA with a 0/1 matrix, or an exact
+   reshape + sum) and max-pools each group of ``r = block_size / stride`` kernels. Tiles that every
+   token of the program sees skip the causal mask; tiles no token sees are skipped.
+   A block's pool window is its own ``r`` kernels plus the last kernel of the previous block
+   (kernel ``r*j - 1``). Shifting that halo by one block inside registers has no Triton lowering,
+   so the kernel writes the group maxima to ``body[t, j]`` and the group's last kernel to
+   ``halo[t, j + 1]`` (a store at a one-column offset); the top-k kernel takes their max.
+2. ``_topk_kernel``, grid ``(C / tq_b, B, Hkv)``. Loads whole rows of ``body`` and ``halo``
+   (``[tq_b, nb_pad]``, held in registers) and forms the reference's block scores: ``max(body, halo)``
+   where a kernel of the part is visible to the token, 0 where the kernels exist but are invisible,
+   ``-inf`` for blocks without any kernel, ``+inf`` for the forced init/local blocks. The top-k is
+   exact: scores map to order-preserving int32 keys, a 32-step bitwise search finds the k-th largest
+   key per row, the keys above it plus the lowest-index ties at it are selected (``lax.top_k``'s tie
+   rule), ids past the token's block are dropped, and an inclusive cumsum gives each kept id its
+   ascending output slot; ids are scattered there and the other slots get -1.
+
+Memory: besides the inputs, one chunk of ``body``/``halo`` (``2 * B * Hkv * C * (nb_pad + 16) * 4``
+bytes, at most ``BlockSizes.chunk_bytes``; 258 MiB with C = 8K tokens at 128K and Hkv = 2), a copy of
+the chunk's queries (64 MiB there) and the int32 ids of all chunks (128 MiB). The compiled program's
+temporaries at 128K, 32/2 heads, hd 128: 657 MiB (XLA buffer assignment of the same program on CPU),
+against 4.3 GB for the group-summed score matrix alone.
+
+Precision: with bf16/f16 inputs the score dots take bf16/f16 operands (the compressed keys are
+rounded to the input dtype) with float32 accumulation, and the ``"mma"`` group sum takes ``p`` in
+bf16 (as flash attention's P); everything else is float32. With float32 inputs every dot runs at
+IEEE float32 precision, so the selection equals the reference's unless two block scores are within
+float32 rounding of each other.
+"""
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from pallas_kernels._compat import pl, pltriton, triton_params
+
+__all__ = ["BlockSizes", "compress_keys", "select_blocks"]
+
+_LOG2E = math.log2(math.e)
+_INT32_MIN = -(2**31)
+# Longest block-score row the top-k kernel keeps in registers (T = 1M tokens at block 64).
+_MAX_ROW = 16384
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class BlockSizes:
+    """Tiling of the two selection kernels; every size is a power of two.
+
+    Attributes:
+      score_rows: rows (tokens x padded group heads) per scoring program; at least 16 (MMA M).
+      block_k1: fine compressed keys per pass-2 step (a multiple of the pool stride, >= 16).
+      block_k2: coarse compressed keys per pass-1 step (>= 16).
+      score_warps, score_stages: Triton launch parameters of the scoring kernel.
+      topk_elems: block scores per top-k program (rows x padded blocks), kept in registers.
+      topk_warps: Triton warps of the top-k kernel.
+      chunk_bytes: budget for one query chunk's pooled scores (``body`` + ``halo``, float32).
+      max_chunk: most tokens per query chunk (bounds the chunk's copy of the queries: 64 MiB at
+        8K tokens x 32 heads x 128 dims in bf16); 8K tokens x 2 KV heads still fill the GPU.
+      group_sum: how the G query heads of a token are summed: ``"mma"`` (a dot with a 0/1 matrix;
+        ``p`` enters it in bf16 unless the inputs are float32) or ``"reshape"`` (an exact float32
+        reshape + sum, which costs a layout change through shared memory per tile).
+    """
+
+    score_rows: int = 128
+    block_k1: int = 64
+    block_k2: int = 64
+    score_warps: int = 4
+    score_stages: int = 2
+    topk_elems: int = 4096
+    topk_warps: int = 4
+    chunk_bytes: int = 512 * 2**20
+    max_chunk: int = 8192
+    group_sum: str = "mma"
+
+    def __post_init__(self):
+        if self.group_sum not in ("mma", "reshape"):
+            raise ValueError(f"BlockSizes.group_sum must be 'mma' or 'reshape', got {self.group_sum!r}")
+        for name in ("score_rows", "block_k1", "block_k2", "topk_elems", "max_chunk"):
+            value = getattr(self, name)
+            if value < 16 or value & (value - 1):
+                raise ValueError(f"BlockSizes.{name}={value} must be a power of two >= 16")
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, x - 1).bit_length()
+
+
+def _cdiv(a, b):
+    return lax.div(a + b - 1, b)
+
+
+def compress_keys(k: jax.Array, kernel_size: int, kernel_stride: int) -> jax.Array:
+    """Mean of every complete window of ``kernel_size`` keys, windows ``kernel_stride`` apart.
+
+    Same arithmetic as ``infllm_jax.ops.compress_keys`` (this package does not import infllm_jax).
+
+    Args:
+      k: ``[B, T, H, D]`` keys.
+
+    Returns:
+      ``[B, n, H, D]`` float32, ``n = (T - kernel_size) // kernel_stride + 1`` (0 if ``T < kernel_size``).
+    """
+    b, t, h, d = k.shape
+    n = (t - kernel_size) // kernel_stride + 1 if t >= kernel_size else 0
+    if n == 0:
+        return jnp.zeros((b, 0, h, d), jnp.float32)
+    r = kernel_size // kernel_stride
+    n_chunks = n + r - 1
+    chunks = k[:, : n_chunks * kernel_stride].astype(jnp.float32)
+    chunks = chunks.reshape(b, n_chunks, kernel_stride, h, d).sum(axis=2)
+    windows = sum(chunks[:, i : i + n] for i in range(r))
+    return windows / kernel_size
+
+
+def _dot(a, b, exact: bool):
+    """``a [M, K] @ b [K, N]`` with float32 accumulation (IEEE float32 products when ``exact``)."""
+    return lax.dot_general(
+        a,
+        b,
+        (((1,), (0,)), ((), ())),
+        precision=lax.Precision.HIGHEST if exact else None,
+        preferred_element_type=jnp.float32,
+    )
+
+
+def _visible(t, size: int, step: int, n: int):
+    """Number of kernels ``c < n`` whose window ``[step*c, step*c + size)`` ends at or before ``t``."""
+    return jnp.minimum(lax.div(jnp.maximum(t + 1 - size + step, 0), step), n)
+
+
+def _score_kernel(
+    pos_ref,
+    q_ref,
+    k1_ref,
+    k2_ref,
+    body_ref,
+    halo_ref,
+    *,
+    tq: int,
+    g: int,
+    gp: int,
+    n1: int,
+    n2: int,
+    stride: int,
+    pool: int,
+    block_k1: int,
+    block_k2: int,
+    qk_scale: float,
+    exact: bool,
+    group_sum: str,
+):
+    """Pooled stage-1 scores of ``tq`` tokens of one KV group.
+
+    Scores are computed transposed, ``[keys, rows]`` (``k @ q.T``), so that ``p`` can feed the
+    group-sum dot as its left operand straight from registers, as P does in flash attention.
+
+    Refs (leading batch / KV-head dims squeezed):
+      pos_ref: ``[2]`` int32: key position of the chunk's first query, and of the last query.
+      q_ref: ``[tq * gp, Dp]`` queries, row ``t * gp + g``.
+      k1_ref, k2_ref: ``[n1_pad, Dp]`` / ``[n2_pad, Dp]`` fine / coarse keys (zero rows past n1 / n2).
+      body_ref: ``[tq, width]`` float32 out: column ``j`` holds the max of ``S`` over kernels
+        ``pool*j .. pool*j + pool - 1`` (``width = nb_pad + 16``; the last column is spare).
+      halo_ref: ``[tq, width]`` float32 out: column ``j`` holds ``S[pool*j - 1]``.
+    Columns of blocks no token of the program can see are left unwritten.
+    """
+    rows = tq * gp
+    nbt = block_k1 // pool  # blocks per fine-key tile
+    size1, size2, stride2 = 2 * stride, 8 * stride, 4 * stride  # kernel sizes are 2x the strides
+    tile_first = pos_ref[0] + pl.program_id(0) * tq
+    # Rows past the queries (padding of the last chunk) repeat the last query; they are discarded.
+    t_first = jnp.minimum(tile_first, pos_ref[1])
+    t_last = jnp.minimum(tile_first + tq - 1, pos_ref[1])
+    col = lax.broadcasted_iota(jnp.int32, (1, rows), 1)
+    t_col = jnp.minimum(tile_first + lax.div(col, gp), pos_ref[1])  # [1, rows]
+    q_t = q_ref[...].T  # [Dp, rows], transposed once
+
+    # Pass 1: lse2 over the visible coarse keys. Tiles every token of the program sees need no mask.
+    def coarse_step(j, carry, masked):
+        m, l = carry
+        s = _dot(k2_ref[pl.ds(j * block_k2, block_k2), :], q_t, exact) * qk_scale  # [block_k2, rows], base 2
+        if masked:
+            c2 = j * block_k2 + lax.broadcasted_iota(jnp.int32, (block_k2, 1), 0)
+            s = jnp.where(c2 * stride2 + size2 <= t_col + 1, s, -jnp.inf)
+        m_new = jnp.maximum(m, jnp.max(s, axis=0, keepdims=True))
+        # Columns that have seen no visible key yet keep m = -inf; shift by 0 there to avoid inf - inf.
+        m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+        l = l * jnp.exp2(m - m_safe) + jnp.sum(jnp.exp2(s - m_safe), axis=0, keepdims=True)
+        return m_new, l
+
+    carry = (jnp.full((1, rows), -jnp.inf, jnp.float32), jnp.zeros((1, rows), jnp.float32))
+    n_all = lax.div(_visible(t_first, size2, stride2, n2), block_k2)
+    carry = lax.fori_loop(0, n_all, functools.partial(coarse_step, masked=False), carry)
+    n_any = _cdiv(_visible(t_last, size2, stride2, n2), block_k2)
+    m, l = lax.fori_loop(n_all, n_any, functools.partial(coarse_step, masked=True), carry)
+    # A token with no visible coarse kernel scores 0 everywhere (the official wrapper zeroes its NaNs),
+    # and padded group rows (g >= G) never count: lse = +inf makes their p exactly 0 without a mask.
+    ok = (l > 0.0) & (lax.rem(col, gp) < g)
+    lse = jnp.where(ok, m + jnp.log2(jnp.where(ok, l, 1.0)), jnp.inf)  # [1, rows]
+
+    # Pass 2: p over the visible fine keys, summed over the group, pooled per block.
+    if group_sum == "mma" and gp > 1:
+        tok_p = max(tq, 16)  # MMA N >= 16; token columns >= tq stay 0 and are not stored
+        member = lax.div(lax.broadcasted_iota(jnp.int32, (rows, tok_p), 0), gp)
+        sum_dtype = jnp.float32 if exact else jnp.bfloat16
+        summation = (member == lax.broadcasted_iota(jnp.int32, (rows, tok_p), 1)).astype(sum_dtype)
+    else:
+        tok_p = tq
+    lane = lax.broadcasted_iota(jnp.int32, (nbt, pool, tok_p), 1)
+    tok = lax.broadcasted_iota(jnp.int32, (nbt, tok_p), 1)
+    tok_ok = tok < tq
+    # Masked lanes (token columns >= tq) address the spare last column. Compiled, they write nothing;
+    # the interpreter writes back the value it read, which must not collide with a real write.
+    tok = jnp.minimum(tok, tq - 1)
+    spare = body_ref.shape[-1] - 1
+
+    def fine_step(jt, carry, masked):
+        s = _dot(k1_ref[pl.ds(jt * block_k1, block_k1), :], q_t, exact) * qk_scale  # [block_k1, rows]
+        p = jnp.exp2(s - lse)
+        if masked:
+            c = jt * block_k1 + lax.broadcasted_iota(jnp.int32, (block_k1, 1), 0)
+            p = jnp.where(c * stride + size1 <= t_col + 1, p, 0.0)
+        if gp == 1:
+            s_tok = p
+        elif group_sum == "mma":
+            # bf16 p (as flash attention's P) into a 0/1 [rows, tokens] matrix: the MMA sums the group.
+            s_tok = _dot(p.astype(sum_dtype), summation, exact)
+        else:
+            s_tok = p.reshape(block_k1, tq, gp).sum(axis=2)  # exact float32 sum
+        groups = s_tok.reshape(nbt, pool, tok_p)  # [blocks, kernels of the block, tokens]
+        # S >= 0, so masking the other lanes with 0 extracts each block's last kernel exactly.
+        last = jnp.max(jnp.where(lane == pool - 1, groups, 0.0), axis=1)
+        blk = jt * nbt + lax.broadcasted_iota(jnp.int32, (nbt, tok_p), 0)
+        pltriton.store(body_ref.at[tok, jnp.where(tok_ok, blk, spare)], jnp.max(groups, axis=1), mask=tok_ok)
+        pltriton.store(halo_ref.at[tok, jnp.where(tok_ok, blk + 1, spare)], last, mask=tok_ok)
+        return carry
+
+    n_all = lax.div(_visible(t_first, size1, stride, n1), block_k1)
+    lax.fori_loop(0, n_all, functools.partial(fine_step, masked=False), 0)
+    n_any = _cdiv(_visible(t_last, size1, stride, n1), block_k1)
+    lax.fori_loop(n_all, n_any, functools.partial(fine_step, masked=True), 0)
+
+
+def _topk_kernel(
+    pos_ref,
+    body_ref,
+    halo_ref,
+    idx_ref,
+    *,
+    tq: int,
+    n1: int,
+    nb: int,
+    nb_pad: int,
+    stride: int,
+    pool: int,
+    block_size: int,
+    init_blocks: int,
+    local_blocks: int,
+    k_sel: int,
+):
+    """Forcing, exact top-k, sort and -1 padding for ``tq`` tokens.
+
+    Refs (leading batch / KV-head dims squeezed):
+      pos_ref: ``[2]`` int32: key position of the chunk's first query, and of the last query.
+      body_ref, halo_ref: ``[tq, >= nb_pad]`` float32 from ``_score_kernel``.
+      idx_ref: ``[tq, Kp]`` int32 out, ``Kp > num_selected``: ascending ids, then -1. Slot ``Kp - 1``
+        is scratch for the masked scatter and is sliced away by the caller.
+    """
+    kp = idx_ref.shape[-1]
+    t = jnp.minimum(
+        pos_ref[0] + pl.program_id(0) * tq + lax.broadcasted_iota(jnp.int32, (tq, 1), 0), pos_ref[1]
+    )  # [tq, 1]
+    j = lax.broadcasted_iota(jnp.int32, (1, nb_pad), 1)
+    n1_vis = _visible(t, 2 * stride, stride, n1)  # [tq, 1]
+    # Block j pools kernels pool*j - 1 .. pool*j + pool - 1. Invisible kernels score 0, and S >= 0,
+    # so a part no kernel of which is visible contributes 0; the score kernel wrote every visible part.
+    body = pltriton.load(body_ref.at[:, pl.ds(0, nb_pad)], mask=pool * j < n1_vis, other=0.0)
+    halo = pltriton.load(halo_ref.at[:, pl.ds(0, nb_pad)], mask=(j >= 1) & (pool * j <= n1_vis), other=0.0)
+    score = jnp.where(jnp.maximum(pool * j - 1, 0) < n1, jnp.maximum(body, halo), -jnp.inf)
+    q_block = lax.div(t, block_size)
+    forced = (j < init_blocks) | ((j >= q_block - local_blocks) & (j <= q_block))
+    score = jnp.where(forced, jnp.inf, score)
+
+    # Order-preserving int32 keys (flip the magnitude bits of negatives); padding columns sort last.
+    bits = lax.bitcast_convert_type(score, jnp.int32)
+    key = bits ^ (lax.shift_right_arithmetic(bits, 31) & 0x7FFFFFFF)
+    key = jnp.where(j < nb, key, _INT32_MIN)
+
+    # Largest threshold thr (in unsigned order, key ^ INT32_MIN) with count(key >= thr) >= k_sel,
+    # built bit by bit from the top: it equals the k_sel-th largest key.
+    def search_step(i, thr):
+        cand = thr | lax.shift_left(jnp.int32(1), 31 - i)
+        count = jnp.sum((key >= (cand ^ _INT32_MIN)).astype(jnp.int32), axis=1, keepdims=True)
+        return jnp.where(count >= k_sel, cand, thr)
+
+    kth = lax.fori_loop(0, 32, search_step, jnp.zeros((tq, 1), jnp.int32)) ^ _INT32_MIN
+    above = key > kth
+    n_above = jnp.sum(above.astype(jnp.int32), axis=1, keepdims=True)
+    tie = key == kth
+    tie_rank = jnp.cumsum(tie.astype(jnp.int32), axis=1)
+    selected = above | (tie & (tie_rank <= k_sel - n_above))  # lax.top_k: lower index wins a tie
+
+    keep = selected & (j <= q_block)
+    slot = jnp.cumsum(keep.astype(jnp.int32), axis=1) - 1  # ascending ids -> ascending slots
+    n_keep = jnp.sum(keep.astype(jnp.int32), axis=1, keepdims=True)
+    rows = jnp.broadcast_to(lax.broadcasted_iota(jnp.int32, (tq, 1), 0), (tq, nb_pad))
+    pltriton.store(
+        idx_ref.at[rows, jnp.where(keep, slot, kp - 1)], jnp.broadcast_to(j, (tq, nb_pad)), mask=keep
+    )
+    out_slot = lax.broadcasted_iota(jnp.int32, (tq, kp), 1)
+    pltriton.store(idx_ref, jnp.full((tq, kp), -1, jnp.int32), mask=out_slot >= n_keep)
+
+
+def _check_supported(q, k, block_size, kernel_size, kernel_stride, block_sizes):
+    if q.dtype not in (jnp.float32, jnp.bfloat16, jnp.float16) or k.dtype != q.dtype:
+        raise NotImplementedError(
+            f"pallas selection needs f32/bf16/f16 q and k of one dtype: {q.dtype}, {k.dtype}"
+        )
+    if kernel_size != 2 * kernel_stride:
+        raise NotImplementedError(f"pallas selection needs kernel_size == 2 * kernel_stride: {kernel_size=}")
+    pool = block_size // kernel_stride
+    if block_size % kernel_stride or pool & (pool - 1) or pool > block_sizes.block_k1:
+        raise NotImplementedError(
+            f"pallas selection needs block_size / kernel_stride = {block_size}/{kernel_stride} to be a power "
+            f"of two <= block_k1={block_sizes.block_k1}"
+        )
+    if k.shape[1] < q.shape[1]:
+        raise ValueError(f"q must not be longer than k: {q.shape} vs {k.shape}")
+    _, t, hq, d = q.shape
+    t = k.shape[1]
+    gp = _next_pow2(hq // k.shape[2])
+    if gp > block_sizes.score_rows:
+        raise NotImplementedError(f"GQA group {hq // k.shape[2]} exceeds score_rows={block_sizes.score_rows}")
+    if d > 256:
+        raise NotImplementedError(f"pallas selection supports head_dim <= 256, got {d}")
+    if _next_pow2(-(-t // block_size)) > _MAX_ROW:
+        raise NotImplementedError(f"pallas selection supports at most {_MAX_ROW} key blocks, got T={t}")
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=(
+        "block_size",
+        "kernel_size",
+        "kernel_stride",
+        "init_blocks",
+        "local_blocks",
+        "num_selected",
+        "query_chunk",
+        "block_sizes",
+        "interpret",
+    ),
+)
+def select_blocks(
+    q: jax.Array,
+    k: jax.Array,
+    *,
+    block_size: int,
+    kernel_size: int,
+    kernel_stride: int,
+    init_blocks: int,
+    local_blocks: int,
+    num_selected: int,
+    q_offset: int | jax.Array = 0,
+    query_chunk: int | None = None,
+    block_sizes: BlockSizes = BlockSizes(),
+    interpret: bool = False,
+) -> jax.Array:
+    """InfLLM-V2 block selection for every query token (no gradient).
+
+    Args:
+      q: ``[B, Tq, Hq, D]`` queries, head ``kv * G + g``.
+      k: ``[B, T, Hkv, D]`` keys, same dtype, ``T >= Tq``.
+      block_size, kernel_size, kernel_stride, init_blocks, local_blocks, num_selected: the
+        ``SparseConfig`` fields/properties of the same names (``kernel_size == 2 * kernel_stride``;
+        coarse keys are 4x both).
+      q_offset: key position of ``q[:, 0]`` when ``q`` is the slice ``[q_offset, q_offset + Tq)`` of the
+        positions (context parallelism); may be traced.
+      query_chunk: tokens per chunk (rounded up to a power of two); default from
+        ``block_sizes.chunk_bytes``.
+      block_sizes: kernel tiling.
+      interpret: run the kernels in the Pallas interpreter (CPU).
+
+    Returns:
+      int32 ``[B, Hkv, Tq, num_selected]``: per token and KV head the ids of the top
+      ``min(num_selected, nb)`` blocks by score (init/local forced), ascending, ids after the token's
+      own block dropped, -1 in the unused slots.
+
+    Raises:
+      NotImplementedError: for inputs these kernels do not handle (the dispatcher falls back to XLA).
+    """
+    _check_supported(q, k, block_size, kernel_size, kernel_stride, block_sizes)
+    q, k = lax.stop_gradient(q), lax.stop_gradient(k)
+    b, t, hq, d = q.shape
+    t_keys, hkv = k.shape[1], k.shape[2]
+    g = hq // hkv
+    gp = _next_pow2(g)
+    dp = max(16, _next_pow2(d))  # dot K >= 16, power-of-two tiles
+    pool = block_size // kernel_stride
+    bs = block_sizes
+    tq = bs.score_rows // gp
+    nbt = bs.block_k1 // pool
+    nb = -(-t_keys // block_size)
+    nb_pad = max(_next_pow2(nb), nbt)
+    # Columns of body/halo: nb_pad blocks, then spare columns (the shifted halo store of the last block
+    # lands on column nb_pad; masked stores address the last one). 16 keep rows 64-byte aligned.
+    width = nb_pad + 16
+    tq_b = max(1, min(bs.topk_elems // nb_pad, 64))
+    k_sel = min(num_selected, nb)
+    kp = _next_pow2(num_selected + 1)  # one spare slot for the masked scatter
+    exact = q.dtype == jnp.float32
+
+    k32 = k.astype(jnp.float32)
+    k1 = compress_keys(k32, kernel_size, kernel_stride)
+    k2 = compress_keys(k32, 4 * kernel_size, 4 * kernel_stride)
+    n1, n2 = k1.shape[1], k2.shape[1]
+
+    def key_layout(kc, block):
+        # [B, n, Hkv, D] -> [B, Hkv, n_pad, Dp] in q's dtype; zero rows/columns are never visible / inert.
+        n_pad = max(1, -(-kc.shape[1] // block)) * block
+        kc = jnp.pad(kc, ((0, 0), (0, n_pad - kc.shape[1]), (0, 0), (0, dp - d)))
+        return kc.swapaxes(1, 2).astype(q.dtype)
+
+    k1, k2 = key_layout(k1, bs.block_k1), key_layout(k2, bs.block_k2)
+
+    if query_chunk is None:
+        # body + halo of one chunk stay within chunk_bytes (the largest power of two that fits).
+        chunk = 1 << (max(1, bs.chunk_bytes // (b * hkv * (2 * width) * 4)).bit_length() - 1)
+    else:
+        chunk = _next_pow2(query_chunk)
+    chunk = max(min(chunk, bs.max_chunk, _next_pow2(t)), tq, tq_b)
+    n_chunks = -(-t // chunk)
+
+    score_call = pl.pallas_call(
+        functools.partial(
+            _score_kernel,
+            tq=tq,
+            g=g,
+            gp=gp,
+            n1=n1,
+            n2=n2,
+            stride=kernel_stride,
+            pool=pool,
+            block_k1=bs.block_k1,
+            block_k2=bs.block_k2,
+            qk_scale=d**-0.5 * _LOG2E,
+            exact=exact,
+            group_sum=bs.group_sum,
+        ),
+        grid=(chunk // tq, b, hkv),
+        in_specs=[
+            pl.BlockSpec((2,), lambda i, bi, h: (0,)),
+            pl.BlockSpec((None, None, tq * gp, dp), lambda i, bi, h: (bi, h, i, 0)),
+            pl.BlockSpec((None, None, k1.shape[2], dp), lambda i, bi, h: (bi, h, 0, 0)),
+            pl.BlockSpec((None, None, k2.shape[2], dp), lambda i, bi, h: (bi, h, 0, 0)),
+        ],
+        out_specs=[
+            pl.BlockSpec((None, None, tq, width), lambda i, bi, h: (bi, h, i, 0)),
+            pl.BlockSpec((None, None, tq, width), lambda i, bi, h: (bi, h, i, 0)),
+        ],
+        out_shape=[
+            jax.ShapeDtypeStruct((b, hkv, chunk, width), jnp.float32),
+            jax.ShapeDtypeStruct((b, hkv, chunk, width), jnp.float32),
+        ],
+        compiler_params=triton_params(bs.score_warps, bs.score_stages),
+        interpret=interpret,
+        name="infllmv2_select_scores",
+    )
+    topk_call = pl.pallas_call(
+        functools.partial(
+            _topk_kernel,
+            tq=tq_b,
+            n1=n1,
+            nb=nb,
+            nb_pad=nb_pad,
+            stride=kernel_stride,
+            pool=pool,
+            block_size=block_size,
+            init_blocks=init_blocks,
+            local_blocks=local_blocks,
+            k_sel=k_sel,
+        ),
+        grid=(chunk // tq_b, b, hkv),
+        in_specs=[
+            pl.BlockSpec((2,), lambda i, bi, h: (0,)),
+            pl.BlockSpec((None, None, tq_b, width), lambda i, bi, h: (bi, h, i, 0)),
+            pl.BlockSpec((None, None, tq_b, width), lambda i, bi, h: (bi, h, i, 0)),
+        ],
+        out_specs=pl.BlockSpec((None, None, tq_b, kp), lambda i, bi, h: (bi, h, i, 0)),
+        out_shape=jax.ShapeDtypeStruct((b, hkv, chunk, kp), jnp.int32),
+        compiler_params=triton_params(bs.topk_warps, 1),
+        interpret=interpret,
+        name="infllmv2_select_topk",
+    )
+
+    def one_chunk(start):
+        # Rows past T repeat token T - 1 (clipped gather) instead of padding all of q.
+        rows = jnp.minimum(start + jnp.arange(chunk, dtype=jnp.int32), t - 1)
+        q_c = jnp.take(q, rows, axis=1, mode="clip").reshape(b, chunk, hkv, g, d)
+        q_c = jnp.pad(q_c, ((0, 0), (0, 0), (0, 0), (0, gp - g), (0, dp - d)))
+        q_c = q_c.transpose(0, 2, 1, 3, 4).reshape(b, hkv, chunk * gp, dp)
+        pos = jnp.stack([start + q_offset, t - 1 + q_offset]).astype(jnp.int32)
+        body, halo = score_call(pos, q_c, k1, k2)
+        return topk_call(pos, body, halo)  # [B, Hkv, C, Kp]
+
+    idx = lax.map(one_chunk, jnp.arange(n_chunks, dtype=jnp.int32) * chunk)  # [n_chunks, B, Hkv, C, Kp]
+    idx = idx.transpose(1, 2, 0, 3, 4).reshape(b, hkv, n_chunks * chunk, kp)
+    return idx[:, :, :t, :num_selected]

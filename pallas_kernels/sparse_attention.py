@@ -1,0 +1,575 @@
+"""Block-sparse flash attention over per-token selected key blocks (InfLLM-V2 stage 2), Pallas Triton.
+
+What it computes (SPEC.md §7): query token ``t``, head ``h = kv * G + g`` attends to the keys
+``p <= t`` of the union of the blocks ``block_idx[b, kv, t]`` selects, with one online softmax; the
+forward saves an fp32 **base-2** log-sum-exp (``lse = log2 sum_p 2^(s_p)`` of the base-2 scaled scores
+``s = q.k * scale * log2(e)``) for the backward. A token with no visible key outputs 0 and has
+``lse = -inf``.
+
+Tiling. The G heads of a KV group share the selection, so they are the rows of a tile (padded to 16
+rows, the tensor-core minimum). A one-token tile (16 rows) re-reads every selected 64-key block for
+16 rows only, which makes it L2-bandwidth-bound (measured on the H200: ~10 TB/s of K/V reads,
+~160 TFLOP/s). Neighbouring tokens share blocks (all init + local blocks, and as many top-k choices as
+their selections have in common), so the work is split per *tile* of ``tile_tokens`` consecutive
+tokens (``tile_tokens * 16`` rows):
+
+1. **Tile phase**: the blocks that at least ``min_share`` tokens of the tile selected, each loaded
+   once for all rows of the tile, with a per-row mask from a per-block token bitmask (a row only
+   sees blocks its own token selected) and token-level causal masking.
+2. **Token phase**: each token's remaining blocks on a one-token tile, resuming the online softmax
+   from the tile phase's normalised output and LSE.
+
+``min_share=1`` is the pure union (no token phase); ``tile_tokens=0`` is the plain per-token kernel.
+Both phases give the exact per-token result. The block lists, bitmasks and counts are built in XLA
+(``tile_lists``), outside the kernels, which only read scalars from them.
+
+The backward (``sparse_attention_bwd``) computes dQ with the same two phases and dK/dV by walking,
+for each key block, the tokens that selected it (a CSR index built on device): no atomics,
+deterministic.
+"""
+
+import dataclasses
+import functools
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from pallas_kernels._compat import dot, pl, triton_params
+
+__all__ = [
+    "DEFAULT_MASK_VALUE",
+    "LOG2E",
+    "BlockSizes",
+    "TileLists",
+    "block_view",
+    "canonical_blocks",
+    "gather_blocks",
+    "sparse_attention_pallas",
+    "supported",
+    "tile_lists",
+]
+
+# Finite, so that fully masked rows never compute (-inf) - (-inf) = NaN in the online softmax.
+DEFAULT_MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
+# Id of an unused slot after canonicalisation: larger than any block id, so it sorts last.
+EMPTY_BLOCK = 1 << 30
+# Sort-key bit of tile-phase entries that need a mask (block ids stay below it).
+_MASKED_FLAG = 1 << 29
+# Query rows per token: the KV group's heads, padded to the 16-row tensor-core minimum.
+GROUP_ROWS = 16
+LOG2E = math.log2(math.e)
+_SUPPORTED_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
+_SUPPORTED_HEAD_DIMS = (64, 128)
+_SUPPORTED_BLOCK_SIZES = (16, 32, 64, 128)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class BlockSizes:
+    """Tiling and launch parameters (all static).
+
+    Attributes:
+      tile_tokens: consecutive tokens per tile of the tile phase (``tile_tokens * 16`` rows); 0
+        disables the tile phase (plain per-token kernel). At most 16 (bitmask width).
+      min_share: a block goes to the tile phase when at least this many tokens of the tile selected
+        it; 1 = pure union of the tile's blocks, no token phase.
+      token_batch: tokens handled one after another by one program of the token phase.
+      tile_kv_blocks, token_kv_blocks: key blocks gathered per inner step of the tile and token
+        phases (``kv_blocks * block_size`` keys per step).
+      mask_split: run the blocks that need no mask (all of the tile's tokens selected them and see
+        all their keys) in a first loop without any masking. Off by default: on the H200 it saved
+        1% in the tile phase and cost 10% in the token phase (experiments/results/NOTES_attention_kernels.md).
+      dkv_tokens: tokens stacked per step of the dK/dV walk (``dkv_tokens * 16`` rows).
+      tile_warps, token_warps, dkv_warps: ``num_warps`` of the tile-phase, token-phase and dK/dV kernels.
+      num_stages: Triton software-pipelining depth of every kernel.
+    """
+
+    tile_tokens: int = 4
+    min_share: int = 2
+    token_batch: int = 1
+    tile_kv_blocks: int = 1
+    token_kv_blocks: int = 1
+    mask_split: bool = False
+    dkv_tokens: int = 8
+    tile_warps: int = 4
+    token_warps: int = 2
+    dkv_warps: int = 8
+    num_stages: int = 3
+
+    def __post_init__(self):
+        if self.tile_tokens not in (0, 1, 2, 4, 8, 16):
+            raise ValueError(f"tile_tokens must be 0 or a power of two <= 16, got {self.tile_tokens}")
+        if self.min_share < 1:
+            raise ValueError(f"min_share must be >= 1, got {self.min_share}")
+        for name in ("token_batch", "tile_kv_blocks", "token_kv_blocks", "dkv_tokens"):
+            value = getattr(self, name)
+            if value < 1 or value & (value - 1):
+                raise ValueError(f"{name} must be a power of two, got {value}")
+
+    @property
+    def has_token_phase(self) -> bool:
+        """Whether some blocks run on one-token tiles (always, unless the tile phase takes all)."""
+        return self.tile_tokens == 0 or self.min_share > 1
+
+
+class TileLists(NamedTuple):
+    """Per-tile and per-token block lists (XLA-built metadata, non-differentiable).
+
+    Attributes:
+      tile_ids: ``[B, Hkv, Tp / tile_tokens, tile_tokens * K]`` int32 block ids of the tile phase,
+        the first ``tile_cnt[..., 0]`` valid, of which the first ``tile_cnt[..., 1]`` need no mask
+        (every token of the tile selected them and sees all their keys); ``None`` without a tile phase.
+      tile_bits: same shape; bit ``i`` set when token ``i`` of the tile selected the block.
+      tile_cnt: ``[B, Hkv, Tp / tile_tokens, 2]`` int32 (count, unmasked count).
+      token_ids: ``[B, Hkv, Tp, K]`` int32 block ids of the token phase, ascending, the first
+        ``token_cnt[..., 0]`` valid, of which the first ``token_cnt[..., 1]`` are wholly before the
+        token (no causal mask); ``None`` without a token phase.
+      token_cnt: ``[B, Hkv, Tp, 2]`` int32 (count, unmasked count).
+    """
+
+    tile_ids: jax.Array | None
+    tile_bits: jax.Array | None
+    tile_cnt: jax.Array | None
+    token_ids: jax.Array | None
+    token_cnt: jax.Array | None
+
+
+def supported(q_shape, k_shape, dtype, block_size: int) -> str | None:
+    """Why the Pallas kernels cannot run these inputs, or ``None`` when they can."""
+    _, t, hq, d = q_shape
+    hkv = k_shape[2]
+    if k_shape[1] != t:
+        return f"{t} queries against {k_shape[1]} keys (queries and keys must be the same tokens)"
+    if jnp.dtype(dtype) not in _SUPPORTED_DTYPES:
+        return f"dtype {dtype} (supported: bfloat16, float16, float32)"
+    if d not in _SUPPORTED_HEAD_DIMS:
+        return f"head dim {d} (supported: {_SUPPORTED_HEAD_DIMS})"
+    if hq // hkv > GROUP_ROWS:
+        return f"GQA group {hq // hkv} > {GROUP_ROWS}"
+    if block_size not in _SUPPORTED_BLOCK_SIZES:
+        return f"block_size {block_size} (supported: {_SUPPORTED_BLOCK_SIZES})"
+    return None
+
+
+def canonical_blocks(
+    block_idx: jax.Array, *, padded_len: int, block_size: int
+) -> tuple[jax.Array, jax.Array]:
+    """Valid, distinct, ascending block ids per token, padded with ``EMPTY_BLOCK``.
+
+    A slot counts when ``0 <= id <= t // block_size`` and it does not repeat the previous slot (the
+    reference's ``valid_block_slots``); ids after the token's own block hold only future keys, so
+    dropping them changes nothing and keeps every id in range.
+
+    Args:
+      block_idx: int ``[B, Hkv, T, K]``, ascending, ``-1`` padded.
+      padded_len: ``Tp >= T``; tokens ``>= T`` get no block.
+      block_size: tokens per key block.
+
+    Returns:
+      ``ids [B, Hkv, Tp, K]`` int32 and ``count [B, Hkv, Tp]`` int32.
+    """
+    t = block_idx.shape[2]
+    ids = block_idx.astype(jnp.int32)
+    ids = jnp.pad(ids, ((0, 0), (0, 0), (0, padded_len - t), (0, 0)), constant_values=-1)
+    prev = jnp.concatenate([jnp.full_like(ids[..., :1], -1), ids[..., :-1]], axis=-1)
+    own = (jnp.arange(padded_len, dtype=jnp.int32) // block_size)[None, None, :, None]
+    keep = (ids >= 0) & (ids != prev) & (ids <= own)
+    ids = jnp.sort(jnp.where(keep, ids, EMPTY_BLOCK), axis=-1)
+    return ids, keep.sum(axis=-1, dtype=jnp.int32)
+
+
+def _token_counts(ids, block_size, mask_split):
+    """``[..., T, 2]`` (valid entries, leading entries wholly before the token) of ascending lists."""
+    valid = ids < EMPTY_BLOCK
+    t = jnp.arange(ids.shape[-2], dtype=jnp.int32).reshape((1,) * (ids.ndim - 2) + (-1, 1))
+    free = valid & (ids * block_size + block_size - 1 <= t) if mask_split else jnp.zeros_like(valid)
+    return jnp.stack([valid.sum(axis=-1, dtype=jnp.int32), free.sum(axis=-1, dtype=jnp.int32)], axis=-1)
+
+
+def tile_lists(ids: jax.Array, config: BlockSizes, block_size: int) -> TileLists:
+    """Splits canonical per-token lists into tile-phase and token-phase lists.
+
+    Within a tile of ``tile_tokens`` tokens, a block selected by ``n`` of its tokens goes to the tile
+    phase (with an ``n``-bit token mask) when ``n >= min_share``, else to the token phase of each of
+    those tokens. Lists that need no mask come first (``config.mask_split``), so the kernels run them
+    without any masking, as flash attention does for the blocks below the causal diagonal.
+
+    Args:
+      ids: ``canonical_blocks`` ids, ``[B, Hkv, Tp, K]``.
+      config: tiling.
+      block_size: tokens per key block.
+
+    Returns:
+      ``TileLists``.
+    """
+    tq = config.tile_tokens
+    if tq == 0:
+        return TileLists(None, None, None, ids, _token_counts(ids, block_size, config.mask_split))
+    b, h, tp, k = ids.shape
+    n = tq * k
+    x = ids.reshape(b, h, tp // tq, n)
+    tok = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32) // k, x.shape)
+    # Sort the tile's (block, token) pairs by block: each block becomes a run, one entry per token.
+    x, tok = lax.sort((x, tok), dimension=3, num_keys=1)
+    bit = jnp.left_shift(1, tok)
+    first = x != jnp.concatenate([jnp.full_like(x[..., :1], -1), x[..., :-1]], axis=-1)
+    last = x != jnp.concatenate([x[..., 1:], jnp.full_like(x[..., :1], -1)], axis=-1)
+    # Tokens are distinct within a run, so the sum of their bits is their OR: a run's bits are the
+    # inclusive prefix sum at its end minus the exclusive prefix sum at its start.
+    csum = lax.cumsum(bit, axis=3)
+    base = lax.cummax(jnp.where(first, csum - bit, 0), axis=3)
+    end = lax.cummin(jnp.where(last, csum, jnp.iinfo(jnp.int32).max), axis=3, reverse=True)
+    run_bits = end - base
+    real = x < EMPTY_BLOCK
+    in_tile = real & (lax.population_count(run_bits) >= config.min_share)
+    head = in_tile & last
+    # Unmasked entries sort first: flag the others with a bit above any block id.
+    t0 = (jnp.arange(tp // tq, dtype=jnp.int32) * tq)[None, None, :, None]
+    free = (run_bits == (1 << tq) - 1) & (x * block_size + block_size - 1 <= t0) & config.mask_split
+    key = jnp.where(head, x | jnp.where(free, 0, _MASKED_FLAG), EMPTY_BLOCK)
+    key, tile_bits = lax.sort((key, jnp.where(head, run_bits, 0)), dimension=3, num_keys=1)
+    tile_ids = key & (_MASKED_FLAG - 1)
+    tile_cnt = jnp.stack(
+        [head.sum(axis=3, dtype=jnp.int32), (head & free).sum(axis=3, dtype=jnp.int32)], axis=-1
+    )
+    if not config.has_token_phase:
+        return TileLists(tile_ids, tile_bits, tile_cnt, None, None)
+    # Regroup the remaining pairs by token: every token owns exactly k entries, so sorting by
+    # (token, id) puts token i's blocks, ascending, at positions [i * k, (i + 1) * k).
+    rest = real & ~in_tile
+    _, token_ids = lax.sort((tok, jnp.where(rest, x, EMPTY_BLOCK)), dimension=3, num_keys=2)
+    token_ids = token_ids.reshape(b, h, tp, k)
+    return TileLists(
+        tile_ids, tile_bits, tile_cnt, token_ids, _token_counts(token_ids, block_size, config.mask_split)
+    )
+
+
+def row_validity(kpos, t_row, tok_row, bits, col_ok):
+    """``[rows, cols]`` mask: key visible to the row's token, and its block selected by that token.
+
+    Args:
+      kpos: ``[cols]`` key positions; t_row: ``[rows]`` token position of each row.
+      tok_row: ``[rows]`` index of the row's token inside its tile.
+      bits: token bitmask of the block (a scalar, or ``[cols]`` per column), or ``None`` when every
+        token of the tile selected it.
+      col_ok: ``[cols]`` columns that come from a valid list slot, or ``None`` when all do.
+    """
+    valid = kpos[None, :] <= t_row[:, None]
+    if bits is not None:
+        if jnp.ndim(bits) == 0:
+            valid &= ((jnp.right_shift(bits, tok_row) & 1) == 1)[:, None]
+        else:
+            valid &= (jnp.right_shift(bits[None, :], tok_row[:, None]) & 1) == 1
+    if col_ok is not None:
+        valid &= col_ok[None, :]
+    return valid
+
+
+def gather_blocks(k_ref, v_ref, ids_ref, bits_ref, s, j, count, kv_blocks):
+    """K and V of list slots ``j * kv_blocks ... j * kv_blocks + kv_blocks - 1`` of sub-tile ``s``.
+
+    Args:
+      k_ref, v_ref: ``[nb, block, D]`` (one batch row and KV head).
+      ids_ref, bits_ref: ``[n_sub, L]`` block ids and token bitmasks (``bits_ref`` may be ``None``);
+        L is a multiple of ``kv_blocks``.
+      count: valid slots of the list.
+
+    Returns:
+      ``k, v [kv_blocks * block, D]``, key positions ``[kv_blocks * block]``, the bitmask (scalar or
+      per column, or ``None``) and per-column slot validity (``None`` for a single slot: the loop
+      only visits valid ones).
+    """
+    block = k_ref.shape[1]
+    if kv_blocks == 1:
+        blk = ids_ref[s, j]
+        kpos = blk * block + lax.broadcasted_iota(jnp.int32, (block,), 0)
+        return k_ref[blk], v_ref[blk], kpos, None if bits_ref is None else bits_ref[s, j], None
+    slots = pl.ds(j * kv_blocks, kv_blocks)
+    ok = j * kv_blocks + lax.broadcasted_iota(jnp.int32, (kv_blocks,), 0) < count
+    # Clamp before addressing: slots past the count hold EMPTY_BLOCK.
+    blk = jnp.where(ok, ids_ref[s, slots], 0)
+
+    def per_column(x):
+        return jnp.broadcast_to(x[:, None], (kv_blocks, block)).reshape(kv_blocks * block)
+
+    kpos = (blk[:, None] * block + lax.broadcasted_iota(jnp.int32, (kv_blocks, block), 1)).reshape(-1)
+    k = k_ref[blk].reshape(kv_blocks * block, -1)
+    v = v_ref[blk].reshape(kv_blocks * block, -1)
+    bits = None if bits_ref is None else per_column(bits_ref[s, slots])
+    return k, v, kpos, bits, per_column(ok)
+
+
+def dot_precision(dtype):
+    """fp32 inputs get true fp32 dots (Triton would default to tf32); bf16/fp16 use the MMA path."""
+    return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
+
+
+def _fwd_kernel(
+    q_ref, k_ref, v_ref, ids_ref, cnt_ref, *refs, tile_tokens, n_sub, kv_blocks, has_bits, has_init
+):
+    """Online-softmax attention of ``n_sub`` tiles of ``tile_tokens`` tokens over their block lists.
+
+    Refs: q ``[n_sub * tq, Gp, D]``; k, v ``[nb, block, D]`` (the whole sequence of one batch row
+    and KV head, gathered per block); ids, bits ``[n_sub, L]``; cnt ``[n_sub, 2]`` (entries, leading
+    entries without mask); optional initial state o0 ``[n_sub * tq, Gp, D]`` fp32 (normalised) and
+    lse0 ``[n_sub * tq, Gp]``; outputs o, lse.
+    """
+    bits_ref = refs[0] if has_bits else None
+    o0_ref, lse0_ref = refs[has_bits : has_bits + 2] if has_init else (None, None)
+    o_ref, lse_ref = refs[-2:]
+    gp, d = q_ref.shape[1], q_ref.shape[2]
+    rows = tile_tokens * gp
+    precision = dot_precision(q_ref.dtype)
+    qk_scale = d**-0.5 * LOG2E
+    tok_row = lax.broadcasted_iota(jnp.int32, (rows,), 0) // gp
+    for s in range(n_sub):
+        tokens = pl.ds(s * tile_tokens, tile_tokens)
+        t_row = (pl.program_id(0) * n_sub + s) * tile_tokens + tok_row
+        q = q_ref[tokens].reshape(rows, d)
+        if has_init:
+            # Resume from (o, lse): m = lse, l = 1, acc = o is the same softmax state.
+            lse0 = lse0_ref[tokens].reshape(rows)
+            seen = lse0 > -jnp.inf
+            state = (
+                o0_ref[tokens].reshape(rows, d),
+                jnp.where(seen, lse0, DEFAULT_MASK_VALUE),
+                jnp.where(seen, 1.0, 0.0),
+            )
+        else:
+            state = (
+                jnp.zeros((rows, d), jnp.float32),
+                jnp.full((rows,), DEFAULT_MASK_VALUE, jnp.float32),
+                jnp.zeros((rows,), jnp.float32),
+            )
+
+        count, free = cnt_ref[s, 0], cnt_ref[s, 1]
+
+        def body(j, carry, masked, s=s, q=q, t_row=t_row, count=count):
+            acc, m, l = carry
+            k, v, kpos, bits, col_ok = gather_blocks(
+                k_ref, v_ref, ids_ref, bits_ref if masked else None, s, j, count, kv_blocks
+            )
+            scores = dot(q, k, trans_b=True, precision=precision) * qk_scale  # [rows, kv_blocks * block]
+            if masked:
+                valid = row_validity(kpos, t_row, tok_row, bits, col_ok)
+                scores = jnp.where(valid, scores, DEFAULT_MASK_VALUE)
+            m_new = jnp.maximum(m, scores.max(axis=1))
+            alpha = jnp.exp2(m - m_new)
+            # Rows with nothing visible yet have m_new = MASK and p = 1 on masked keys: harmless, the
+            # first visible key gives alpha = 2^(MASK - m) = 0; the epilogue zeroes rows that never see one.
+            p = jnp.exp2(scores - m_new[:, None])
+            acc = acc * alpha[:, None] + dot(p.astype(v.dtype), v, precision=precision)
+            return acc, m_new, l * alpha + p.sum(axis=1)
+
+        # Whole steps of blocks that need no mask first, then the rest with masks.
+        n_free, n_steps = lax.div(free, kv_blocks), lax.div(count + kv_blocks - 1, kv_blocks)
+        state = lax.fori_loop(0, n_free, functools.partial(body, masked=False), state)
+        acc, m, l = lax.fori_loop(n_free, n_steps, functools.partial(body, masked=True), state)
+        seen = m > 0.5 * DEFAULT_MASK_VALUE
+        l = jnp.where(seen, l, 1.0)
+        o_ref[tokens] = (
+            jnp.where(seen[:, None], acc / l[:, None], 0.0).reshape(tile_tokens, gp, d).astype(o_ref.dtype)
+        )
+        lse_ref[tokens] = jnp.where(seen, m + jnp.log2(l), -jnp.inf).reshape(tile_tokens, gp)
+
+
+def _fwd_call(
+    q5, k, v, ids, cnt, bits, init, *, tile_tokens, n_sub, kv_blocks, out_dtype, warps, stages, interpret
+):
+    """Launches ``_fwd_kernel`` on a grid (programs along T, batch, KV head).
+
+    Args:
+      q5: ``[B, Tp, Hkv, Gp, D]``; k, v: ``[B, nb, block, Hkv, D]``.
+      ids, bits: ``[B, Hkv, Tp / tile_tokens, L]`` int32 (bits may be ``None``).
+      cnt: ``[B, Hkv, Tp / tile_tokens, 2]`` int32, valid and unmasked entries of each list.
+      init: ``None`` or ``(o0 [B, Tp, Hkv, Gp, D] fp32, lse0 [B, Tp, Hkv, Gp])``.
+
+    Returns:
+      ``o [B, Tp, Hkv, Gp, D]`` in ``out_dtype`` and ``lse [B, Tp, Hkv, Gp]`` fp32.
+    """
+    b, tp, hkv, gp, d = q5.shape
+    span = n_sub * tile_tokens
+    ids, bits = pad_lists(ids, bits, kv_blocks)
+    row_spec = pl.BlockSpec((None, span, None, gp, d), lambda i, j, h: (j, i, h, 0, 0))
+    lse_spec = pl.BlockSpec((None, span, None, gp), lambda i, j, h: (j, i, h, 0))
+    seq_spec = pl.BlockSpec((None, *k.shape[1:3], None, d), lambda i, j, h: (j, 0, 0, h, 0))
+    list_spec = pl.BlockSpec((None, None, n_sub, ids.shape[-1]), lambda i, j, h: (j, h, i, 0))
+    cnt_spec = pl.BlockSpec((None, None, n_sub, 2), lambda i, j, h: (j, h, i, 0))
+    in_specs = [row_spec, seq_spec, seq_spec, list_spec, cnt_spec]
+    args = [q5, k, v, ids, cnt]
+    if bits is not None:
+        in_specs.append(list_spec)
+        args.append(bits)
+    if init is not None:
+        in_specs += [row_spec, lse_spec]
+        args += list(init)
+    kernel = functools.partial(
+        _fwd_kernel,
+        tile_tokens=tile_tokens,
+        n_sub=n_sub,
+        kv_blocks=kv_blocks,
+        has_bits=bits is not None,
+        has_init=init is not None,
+    )
+    return pl.pallas_call(
+        kernel,
+        grid=(tp // span, b, hkv),
+        in_specs=in_specs,
+        out_specs=[row_spec, lse_spec],
+        out_shape=[
+            jax.ShapeDtypeStruct(q5.shape, out_dtype),
+            jax.ShapeDtypeStruct((b, tp, hkv, gp), jnp.float32),
+        ],
+        compiler_params=triton_params(warps, stages),
+        interpret=interpret,
+        name=f"sparse_attn_fwd_{'tile' if tile_tokens > 1 else 'token'}",
+    )(*args)
+
+
+def pad_lists(ids, bits, kv_blocks):
+    """Pads list rows to a multiple of ``kv_blocks`` so that the last step's slots stay in bounds."""
+    pad = -ids.shape[-1] % kv_blocks
+    if pad:
+        widths = ((0, 0),) * (ids.ndim - 1) + ((0, pad),)
+        ids = jnp.pad(ids, widths, constant_values=EMPTY_BLOCK)
+        bits = None if bits is None else jnp.pad(bits, widths)
+    return ids, bits
+
+
+def block_view(x: jax.Array, block_size: int) -> jax.Array:
+    """``[B, Tp, Hkv, D]`` -> ``[B, Tp / block, block, Hkv, D]`` (free), gathered per block."""
+    b, tp, hkv, d = x.shape
+    return x.reshape(b, tp // block_size, block_size, hkv, d)
+
+
+def padded_len(seq_len: int, block_size: int, config: BlockSizes) -> int:
+    """Sequence length the kernels run on: a multiple of the block size and of every tile span."""
+    align = max(block_size, config.tile_tokens, config.token_batch)
+    return -(-seq_len // align) * align
+
+
+def group_rows(x: jax.Array, hkv: int, padded: int) -> jax.Array:
+    """``[B, T, Hq, D]`` -> ``[B, Tp, Hkv, 16, D]``: heads ``kv * G + g`` as rows, zero padding."""
+    b, t, hq, d = x.shape
+    x = x.reshape(b, t, hkv, hq // hkv, d)
+    return jnp.pad(x, ((0, 0), (0, padded - t), (0, 0), (0, GROUP_ROWS - hq // hkv), (0, 0)))
+
+
+def ungroup_rows(x5: jax.Array, seq_len: int, hq: int) -> jax.Array:
+    """Inverse of ``group_rows``."""
+    b, _, hkv, _, d = x5.shape
+    return x5[:, :seq_len, :, : hq // hkv].reshape(b, seq_len, hq, d)
+
+
+def _forward(q, k, v, block_idx, block_size, config, interpret):
+    _, t, hq, _ = q.shape
+    hkv = k.shape[2]
+    tp = padded_len(t, block_size, config)
+    q5 = group_rows(q, hkv, tp)
+    pad = ((0, 0), (0, tp - t), (0, 0), (0, 0))
+    kp, vp = jnp.pad(k, pad), jnp.pad(v, pad)
+    ids, _ = canonical_blocks(block_idx, padded_len=tp, block_size=block_size)
+    lists = tile_lists(ids, config, block_size)
+    kb, vb = block_view(kp, block_size), block_view(vp, block_size)
+    common = dict(stages=config.num_stages, interpret=interpret)
+    init = None
+    if lists.tile_ids is not None:
+        o5, lse = _fwd_call(
+            q5,
+            kb,
+            vb,
+            lists.tile_ids,
+            lists.tile_cnt,
+            lists.tile_bits,
+            None,
+            tile_tokens=config.tile_tokens,
+            n_sub=1,
+            kv_blocks=config.tile_kv_blocks,
+            warps=config.tile_warps,
+            out_dtype=jnp.float32 if config.has_token_phase else q.dtype,
+            **common,
+        )
+        init = (o5, lse)
+    if config.has_token_phase:
+        o5, lse = _fwd_call(
+            q5,
+            kb,
+            vb,
+            lists.token_ids,
+            lists.token_cnt,
+            None,
+            init,
+            tile_tokens=1,
+            n_sub=config.token_batch,
+            kv_blocks=config.token_kv_blocks,
+            warps=config.token_warps,
+            out_dtype=q.dtype,
+            **common,
+        )
+    residuals = (q5, kp, vp, o5, lse, ids, lists)
+    return ungroup_rows(o5, t, hq), residuals
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _attention(q, k, v, block_idx, block_size, config, interpret):
+    return _forward(q, k, v, block_idx, block_size, config, interpret)[0]
+
+
+def _attention_fwd(q, k, v, block_idx, block_size, config, interpret):
+    return _forward(q, k, v, block_idx, block_size, config, interpret)
+
+
+def _attention_bwd(block_size, config, interpret, res, dout):
+    # Imported here: the backward module imports this one for the shared tiling helpers.
+    from pallas_kernels import sparse_attention_bwd
+
+    dq, dk, dv = sparse_attention_bwd.backward(
+        res, dout, block_size=block_size, config=config, interpret=interpret
+    )
+    return dq, dk, dv, None
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+@functools.partial(jax.jit, static_argnames=("block_size", "config", "interpret"))
+def _attention_jit(q, k, v, block_idx, *, block_size, config, interpret):
+    return _attention(q, k, v, lax.stop_gradient(block_idx), block_size, config, interpret)
+
+
+def sparse_attention_pallas(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    block_idx: jax.Array,
+    *,
+    block_size: int,
+    config: BlockSizes | None = None,
+    interpret: bool = False,
+) -> jax.Array:
+    """Block-sparse causal attention over each token's selected blocks (Pallas Triton kernels).
+
+    Args:
+      q: ``[B, T, Hq, D]``; head ``h = kv * G + g`` uses the selection of KV head ``kv``.
+      k, v: ``[B, T, Hkv, D]``.
+      block_idx: int ``[B, Hkv, T, K]`` selected block ids per token, ascending, ``-1`` padded
+        (non-differentiable).
+      block_size: tokens per key block.
+      config: tiling (default ``BlockSizes()``).
+      interpret: run the kernels in Pallas interpret mode (CPU tests).
+
+    Returns:
+      ``[B, T, Hq, D]`` in ``q.dtype``; differentiable w.r.t. q, k, v.
+
+    Raises:
+      NotImplementedError: for dtypes, head dims, group sizes or block sizes the kernels do not
+        support (``supported`` says which).
+    """
+    reason = supported(q.shape, k.shape, q.dtype, block_size)
+    if reason is not None:
+        raise NotImplementedError(f"Pallas sparse attention does not support {reason}")
+    config = BlockSizes() if config is None else config
+    return _attention_jit(q, k, v, block_idx, block_size=block_size, config=config, interpret=interpret)

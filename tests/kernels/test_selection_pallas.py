@@ -1,0 +1,338 @@
+"""The fused Pallas block selection (pallas_kernels/selection.py) against the XLA reference.
+
+On CPU the kernels run in Pallas interpret mode; on a GPU the same tests compile them through
+Triton, and the ``gpu``-marked tests add long sequences.
+
+What is checked:
+- float32 inputs: the selection equals ``select_blocks_reference`` exactly. A precondition asserts
+  the reference has no near-tie at the top-k border (relative gap > 1e-5), so the check cannot
+  depend on float32 summation order.
+- bf16 inputs: forced blocks, ascending order, -1 padding, causality and the id count hold exactly,
+  and the chosen set is a valid top-k under the float32 reference block scores: every chosen past
+  block scores >= every unchosen one times (1 - eps) / (1 + eps). ``eps`` bounds the kernel's
+  relative score error from rounding the compressed keys to bf16 (unit roundoff u = 2^-8): a logit
+  ``scale * q.K`` moves by at most ``u * scale * sum_d |q_d| |K_d|`` (delta1 for K1, delta2 for K2;
+  lse2 moves by at most delta2), so ``p`` moves by at most a factor ``exp(delta1 + delta2)``; the
+  ``"mma"`` group sum rounds ``p`` to bf16 (one more factor ``1 + u``); sums of positive terms and
+  max-pooling keep relative bounds; 1e-5 more covers float32 arithmetic (exp2, sums).
+- exact ties (constant keys) go to the lowest block ids, as with ``lax.top_k``.
+- a query slice at a traced ``q_offset`` (context parallelism) selects what the full sequence does.
+- end to end, ``infllmv2_attention(..., implementation="pallas")`` (this selection + the Pallas
+  sparse attention) matches the reference attention on the same selection, and the whole XLA
+  pipeline on the tokens whose selection agrees with it.
+"""
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from infllm_jax import SparseConfig, ops
+from infllm_jax.ops import attention, pallas_backend
+from infllm_jax.ops.selection import _pool_and_force, _stage1_chunk
+from pallas_kernels import selection as pallas_selection
+
+INTERPRET = jax.default_backend() == "cpu"
+SMALL = SparseConfig(
+    block_size=16, kernel_size=8, kernel_stride=4, init_blocks=1, window_size=16, topk=3, dense_len=-1
+)
+SHIPPED = SparseConfig(dense_len=-1)
+# float32 reference block scores [B, Hkv, T, nb] (+inf forced, -inf without kernels), compiled once.
+block_scores = jax.jit(ops.block_scores, static_argnums=2)
+BF16_UNIT_ROUNDOFF = 2.0**-8
+
+
+def qk(seed, b, t, hq, hkv, d, dtype=jnp.float32):
+    kq, kk = jax.random.split(jax.random.PRNGKey(seed))
+    q = jax.random.normal(kq, (b, t, hq, d), jnp.float32).astype(dtype)
+    return q, jax.random.normal(kk, (b, t, hkv, d), jnp.float32).astype(dtype)
+
+
+_INTERPRET_EXECUTABLES = {}
+
+
+def pallas_select(q, k, cfg, **kwargs):
+    fn = functools.partial(
+        pallas_selection.select_blocks,
+        block_size=cfg.block_size,
+        kernel_size=cfg.kernel_size,
+        kernel_stride=cfg.kernel_stride,
+        init_blocks=cfg.init_blocks,
+        local_blocks=cfg.local_blocks,
+        num_selected=cfg.num_selected,
+        interpret=INTERPRET,
+        **kwargs,
+    )
+    if not INTERPRET:
+        return fn(q, k)
+    # Compiling the interpreted kernels dominates CPU test time (running them takes ~50 ms); XLA's
+    # backend optimisations cost ~60% of it and change no result.
+    key = (q.shape, q.dtype, k.shape, cfg, tuple(sorted(kwargs.items())))
+    if key not in _INTERPRET_EXECUTABLES:
+        lowered = jax.jit(fn).lower(q, k)
+        _INTERPRET_EXECUTABLES[key] = lowered.compile({"xla_backend_optimization_level": "0"})
+    return _INTERPRET_EXECUTABLES[key](q, k)
+
+
+def chosen_mask(idx, nb):
+    """``[B, Hkv, T, K]`` ids (-1 padded) -> ``[B, Hkv, T, nb]`` bool."""
+    idx = np.asarray(idx)
+    mask = np.zeros((*idx.shape[:3], nb + 1), bool)
+    np.put_along_axis(mask, np.where(idx >= 0, idx, nb), True, axis=-1)
+    return mask[..., :nb]
+
+
+def border_scores(idx, scores, tokens, cfg):
+    """Lowest chosen and highest unchosen past-block score per row (``inf`` / ``-inf`` if none)."""
+    nb = scores.shape[-1]
+    chosen = chosen_mask(idx, nb)
+    past = np.arange(nb)[None, None, None, :] <= (np.asarray(tokens) // cfg.block_size)[None, None, :, None]
+    lowest = np.where(chosen & past, scores, np.inf).min(axis=-1)
+    highest = np.where(~chosen & past, scores, -np.inf).max(axis=-1)
+    return lowest, highest
+
+
+def check_structure(idx, tokens, cfg):
+    """Forced blocks, ascending order, -1 suffix, causality and the id count, exactly."""
+    idx = np.asarray(idx)
+    assert idx.dtype == np.int32 and idx.shape[-1] == cfg.num_selected
+    q_block = (np.asarray(tokens) // cfg.block_size)[None, None, :, None]
+    valid = idx >= 0
+    assert np.all(valid[..., 1:] <= valid[..., :-1]), "-1 only as a suffix"
+    gaps = np.diff(np.where(valid, idx, np.iinfo(np.int32).max), axis=-1)
+    assert np.all(gaps[valid[..., 1:]] > 0), "valid ids strictly ascending"
+    assert np.all(np.where(valid, idx <= q_block, True)), "no block after the token's own"
+    want_count = np.minimum(cfg.num_selected, q_block[..., 0] + 1)
+    np.testing.assert_array_equal(valid.sum(-1), np.broadcast_to(want_count, valid.shape[:3]))
+    j = np.arange(int(q_block.max()) + 1)[None, None, None, :]
+    forced = (j <= q_block) & ((j < cfg.init_blocks) | (j >= q_block - cfg.local_blocks))
+    chosen = chosen_mask(idx, j.shape[-1])
+    assert np.all(chosen[np.broadcast_to(forced, chosen.shape)]), "forced init/local blocks present"
+
+
+def bf16_score_tolerance(q, k, cfg, group_sum):
+    """Relative block-score error bound of the bf16 kernel path (module docstring)."""
+    b, t, hq, d = q.shape
+    hkv = k.shape[2]
+    q_abs = jnp.abs(q.astype(jnp.float32)).reshape(b, t, hkv, hq // hkv, d)
+    deltas = []
+    for size, stride in (
+        (cfg.kernel_size, cfg.kernel_stride),
+        (cfg.coarse_kernel_size, cfg.coarse_kernel_stride),
+    ):
+        kc = jnp.abs(ops.compress_keys(k.astype(jnp.float32), size, stride))  # [B, n, Hkv, D]
+        bound = jnp.einsum("btkgd,bnkd->btkgn", q_abs, kc, precision=jax.lax.Precision.HIGHEST)
+        deltas.append(float(jnp.max(bound, initial=0.0)) * d**-0.5)
+    # 1e-6 relative slack on the float32 bound itself, 1e-5 for the kernel's float32 arithmetic.
+    p_rounding = BF16_UNIT_ROUNDOFF if group_sum == "mma" else 0.0
+    return float(np.exp(BF16_UNIT_ROUNDOFF * sum(deltas) * (1 + 1e-6)) * (1 + p_rounding) - 1) + 1e-5
+
+
+def assert_valid_topk(idx, scores, tokens, cfg, eps):
+    lowest, highest = border_scores(idx, scores, tokens, cfg)
+    ok = lowest >= highest * (1 - eps) / (1 + eps)
+    assert np.all(ok), f"{np.sum(~ok)} rows choose a block scoring below an unchosen one beyond {eps=:.2e}"
+
+
+def assert_no_near_ties(idx, scores, tokens, cfg, rel=1e-5):
+    lowest, highest = border_scores(idx, scores, tokens, cfg)
+    finite = np.isfinite(lowest) & np.isfinite(highest)
+    near = finite & (lowest > highest) & (lowest - highest <= rel * np.abs(highest))
+    assert not np.any(near), "test inputs have a near-tie at the top-k border; pick another seed"
+
+
+def case(cfg, t, hq, hkv, d, *, chunk=None, group_sum="mma", name):
+    return pytest.param(cfg, t, hq, hkv, d, chunk, group_sum, id=name)
+
+
+EXACT_CASES = [
+    case(SMALL, 100, 32, 2, 16, name="G16-T100"),
+    case(SMALL, 100, 32, 2, 16, group_sum="reshape", name="G16-T100-reshape"),
+    case(SMALL, 77, 3, 1, 8, chunk=16, name="G3-T77-chunked"),
+    case(SMALL, 130, 2, 2, 32, name="G1-T130"),
+    case(
+        dataclasses.replace(SHIPPED, window_size=128, topk=4),
+        300,
+        16,
+        1,
+        16,
+        chunk=64,
+        name="shipped-geometry-T300",
+    ),
+    case(
+        SparseConfig(block_size=4, kernel_size=8, kernel_stride=4, window_size=8, topk=3, dense_len=-1),
+        50,
+        4,
+        2,
+        16,
+        name="pool1-T50",
+    ),
+    case(
+        dataclasses.replace(SMALL, init_blocks=0, window_size=0, topk=2),
+        90,
+        4,
+        1,
+        16,
+        name="no-init-no-local",
+    ),
+]
+
+
+@pytest.mark.parametrize("cfg,t,hq,hkv,d,chunk,group_sum", EXACT_CASES)
+def test_fp32_selection_equals_reference(cfg, t, hq, hkv, d, chunk, group_sum):
+    q, k = qk(t + hq, 2, t, hq, hkv, d)
+    want = np.asarray(ops.select_blocks_reference(q, k, cfg))
+    tokens = np.arange(t)
+    assert_no_near_ties(want, np.asarray(block_scores(q, k, cfg)), tokens, cfg)
+    block_sizes = pallas_selection.BlockSizes(group_sum=group_sum)
+    got = np.asarray(pallas_select(q, k, cfg, query_chunk=chunk, block_sizes=block_sizes))
+    check_structure(got, tokens, cfg)
+    np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize(
+    "cfg,t,hq,hkv,d,chunk,group_sum",
+    [
+        case(SMALL, 100, 32, 2, 16, name="G16-T100"),
+        case(SMALL, 100, 32, 2, 16, group_sum="reshape", name="G16-T100-reshape"),
+        case(dataclasses.replace(SMALL, topk=5), 203, 6, 2, 64, chunk=64, name="G3-T203-d64-chunked"),
+    ],
+)
+def test_bf16_selection_is_a_valid_topk(cfg, t, hq, hkv, d, chunk, group_sum):
+    q, k = qk(7 * t, 1, t, hq, hkv, d, jnp.bfloat16)
+    block_sizes = pallas_selection.BlockSizes(group_sum=group_sum)
+    got = np.asarray(pallas_select(q, k, cfg, query_chunk=chunk, block_sizes=block_sizes))
+    tokens = np.arange(t)
+    check_structure(got, tokens, cfg)
+    scores = np.asarray(block_scores(q.astype(jnp.float32), k.astype(jnp.float32), cfg), np.float64)
+    assert_valid_topk(got, scores, tokens, cfg, bf16_score_tolerance(q, k, cfg, group_sum))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+def test_exact_ties_go_to_the_lowest_block_ids(dtype):
+    # Identical keys at every position make every compressed key equal, so all blocks with a
+    # visible kernel tie exactly; both implementations must then pick the lowest ids.
+    q, k = qk(11, 2, 100, 32, 2, 16, dtype)
+    k = jnp.broadcast_to(k[:, :1], k.shape)
+    want = np.asarray(ops.select_blocks_reference(q, k, SMALL))
+    np.testing.assert_array_equal(pallas_select(q, k, SMALL), want)
+
+
+def test_registered_as_pallas_select_blocks():
+    q, k = qk(132, 2, 100, 32, 2, 16)
+    assert attention.SELECT_BLOCKS["pallas"] is pallas_backend.select_blocks_pallas
+    got = ops.select_blocks(q, k, SMALL, implementation="pallas")
+    np.testing.assert_array_equal(got, ops.select_blocks_reference(q, k, SMALL))
+
+
+def test_query_slice_at_a_traced_offset_matches_the_full_selection():
+    # Context parallelism: a contiguous slice of the queries against all keys, offset traced.
+    q, k = qk(21, 1, 150, 8, 2, 16)
+    offset, n = 53, 64
+    got = ops.select_blocks(
+        q[:, offset : offset + n], k, SMALL, implementation="pallas", q_offset=jnp.int32(offset)
+    )
+    want = ops.select_blocks_reference(q, k, SMALL)[:, :, offset : offset + n]
+    np.testing.assert_array_equal(got, want)
+
+
+def test_unsupported_inputs_raise_not_implemented():
+    q, k = qk(0, 1, 64, 4, 2, 16)
+    pool3 = SparseConfig(block_size=12, kernel_size=8, kernel_stride=4, window_size=12, topk=2, dense_len=-1)
+    with pytest.raises(NotImplementedError, match="power"):
+        pallas_backend.select_blocks_pallas(q, k, pool3)
+    with pytest.raises(NotImplementedError, match="dtype"):
+        pallas_backend.select_blocks_pallas(q, k.astype(jnp.bfloat16), SMALL)
+
+
+def test_selection_has_no_gradient():
+    q, k = qk(1, 1, 64, 4, 2, 16)
+
+    def loss(q, k):
+        idx = pallas_selection.select_blocks(
+            q,
+            k,
+            block_size=16,
+            kernel_size=8,
+            kernel_stride=4,
+            init_blocks=1,
+            local_blocks=1,
+            num_selected=4,
+            interpret=INTERPRET,
+        )
+        return idx.astype(jnp.float32).sum()
+
+    grads = jax.grad(loss, argnums=(0, 1))(q, k)
+    assert not np.any(grads[0]) and not np.any(grads[1])
+
+
+def rms_rel_err(got, want):
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    return np.sqrt(np.mean((got - want) ** 2) / np.mean(want**2))
+
+
+def test_prefill_end_to_end_matches_reference():
+    if "pallas" not in attention.SPARSE_ATTENTION:
+        pytest.skip("the Pallas sparse-attention kernel is not registered")
+    cfg = dataclasses.replace(SMALL, window_size=32, topk=3)
+    q, k = qk(5, 1, 200, 32, 2, 64, jnp.bfloat16)
+    v = jax.random.normal(jax.random.PRNGKey(6), k.shape, jnp.float32).astype(jnp.bfloat16)
+    got = ops.infllmv2_attention(q, k, v, cfg, implementation="pallas")
+    # Same selection, reference attention: isolates the kernels' arithmetic (bf16 output, bf16 P).
+    idx = ops.select_blocks(q, k, cfg, implementation="pallas")
+    assert rms_rel_err(got, ops.sparse_attention_xla(q, k, v, idx, block_size=cfg.block_size)) < 1e-2
+    # Whole XLA pipeline: tokens whose selection agrees with the float32 reference match too.
+    want = ops.infllmv2_attention(q, k, v, cfg, implementation="xla")
+    same = np.all(np.asarray(idx) == np.asarray(ops.select_blocks_reference(q, k, cfg)), axis=(0, 1, 3))
+    assert same.mean() > 0.9
+    assert rms_rel_err(np.asarray(got)[:, same], np.asarray(want)[:, same]) < 1e-2
+
+
+def reference_scores_at(q, k, cfg, tokens):
+    """float32 reference block scores ``[B, Hkv, len(tokens), nb]`` for some tokens only."""
+    b, t, hq, d = q.shape
+    hkv = k.shape[2]
+    k32 = k.astype(jnp.float32)
+    k1 = ops.compress_keys(k32, cfg.kernel_size, cfg.kernel_stride)
+    k2 = ops.compress_keys(k32, cfg.coarse_kernel_size, cfg.coarse_kernel_stride)
+    t_c = jnp.asarray(tokens, jnp.int32)
+    q_c = q[:, t_c].astype(jnp.float32).reshape(b, len(tokens), hkv, hq // hkv, d)
+    s = _stage1_chunk(q_c, t_c, k1, k2, cfg)
+    return np.asarray(_pool_and_force(s, t_c, ops.num_blocks(t, cfg.block_size), cfg), np.float64)
+
+
+@pytest.mark.gpu
+def test_gpu_shipped_config_32k_bf16_is_a_valid_topk():
+    t = 32768
+    q, k = qk(0, 1, t, 32, 2, 128, jnp.bfloat16)
+    got = np.asarray(pallas_select(q, k, SHIPPED))
+    check_structure(got, np.arange(t), SHIPPED)
+    # Tokens past 6144 choose 62 of their past blocks by score; check a window at 8K and the tail.
+    tokens = np.concatenate([np.arange(8000, 8256), np.arange(t - 256, t)])
+    scores = reference_scores_at(q, k, SHIPPED, tokens)
+    eps = bf16_score_tolerance(q[:, tokens], k, SHIPPED, "mma")
+    assert_valid_topk(got[:, :, tokens], scores, tokens, SHIPPED, eps)
+
+
+@pytest.mark.gpu
+def test_gpu_fp32_8k_matches_reference_up_to_near_ties():
+    cfg = dataclasses.replace(SHIPPED, window_size=256, topk=16)
+    q, k = qk(1, 1, 8192, 32, 2, 128)
+    got = np.asarray(pallas_select(q, k, cfg))
+    want = np.asarray(ops.select_blocks_reference(q, k, cfg))
+    check_structure(got, np.arange(8192), cfg)
+    assert np.mean(np.all(got == want, axis=-1)) > 0.999
+    tokens = np.arange(8192 - 512, 8192)
+    assert_valid_topk(got[:, :, tokens], reference_scores_at(q, k, cfg, tokens), tokens, cfg, 1e-5)
+
+
+@pytest.mark.gpu
+def test_gpu_128k_selection_memory_is_bounded():
+    # The group-summed score matrix alone would be 2 * 131072 * 8191 * 2 B = 4.3 GB in bf16.
+    q = jax.ShapeDtypeStruct((1, 131072, 32, 128), jnp.bfloat16)
+    k = jax.ShapeDtypeStruct((1, 131072, 2, 128), jnp.bfloat16)
+    mem = jax.jit(lambda q, k: pallas_select(q, k, SHIPPED)).lower(q, k).compile().memory_analysis()
+    assert mem.temp_size_in_bytes < 2**30, mem
