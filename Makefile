@@ -5,7 +5,7 @@ PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: setup test demo lint format bench-gpu clean
+.PHONY: setup test demo demo-attention lint format clean
 
 setup: $(STAMP)
 
@@ -18,7 +18,12 @@ $(STAMP): pyproject.toml constraints.txt scripts/find_python.sh
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# The main job: tiny short->long experiment on this CPU (fetches the Debian text packages once).
 demo: setup
+	$(PY) experiments/short_to_long.py --preset tiny
+
+# InfLLM-V2 attention alone on random inputs: selection statistics and exactness vs dense.
+demo-attention: setup
 	$(PY) experiments/demo_attention.py
 
 lint: setup

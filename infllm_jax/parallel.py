@@ -15,6 +15,8 @@ gathered K/V of one layer is ``2 * T * Hkv * D`` elements (128 MiB at 128K token
 bf16), small next to the activations that context parallelism splits.
 """
 
+import dataclasses
+
 import jax
 from jax import lax
 from jax.sharding import AxisType, Mesh, NamedSharding
@@ -26,11 +28,13 @@ from infllm_jax.ops import infllmv2_attention
 __all__ = [
     "DATA_AXIS",
     "SEQ_AXIS",
+    "TrainShardings",
     "batch_sharding",
     "context_parallel_attention",
     "make_mesh",
     "param_shardings",
     "seq_parallel_size",
+    "train_shardings",
 ]
 
 DATA_AXIS = "data"
@@ -84,6 +88,38 @@ def param_shardings(params, mesh: Mesh, *, fsdp: bool = False):
         return NamedSharding(mesh, P())
 
     return jax.tree.map(rule, params)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainShardings:
+    """Where the pieces of a training step live on a mesh.
+
+    Attributes:
+      mesh: the ``("data", "seq")`` mesh; steps trace under ``jax.set_mesh(mesh)`` so that attention
+        layers see the ``"seq"`` axis and switch to ``context_parallel_attention``.
+      params, opt_state: pytrees of ``NamedSharding`` matching the parameters and optimizer state.
+      batch: sharding of every ``[B, T]`` batch array.
+    """
+
+    mesh: Mesh
+    params: object
+    opt_state: object
+    batch: NamedSharding
+
+    @property
+    def replicated(self) -> NamedSharding:
+        """A replicated sharding on the mesh (metrics, scalars)."""
+        return NamedSharding(self.mesh, P())
+
+
+def train_shardings(mesh: Mesh, params, opt_state, *, fsdp: bool = False) -> TrainShardings:
+    """Shardings for ``train_step(params, opt_state, batch)`` on ``mesh`` (``param_shardings`` rule)."""
+    return TrainShardings(
+        mesh=mesh,
+        params=param_shardings(params, mesh, fsdp=fsdp),
+        opt_state=param_shardings(opt_state, mesh, fsdp=fsdp),
+        batch=batch_sharding(mesh),
+    )
 
 
 def context_parallel_attention(
