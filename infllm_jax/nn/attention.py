@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from infllm_jax.config import SparseConfig
-from infllm_jax.ops import infllmv2_attention, select_blocks
+from infllm_jax.ops import infllmv2_attention, select_blocks, valid_block_slots
 from infllm_jax.parallel import context_parallel_attention, seq_parallel_size
 
 __all__ = ["AttentionMode", "InfLLMv2Attention", "apply_rope", "visible_fraction"]
@@ -69,8 +69,7 @@ def visible_fraction(block_idx: jax.Array, block_size: int) -> jax.Array:
       Scalar float32 in ``(0, 1]``.
     """
     t_11T1 = jnp.arange(block_idx.shape[2])[None, None, :, None]
-    prev = jnp.concatenate([jnp.full_like(block_idx[..., :1], -1), block_idx[..., :-1]], axis=-1)
-    valid = (block_idx >= 0) & (block_idx != prev)
+    valid = valid_block_slots(block_idx)
     start = block_idx * block_size
     # Keys of block b visible to t: [b * bs, min((b + 1) * bs, t + 1)), empty for future blocks.
     seen = jnp.clip(t_11T1 + 1 - start, 0, block_size)
