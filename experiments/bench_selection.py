@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from infllm_jax import SparseConfig, ops
+from infllm_jax.ops.pallas_backend import selection_kwargs
 from pallas_kernels import selection as pallas_selection
 
 warnings.filterwarnings(
@@ -129,16 +130,7 @@ def _inputs(t: int, shape: Shape, dtype, seed: int = 0):
 def _pallas_select_fn(cfg: SparseConfig, block_sizes, interpret: bool):
     def select(q, k):
         return pallas_selection.select_blocks(
-            q,
-            k,
-            block_size=cfg.block_size,
-            kernel_size=cfg.kernel_size,
-            kernel_stride=cfg.kernel_stride,
-            init_blocks=cfg.init_blocks,
-            local_blocks=cfg.local_blocks,
-            num_selected=cfg.num_selected,
-            block_sizes=block_sizes,
-            interpret=interpret,
+            q, k, **selection_kwargs(cfg), block_sizes=block_sizes, interpret=interpret
         )
 
     return select

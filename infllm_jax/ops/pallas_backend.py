@@ -10,7 +10,7 @@ import jax
 
 from infllm_jax.config import SparseConfig
 
-__all__ = ["select_blocks_pallas", "sparse_attention_pallas"]
+__all__ = ["select_blocks_pallas", "selection_kwargs", "sparse_attention_pallas"]
 
 
 def sparse_attention_pallas(
@@ -66,14 +66,17 @@ def select_blocks_pallas(
 
     _compat.silence_triton_deprecation()
     return selection.select_blocks(
-        q,
-        k,
-        block_size=cfg.block_size,
-        kernel_size=cfg.kernel_size,
-        kernel_stride=cfg.kernel_stride,
-        init_blocks=cfg.init_blocks,
-        local_blocks=cfg.local_blocks,
-        num_selected=cfg.num_selected,
-        q_offset=q_offset,
-        interpret=backend == "cpu",
+        q, k, **selection_kwargs(cfg), q_offset=q_offset, interpret=backend == "cpu"
     )
+
+
+def selection_kwargs(cfg: SparseConfig) -> dict:
+    """The keyword arguments of ``pallas_kernels.selection.select_blocks`` that a ``SparseConfig`` fixes."""
+    return {
+        "block_size": cfg.block_size,
+        "kernel_size": cfg.kernel_size,
+        "kernel_stride": cfg.kernel_stride,
+        "init_blocks": cfg.init_blocks,
+        "local_blocks": cfg.local_blocks,
+        "num_selected": cfg.num_selected,
+    }

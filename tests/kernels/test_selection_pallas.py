@@ -57,12 +57,7 @@ _INTERPRET_EXECUTABLES = {}
 def pallas_select(q, k, cfg, **kwargs):
     fn = functools.partial(
         pallas_selection.select_blocks,
-        block_size=cfg.block_size,
-        kernel_size=cfg.kernel_size,
-        kernel_stride=cfg.kernel_stride,
-        init_blocks=cfg.init_blocks,
-        local_blocks=cfg.local_blocks,
-        num_selected=cfg.num_selected,
+        **pallas_backend.selection_kwargs(cfg),
         interpret=INTERPRET,
         **kwargs,
     )
