@@ -172,4 +172,7 @@ def context_parallel_attention(
 
     spec = P(DATA_AXIS, SEQ_AXIS)
     n_in = 3 + len(selection)
-    return jax.shard_map(local, mesh=mesh, in_specs=(spec,) * n_in, out_specs=spec)(q, k, v, *selection)
+    # check_vma=False: pallas_call outputs (implementation="pallas") carry no varying-manual-axes type.
+    return jax.shard_map(local, mesh=mesh, in_specs=(spec,) * n_in, out_specs=spec, check_vma=False)(
+        q, k, v, *selection
+    )

@@ -23,6 +23,17 @@ tokens (``tile_tokens * 16`` rows):
 Both phases give the exact per-token result. The block lists, bitmasks and counts are built in XLA
 (``tile_lists``), outside the kernels, which only read scalars from them.
 
+Query slices. ``q`` (and ``block_idx``) may hold only the query positions ``[q_offset, q_offset + Tq)``
+of the ``Tk`` keys (context parallelism); ``q_offset`` may be traced. The kernels take it as a
+one-element int32 input and add it to the local token index wherever a token's position matters
+(the causal mask, a token's own block, the mask-free split); the lists and grids stay local.
+
+Memory. With both phases, the tile phase's fp32 output (``[B, Tq, Hkv, 16, D]``, 2 GiB at 128K
+tokens, Hkv=2, D=128) only exists for one chunk of queries at a time (``BlockSizes.fwd_chunk_bytes``):
+per chunk the tile phase writes a chunk-sized fp32 state and the token phase resumes from it and
+writes its rows into the full-size output and LSE, which it takes as aliased inputs
+(``input_output_aliases``), so the chunks chain through one buffer without copies.
+
 The backward (``sparse_attention_bwd``) computes dQ with the same two phases and dK/dV by walking,
 for each key block, the tokens that selected it (a CSR index built on device): no atomics,
 deterministic.
@@ -85,6 +96,10 @@ class BlockSizes:
       dkv_tokens: tokens stacked per step of the dK/dV walk (``dkv_tokens * 16`` rows).
       tile_warps, token_warps, dkv_warps: ``num_warps`` of the tile-phase, token-phase and dK/dV kernels.
       num_stages: Triton software-pipelining depth of every kernel.
+      fwd_chunk_bytes: bound on the fp32 state passed from the tile phase to the token phase in the
+        forward (``B * Hkv * 16 * (D + 1) * 4`` bytes per query token): the queries run in as few
+        equal chunks as keep it below this (at least one tile per chunk). The result does not
+        depend on it; smaller chunks cost one launch of each phase per chunk.
     """
 
     tile_tokens: int = 4
@@ -98,12 +113,15 @@ class BlockSizes:
     token_warps: int = 2
     dkv_warps: int = 8
     num_stages: int = 3
+    fwd_chunk_bytes: int = 256 << 20
 
     def __post_init__(self):
         if self.tile_tokens not in (0, 1, 2, 4, 8, 16):
             raise ValueError(f"tile_tokens must be 0 or a power of two <= 16, got {self.tile_tokens}")
         if self.min_share < 1:
             raise ValueError(f"min_share must be >= 1, got {self.min_share}")
+        if self.fwd_chunk_bytes < 1:
+            raise ValueError(f"fwd_chunk_bytes must be positive, got {self.fwd_chunk_bytes}")
         for name in ("token_batch", "tile_kv_blocks", "token_kv_blocks", "dkv_tokens"):
             value = getattr(self, name)
             if value < 1 or value & (value - 1):
@@ -114,9 +132,15 @@ class BlockSizes:
         """Whether some blocks run on one-token tiles (always, unless the tile phase takes all)."""
         return self.tile_tokens == 0 or self.min_share > 1
 
+    @property
+    def align(self) -> int:
+        """Tokens every launch of the kernels covers a multiple of (tile and token-batch spans)."""
+        return max(self.tile_tokens, self.token_batch)
+
 
 class TileLists(NamedTuple):
-    """Per-tile and per-token block lists (XLA-built metadata, non-differentiable).
+    """Per-tile and per-token block lists of the ``Tp`` (padded) local query tokens (XLA-built
+    metadata, non-differentiable).
 
     Attributes:
       tile_ids: ``[B, Hkv, Tp / tile_tokens, tile_tokens * K]`` int32 block ids of the tile phase,
@@ -138,11 +162,14 @@ class TileLists(NamedTuple):
 
 
 def supported(q_shape, k_shape, dtype, block_size: int) -> str | None:
-    """Why the Pallas kernels cannot run these inputs, or ``None`` when they can."""
+    """Why the Pallas kernels cannot run these inputs, or ``None`` when they can.
+
+    ``q_shape`` is ``[B, Tq, Hq, D]`` and ``k_shape`` ``[B, Tk, Hkv, D]`` with ``Tq <= Tk`` (a query slice).
+    """
     _, t, hq, d = q_shape
     hkv = k_shape[2]
-    if k_shape[1] != t:
-        return f"{t} queries against {k_shape[1]} keys (queries and keys must be the same tokens)"
+    if k_shape[1] < t:
+        return f"{t} queries against {k_shape[1]} keys (a query slice needs at least as many keys)"
     if jnp.dtype(dtype) not in _SUPPORTED_DTYPES:
         return f"dtype {dtype} (supported: bfloat16, float16, float32)"
     if d not in _SUPPORTED_HEAD_DIMS:
@@ -155,18 +182,19 @@ def supported(q_shape, k_shape, dtype, block_size: int) -> str | None:
 
 
 def canonical_blocks(
-    block_idx: jax.Array, *, padded_len: int, block_size: int
+    block_idx: jax.Array, *, padded_len: int, block_size: int, q_offset: int | jax.Array = 0
 ) -> tuple[jax.Array, jax.Array]:
     """Valid, distinct, ascending block ids per token, padded with ``EMPTY_BLOCK``.
 
-    A slot counts when ``0 <= id <= t // block_size`` and it does not repeat the previous slot (the
-    reference's ``valid_block_slots``); ids after the token's own block hold only future keys, so
-    dropping them changes nothing and keeps every id in range.
+    A slot counts when ``0 <= id <= (q_offset + t) // block_size`` and it does not repeat the previous
+    slot (the reference's ``valid_block_slots``); ids after the token's own block hold only future
+    keys, so dropping them changes nothing and keeps every id in range.
 
     Args:
       block_idx: int ``[B, Hkv, T, K]``, ascending, ``-1`` padded.
       padded_len: ``Tp >= T``; tokens ``>= T`` get no block.
       block_size: tokens per key block.
+      q_offset: key position of local token 0 (int32 scalar, may be traced).
 
     Returns:
       ``ids [B, Hkv, Tp, K]`` int32 and ``count [B, Hkv, Tp]`` int32.
@@ -175,21 +203,23 @@ def canonical_blocks(
     ids = block_idx.astype(jnp.int32)
     ids = jnp.pad(ids, ((0, 0), (0, 0), (0, padded_len - t), (0, 0)), constant_values=-1)
     prev = jnp.concatenate([jnp.full_like(ids[..., :1], -1), ids[..., :-1]], axis=-1)
-    own = (jnp.arange(padded_len, dtype=jnp.int32) // block_size)[None, None, :, None]
+    own = ((q_offset + jnp.arange(padded_len, dtype=jnp.int32)) // block_size)[None, None, :, None]
     keep = (ids >= 0) & (ids != prev) & (ids <= own)
     ids = jnp.sort(jnp.where(keep, ids, EMPTY_BLOCK), axis=-1)
     return ids, keep.sum(axis=-1, dtype=jnp.int32)
 
 
-def _token_counts(ids, block_size, mask_split):
+def _token_counts(ids, block_size, mask_split, q_offset):
     """``[..., T, 2]`` (valid entries, leading entries wholly before the token) of ascending lists."""
     valid = ids < EMPTY_BLOCK
-    t = jnp.arange(ids.shape[-2], dtype=jnp.int32).reshape((1,) * (ids.ndim - 2) + (-1, 1))
+    t = q_offset + jnp.arange(ids.shape[-2], dtype=jnp.int32).reshape((1,) * (ids.ndim - 2) + (-1, 1))
     free = valid & (ids * block_size + block_size - 1 <= t) if mask_split else jnp.zeros_like(valid)
     return jnp.stack([valid.sum(axis=-1, dtype=jnp.int32), free.sum(axis=-1, dtype=jnp.int32)], axis=-1)
 
 
-def tile_lists(ids: jax.Array, config: BlockSizes, block_size: int) -> TileLists:
+def tile_lists(
+    ids: jax.Array, config: BlockSizes, block_size: int, q_offset: int | jax.Array = 0
+) -> TileLists:
     """Splits canonical per-token lists into tile-phase and token-phase lists.
 
     Within a tile of ``tile_tokens`` tokens, a block selected by ``n`` of its tokens goes to the tile
@@ -201,13 +231,15 @@ def tile_lists(ids: jax.Array, config: BlockSizes, block_size: int) -> TileLists
       ids: ``canonical_blocks`` ids, ``[B, Hkv, Tp, K]``.
       config: tiling.
       block_size: tokens per key block.
+      q_offset: key position of local token 0 (int32 scalar, may be traced); only the mask-free
+        split depends on it.
 
     Returns:
       ``TileLists``.
     """
     tq = config.tile_tokens
     if tq == 0:
-        return TileLists(None, None, None, ids, _token_counts(ids, block_size, config.mask_split))
+        return TileLists(None, None, None, ids, _token_counts(ids, block_size, config.mask_split, q_offset))
     b, h, tp, k = ids.shape
     n = tq * k
     x = ids.reshape(b, h, tp // tq, n)
@@ -227,7 +259,7 @@ def tile_lists(ids: jax.Array, config: BlockSizes, block_size: int) -> TileLists
     in_tile = real & (lax.population_count(run_bits) >= config.min_share)
     head = in_tile & last
     # Unmasked entries sort first: flag the others with a bit above any block id.
-    t0 = (jnp.arange(tp // tq, dtype=jnp.int32) * tq)[None, None, :, None]
+    t0 = (q_offset + jnp.arange(tp // tq, dtype=jnp.int32) * tq)[None, None, :, None]
     free = (run_bits == (1 << tq) - 1) & (x * block_size + block_size - 1 <= t0) & config.mask_split
     key = jnp.where(head, x | jnp.where(free, 0, _MASKED_FLAG), EMPTY_BLOCK)
     key, tile_bits = lax.sort((key, jnp.where(head, run_bits, 0)), dimension=3, num_keys=1)
@@ -243,7 +275,11 @@ def tile_lists(ids: jax.Array, config: BlockSizes, block_size: int) -> TileLists
     _, token_ids = lax.sort((tok, jnp.where(rest, x, EMPTY_BLOCK)), dimension=3, num_keys=2)
     token_ids = token_ids.reshape(b, h, tp, k)
     return TileLists(
-        tile_ids, tile_bits, tile_cnt, token_ids, _token_counts(token_ids, block_size, config.mask_split)
+        tile_ids,
+        tile_bits,
+        tile_cnt,
+        token_ids,
+        _token_counts(token_ids, block_size, config.mask_split, q_offset),
     )
 
 
@@ -251,7 +287,7 @@ def row_validity(kpos, t_row, tok_row, bits, col_ok):
     """``[rows, cols]`` mask: key visible to the row's token, and its block selected by that token.
 
     Args:
-      kpos: ``[cols]`` key positions; t_row: ``[rows]`` token position of each row.
+      kpos: ``[cols]`` key positions; t_row: ``[rows]`` key position of each row's token.
       tok_row: ``[rows]`` index of the row's token inside its tile.
       bits: token bitmask of the block (a scalar, or ``[cols]`` per column), or ``None`` when every
         token of the tile selected it.
@@ -308,14 +344,15 @@ def dot_precision(dtype):
 
 
 def _fwd_kernel(
-    q_ref, k_ref, v_ref, ids_ref, cnt_ref, *refs, tile_tokens, n_sub, kv_blocks, has_bits, has_init
+    off_ref, q_ref, k_ref, v_ref, ids_ref, cnt_ref, *refs, tile_tokens, n_sub, kv_blocks, has_bits, has_init
 ):
     """Online-softmax attention of ``n_sub`` tiles of ``tile_tokens`` tokens over their block lists.
 
-    Refs: q ``[n_sub * tq, Gp, D]``; k, v ``[nb, block, D]`` (the whole sequence of one batch row
-    and KV head, gathered per block); ids, bits ``[n_sub, L]``; cnt ``[n_sub, 2]`` (entries, leading
-    entries without mask); optional initial state o0 ``[n_sub * tq, Gp, D]`` fp32 (normalised) and
-    lse0 ``[n_sub * tq, Gp]``; outputs o, lse.
+    Refs: off ``[1]`` int32, key position of the launch's first token; q ``[n_sub * tq, Gp, D]``;
+    k, v ``[nb, block, D]`` (all keys of one batch row and KV head, gathered per block); ids, bits
+    ``[n_sub, L]``; cnt ``[n_sub, 2]`` (entries, leading entries without mask); optional initial
+    state o0 ``[n_sub * tq, Gp, D]`` fp32 (normalised) and lse0 ``[n_sub * tq, Gp]``; optional
+    output buffers aliased to o, lse (never read); outputs o, lse.
     """
     bits_ref = refs[0] if has_bits else None
     o0_ref, lse0_ref = refs[has_bits : has_bits + 2] if has_init else (None, None)
@@ -327,7 +364,7 @@ def _fwd_kernel(
     tok_row = lax.broadcasted_iota(jnp.int32, (rows,), 0) // gp
     for s in range(n_sub):
         tokens = pl.ds(s * tile_tokens, tile_tokens)
-        t_row = (pl.program_id(0) * n_sub + s) * tile_tokens + tok_row
+        t_row = off_ref[0] + (pl.program_id(0) * n_sub + s) * tile_tokens + tok_row
         q = q_ref[tokens].reshape(rows, d)
         if has_init:
             # Resume from (o, lse): m = lse, l = 1, acc = o is the same softmax state.
@@ -377,35 +414,82 @@ def _fwd_kernel(
 
 
 def _fwd_call(
-    q5, k, v, ids, cnt, bits, init, *, tile_tokens, n_sub, kv_blocks, out_dtype, warps, stages, interpret
+    off,
+    q5,
+    k,
+    v,
+    ids,
+    cnt,
+    bits,
+    init,
+    dest,
+    *,
+    start,
+    length,
+    tile_tokens,
+    n_sub,
+    kv_blocks,
+    out_dtype,
+    warps,
+    stages,
+    interpret,
 ):
-    """Launches ``_fwd_kernel`` on a grid (programs along T, batch, KV head).
+    """Launches ``_fwd_kernel`` for local tokens ``[start, start + length)`` on a grid (programs along
+    them, batch, KV head).
 
     Args:
-      q5: ``[B, Tp, Hkv, Gp, D]``; k, v: ``[B, nb, block, Hkv, D]``.
+      off: ``[1]`` int32, key position of local token ``start``.
+      q5: ``[B, Tp, Hkv, Gp, D]`` (all local tokens); k, v: ``[B, nb, block, Hkv, D]`` (all keys).
       ids, bits: ``[B, Hkv, Tp / tile_tokens, L]`` int32 (bits may be ``None``).
       cnt: ``[B, Hkv, Tp / tile_tokens, 2]`` int32, valid and unmasked entries of each list.
-      init: ``None`` or ``(o0 [B, Tp, Hkv, Gp, D] fp32, lse0 [B, Tp, Hkv, Gp])``.
+      init: ``None`` or the state these tokens resume from, ``(o0 [B, length, Hkv, Gp, D] fp32
+        (normalised), lse0 [B, length, Hkv, Gp])``.
+      dest: ``None`` or full-size ``(o [B, Tp, Hkv, Gp, D], lse [B, Tp, Hkv, Gp])`` buffers that the
+        tokens' rows are written into in place (aliased to the outputs; other rows keep their values).
+      start, length: static, multiples of ``n_sub * tile_tokens``.
 
     Returns:
-      ``o [B, Tp, Hkv, Gp, D]`` in ``out_dtype`` and ``lse [B, Tp, Hkv, Gp]`` fp32.
+      ``(o, lse)``: ``dest`` with the rows written, or without ``dest`` new ``o [B, length, Hkv, Gp, D]``
+      in ``out_dtype`` and ``lse [B, length, Hkv, Gp]`` fp32.
     """
-    b, tp, hkv, gp, d = q5.shape
+    b, _, hkv, gp, d = q5.shape
     span = n_sub * tile_tokens
+    first = start // span
     ids, bits = pad_lists(ids, bits, kv_blocks)
-    row_spec = pl.BlockSpec((None, span, None, gp, d), lambda i, j, h: (j, i, h, 0, 0))
-    lse_spec = pl.BlockSpec((None, span, None, gp), lambda i, j, h: (j, i, h, 0))
+
+    def row_specs(shift):
+        # (o-like, lse-like) specs of the launch's rows, at block index i + shift along the tokens.
+        return (
+            pl.BlockSpec((None, span, None, gp, d), lambda i, j, h: (j, i + shift, h, 0, 0)),
+            pl.BlockSpec((None, span, None, gp), lambda i, j, h: (j, i + shift, h, 0)),
+        )
+
+    local_specs, global_specs = row_specs(0), row_specs(first)
     seq_spec = pl.BlockSpec((None, *k.shape[1:3], None, d), lambda i, j, h: (j, 0, 0, h, 0))
-    list_spec = pl.BlockSpec((None, None, n_sub, ids.shape[-1]), lambda i, j, h: (j, h, i, 0))
-    cnt_spec = pl.BlockSpec((None, None, n_sub, 2), lambda i, j, h: (j, h, i, 0))
-    in_specs = [row_spec, seq_spec, seq_spec, list_spec, cnt_spec]
-    args = [q5, k, v, ids, cnt]
+    list_spec = pl.BlockSpec((None, None, n_sub, ids.shape[-1]), lambda i, j, h: (j, h, i + first, 0))
+    cnt_spec = pl.BlockSpec((None, None, n_sub, 2), lambda i, j, h: (j, h, i + first, 0))
+    off_spec = pl.BlockSpec((1,), lambda i, j, h: (0,))
+    in_specs = [off_spec, global_specs[0], seq_spec, seq_spec, list_spec, cnt_spec]
+    args = [off, q5, k, v, ids, cnt]
     if bits is not None:
         in_specs.append(list_spec)
         args.append(bits)
     if init is not None:
-        in_specs += [row_spec, lse_spec]
+        in_specs += local_specs
         args += list(init)
+    if dest is None:
+        out_specs = local_specs
+        out_shape = [
+            jax.ShapeDtypeStruct((b, length, hkv, gp, d), out_dtype),
+            jax.ShapeDtypeStruct((b, length, hkv, gp), jnp.float32),
+        ]
+        aliases = {}
+    else:
+        out_specs = global_specs
+        out_shape = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in dest]
+        in_specs += global_specs
+        aliases = {len(args): 0, len(args) + 1: 1}
+        args += list(dest)
     kernel = functools.partial(
         _fwd_kernel,
         tile_tokens=tile_tokens,
@@ -416,13 +500,11 @@ def _fwd_call(
     )
     return pl.pallas_call(
         kernel,
-        grid=(tp // span, b, hkv),
+        grid=(length // span, b, hkv),
         in_specs=in_specs,
-        out_specs=[row_spec, lse_spec],
-        out_shape=[
-            jax.ShapeDtypeStruct(q5.shape, out_dtype),
-            jax.ShapeDtypeStruct((b, tp, hkv, gp), jnp.float32),
-        ],
+        out_specs=list(out_specs),
+        out_shape=out_shape,
+        input_output_aliases=aliases,
         compiler_params=triton_params(warps, stages),
         interpret=interpret,
         name=f"sparse_attn_fwd_{'tile' if tile_tokens > 1 else 'token'}",
@@ -439,16 +521,19 @@ def pad_lists(ids, bits, kv_blocks):
     return ids, bits
 
 
+def round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def pad_keys(x: jax.Array, block_size: int) -> jax.Array:
+    """``[B, Tk, Hkv, D]`` -> ``[B, Tkp, Hkv, D]``, zero-padded to a whole number of key blocks."""
+    return jnp.pad(x, ((0, 0), (0, round_up(x.shape[1], block_size) - x.shape[1]), (0, 0), (0, 0)))
+
+
 def block_view(x: jax.Array, block_size: int) -> jax.Array:
-    """``[B, Tp, Hkv, D]`` -> ``[B, Tp / block, block, Hkv, D]`` (free), gathered per block."""
+    """``[B, Tkp, Hkv, D]`` -> ``[B, Tkp / block, block, Hkv, D]`` (free), gathered per block."""
     b, tp, hkv, d = x.shape
     return x.reshape(b, tp // block_size, block_size, hkv, d)
-
-
-def padded_len(seq_len: int, block_size: int, config: BlockSizes) -> int:
-    """Sequence length the kernels run on: a multiple of the block size and of every tile span."""
-    align = max(block_size, config.tile_tokens, config.token_batch)
-    return -(-seq_len // align) * align
 
 
 def group_rows(x: jax.Array, hkv: int, padded: int) -> jax.Array:
@@ -464,62 +549,94 @@ def ungroup_rows(x5: jax.Array, seq_len: int, hq: int) -> jax.Array:
     return x5[:, :seq_len, :, : hq // hkv].reshape(b, seq_len, hq, d)
 
 
-def _forward(q, k, v, block_idx, block_size, config, interpret):
-    _, t, hq, _ = q.shape
+def fwd_chunk_len(b: int, hkv: int, d: int, padded: int, config: BlockSizes) -> int:
+    """Local tokens per chunk of the forward (``padded`` when there is no tile-to-token-phase state).
+
+    As few equal chunks (multiples of ``config.align``) as keep the fp32 state ``o [B, C, Hkv, 16, D]``
+    + ``lse [B, C, Hkv, 16]`` within ``config.fwd_chunk_bytes``.
+    """
+    if config.tile_tokens == 0 or not config.has_token_phase:
+        return padded
+    per_token = b * hkv * GROUP_ROWS * (d + 1) * 4
+    most = max(config.align, config.fwd_chunk_bytes // per_token // config.align * config.align)
+    n_chunks = -(-padded // most)
+    return round_up(-(-padded // n_chunks), config.align)
+
+
+def _forward(q, k, v, block_idx, q_offset, block_size, config, interpret):
+    b, tq, hq, d = q.shape
     hkv = k.shape[2]
-    tp = padded_len(t, block_size, config)
+    tp = round_up(tq, config.align)
     q5 = group_rows(q, hkv, tp)
-    pad = ((0, 0), (0, tp - t), (0, 0), (0, 0))
-    kp, vp = jnp.pad(k, pad), jnp.pad(v, pad)
-    ids, _ = canonical_blocks(block_idx, padded_len=tp, block_size=block_size)
-    lists = tile_lists(ids, config, block_size)
-    kb, vb = block_view(kp, block_size), block_view(vp, block_size)
-    common = dict(stages=config.num_stages, interpret=interpret)
-    init = None
-    if lists.tile_ids is not None:
-        o5, lse = _fwd_call(
-            q5,
-            kb,
-            vb,
-            lists.tile_ids,
-            lists.tile_cnt,
-            lists.tile_bits,
-            None,
-            tile_tokens=config.tile_tokens,
-            n_sub=1,
-            kv_blocks=config.tile_kv_blocks,
-            warps=config.tile_warps,
-            out_dtype=jnp.float32 if config.has_token_phase else q.dtype,
-            **common,
+    kb, vb = (block_view(pad_keys(x, block_size), block_size) for x in (k, v))
+    ids, _ = canonical_blocks(block_idx, padded_len=tp, block_size=block_size, q_offset=q_offset[0])
+    lists = tile_lists(ids, config, block_size, q_offset[0])
+    chunk = fwd_chunk_len(b, hkv, d, tp, config)
+    # Several chunks: each one's last phase writes its rows into these buffers (aliased, in place).
+    # One chunk: the last phase allocates the output itself.
+    out = None if chunk == tp else (jnp.zeros(q5.shape, q.dtype), jnp.zeros(q5.shape[:4], jnp.float32))
+    for start in range(0, tp, chunk):
+        common = dict(
+            start=start, length=min(chunk, tp - start), stages=config.num_stages, interpret=interpret
         )
-        init = (o5, lse)
-    if config.has_token_phase:
-        o5, lse = _fwd_call(
-            q5,
-            kb,
-            vb,
-            lists.token_ids,
-            lists.token_cnt,
-            None,
-            init,
-            tile_tokens=1,
-            n_sub=config.token_batch,
-            kv_blocks=config.token_kv_blocks,
-            warps=config.token_warps,
-            out_dtype=q.dtype,
-            **common,
-        )
-    residuals = (q5, kp, vp, o5, lse, ids, lists)
-    return ungroup_rows(o5, t, hq), residuals
+        off = q_offset + start
+        init = None
+        if lists.tile_ids is not None:
+            state = _fwd_call(
+                off,
+                q5,
+                kb,
+                vb,
+                lists.tile_ids,
+                lists.tile_cnt,
+                lists.tile_bits,
+                None,
+                None if config.has_token_phase else out,
+                tile_tokens=config.tile_tokens,
+                n_sub=1,
+                kv_blocks=config.tile_kv_blocks,
+                warps=config.tile_warps,
+                out_dtype=jnp.float32 if config.has_token_phase else q.dtype,
+                **common,
+            )
+            if config.has_token_phase:
+                init = state
+            else:
+                out = state
+        if config.has_token_phase:
+            out = _fwd_call(
+                off,
+                q5,
+                kb,
+                vb,
+                lists.token_ids,
+                lists.token_cnt,
+                None,
+                init,
+                out,
+                tile_tokens=1,
+                n_sub=config.token_batch,
+                kv_blocks=config.token_kv_blocks,
+                warps=config.token_warps,
+                out_dtype=q.dtype,
+                **common,
+            )
+        if chunk < tp:
+            # The next chunk reads q5 only after this one wrote its rows, so a scheduler that keeps
+            # the barrier cannot hoist later chunks' tile phases (and their fp32 states) ahead of it.
+            q5, out = lax.optimization_barrier((q5, out))
+    o5, lse = out
+    residuals = (q_offset, q5, k, v, o5, lse, ids, lists)
+    return ungroup_rows(o5, tq, hq), residuals
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def _attention(q, k, v, block_idx, block_size, config, interpret):
-    return _forward(q, k, v, block_idx, block_size, config, interpret)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def _attention(q, k, v, block_idx, q_offset, block_size, config, interpret):
+    return _forward(q, k, v, block_idx, q_offset, block_size, config, interpret)[0]
 
 
-def _attention_fwd(q, k, v, block_idx, block_size, config, interpret):
-    return _forward(q, k, v, block_idx, block_size, config, interpret)
+def _attention_fwd(q, k, v, block_idx, q_offset, block_size, config, interpret):
+    return _forward(q, k, v, block_idx, q_offset, block_size, config, interpret)
 
 
 def _attention_bwd(block_size, config, interpret, res, dout):
@@ -529,15 +646,16 @@ def _attention_bwd(block_size, config, interpret, res, dout):
     dq, dk, dv = sparse_attention_bwd.backward(
         res, dout, block_size=block_size, config=config, interpret=interpret
     )
-    return dq, dk, dv, None
+    return dq, dk, dv, None, None
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
 @functools.partial(jax.jit, static_argnames=("block_size", "config", "interpret"))
-def _attention_jit(q, k, v, block_idx, *, block_size, config, interpret):
-    return _attention(q, k, v, lax.stop_gradient(block_idx), block_size, config, interpret)
+def _attention_jit(q, k, v, block_idx, q_offset, *, block_size, config, interpret):
+    q_offset = jnp.asarray(q_offset, jnp.int32).reshape(1)
+    return _attention(q, k, v, lax.stop_gradient(block_idx), q_offset, block_size, config, interpret)
 
 
 def sparse_attention_pallas(
@@ -547,29 +665,44 @@ def sparse_attention_pallas(
     block_idx: jax.Array,
     *,
     block_size: int,
+    q_offset: int | jax.Array = 0,
     config: BlockSizes | None = None,
     interpret: bool = False,
 ) -> jax.Array:
     """Block-sparse causal attention over each token's selected blocks (Pallas Triton kernels).
 
     Args:
-      q: ``[B, T, Hq, D]``; head ``h = kv * G + g`` uses the selection of KV head ``kv``.
-      k, v: ``[B, T, Hkv, D]``.
-      block_idx: int ``[B, Hkv, T, K]`` selected block ids per token, ascending, ``-1`` padded
+      q: ``[B, Tq, Hq, D]``; head ``h = kv * G + g`` uses the selection of KV head ``kv``. Query ``i``
+        sits at key position ``q_offset + i``.
+      k, v: ``[B, Tk, Hkv, D]``, ``Tk >= q_offset + Tq``.
+      block_idx: int ``[B, Hkv, Tq, K]`` selected block ids per query, ascending, ``-1`` padded
         (non-differentiable).
       block_size: tokens per key block.
+      q_offset: key position of ``q[:, 0]`` (a Python int, or an int32 scalar that may be traced,
+        e.g. the shard's start under context parallelism; ``Tk >= q_offset + Tq`` is then the
+        caller's contract).
       config: tiling (default ``BlockSizes()``).
       interpret: run the kernels in Pallas interpret mode (CPU tests).
 
     Returns:
-      ``[B, T, Hq, D]`` in ``q.dtype``; differentiable w.r.t. q, k, v.
+      ``[B, Tq, Hq, D]`` in ``q.dtype``; differentiable w.r.t. q, k, v.
 
     Raises:
       NotImplementedError: for dtypes, head dims, group sizes or block sizes the kernels do not
         support (``supported`` says which).
+      ValueError: for a ``block_idx`` of the wrong shape or a static ``q_offset`` outside
+        ``[0, Tk - Tq]``.
     """
     reason = supported(q.shape, k.shape, q.dtype, block_size)
     if reason is not None:
         raise NotImplementedError(f"Pallas sparse attention does not support {reason}")
+    b, tq, _, _ = q.shape
+    tk, hkv = k.shape[1], k.shape[2]
+    if block_idx.ndim != 4 or tuple(block_idx.shape[:3]) != (b, hkv, tq):
+        raise ValueError(f"block_idx must have shape [{b}, {hkv}, {tq}, K], got {block_idx.shape}")
+    if isinstance(q_offset, int | np.integer) and not 0 <= q_offset <= tk - tq:
+        raise ValueError(f"q_offset={q_offset} puts {tq} queries outside the {tk} keys")
     config = BlockSizes() if config is None else config
-    return _attention_jit(q, k, v, block_idx, block_size=block_size, config=config, interpret=interpret)
+    return _attention_jit(
+        q, k, v, block_idx, q_offset, block_size=block_size, config=config, interpret=interpret
+    )

@@ -8,7 +8,9 @@ With ``p = 2^(s - lse)`` (base-2 scores and LSE, see ``sparse_attention``), ``de
   then a token phase over each token's remaining blocks that adds onto the tile phase's dQ.
 - **dK/dV**: one program per (key block, batch row, KV head) loads the block's K and V once and
   walks the tokens that selected it, ``dkv_tokens`` at a time. The token lists form a CSR index
-  built on device by sorting ``block * Tp + t``. The sum over the G heads of the group happens
+  built on device by sorting ``block * Tp + t``. With a query slice (``q_offset``) the programs
+  cover every block of all ``Tk`` keys and the lists hold local query tokens; blocks no local token
+  selected get zero gradients. The sum over the G heads of the group happens
   inside the dots (the group's rows are stacked), each program writes its block once: no atomics,
   deterministic. Blocks run longest list first so the init block (selected by every token) does
   not finish last.
@@ -29,6 +31,7 @@ from pallas_kernels.sparse_attention import (
     dot_precision,
     gather_blocks,
     group_rows,
+    pad_keys,
     pad_lists,
     row_validity,
     ungroup_rows,
@@ -38,6 +41,7 @@ __all__ = ["backward", "build_csr"]
 
 
 def _dq_kernel(
+    off_ref,
     q_ref,
     k_ref,
     v_ref,
@@ -53,8 +57,9 @@ def _dq_kernel(
     has_bits,
     has_init,
 ):
-    """dQ of ``n_sub`` tiles of ``tile_tokens`` tokens over their block lists (refs as ``_fwd_kernel``;
-    do like q; lse, delta ``[n_sub * tq, Gp]``; optional fp32 dq0 to add onto; output dq)."""
+    """dQ of ``n_sub`` tiles of ``tile_tokens`` tokens over their block lists (refs as ``_fwd_kernel``:
+    off ``[1]`` key position of local token 0; do like q; lse, delta ``[n_sub * tq, Gp]``; optional
+    fp32 dq0 to add onto; output dq)."""
     bits_ref = refs[0] if has_bits else None
     dq0_ref = refs[has_bits] if has_init else None
     dq_ref = refs[-1]
@@ -65,7 +70,7 @@ def _dq_kernel(
     tok_row = lax.broadcasted_iota(jnp.int32, (rows,), 0) // gp
     for s in range(n_sub):
         tokens = pl.ds(s * tile_tokens, tile_tokens)
-        t_row = (pl.program_id(0) * n_sub + s) * tile_tokens + tok_row
+        t_row = off_ref[0] + (pl.program_id(0) * n_sub + s) * tile_tokens + tok_row
         q = q_ref[tokens].reshape(rows, d)
         do = do_ref[tokens].reshape(rows, d)
         lse = lse_ref[tokens].reshape(rows)
@@ -97,6 +102,7 @@ def _dq_kernel(
 
 
 def _dq_call(
+    off,
     q5,
     k,
     v,
@@ -125,8 +131,9 @@ def _dq_call(
     seq_spec = pl.BlockSpec((None, *k.shape[1:3], None, d), lambda i, j, h: (j, 0, 0, h, 0))
     list_spec = pl.BlockSpec((None, None, n_sub, ids.shape[-1]), lambda i, j, h: (j, h, i, 0))
     cnt_spec = pl.BlockSpec((None, None, n_sub, 2), lambda i, j, h: (j, h, i, 0))
-    in_specs = [row_spec, seq_spec, seq_spec, row_spec, lse_spec, lse_spec, list_spec, cnt_spec]
-    args = [q5, k, v, do5, lse, delta, ids, cnt]
+    off_spec = pl.BlockSpec((1,), lambda i, j, h: (0,))
+    in_specs = [off_spec, row_spec, seq_spec, seq_spec, row_spec, lse_spec, lse_spec, list_spec, cnt_spec]
+    args = [off, q5, k, v, do5, lse, delta, ids, cnt]
     if bits is not None:
         in_specs.append(list_spec)
         args.append(bits)
@@ -154,13 +161,22 @@ def _dq_call(
 
 
 def build_csr(
-    ids: jax.Array, *, block_size: int, pad: int, mask_split: bool, pair_sort: bool | None = None
+    ids: jax.Array,
+    *,
+    block_size: int,
+    pad: int,
+    mask_split: bool,
+    num_blocks: int | None = None,
+    q_offset: int | jax.Array = 0,
+    pair_sort: bool | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Inverted index: for each key block, the tokens that selected it (ascending).
+    """Inverted index: for each key block, the local query tokens that selected it (ascending).
 
     Args:
       ids: canonical ``[B, Hkv, Tp, K]`` block ids (``EMPTY_BLOCK`` in unused slots).
       block_size: tokens per key block.
+      num_blocks: key blocks ``nb`` (all ``Tk`` keys; default ``Tp / block_size``, queries = keys).
+      q_offset: key position of local token 0 (int32 scalar, may be traced).
       pad: entries appended to ``tokens`` so that a fixed-size read past the last list stays in bounds.
       mask_split: count the leading tokens that see only part of the block (the rest need no causal
         mask); otherwise report every token as needing it.
@@ -174,7 +190,7 @@ def build_csr(
       the order in which programs take them.
     """
     b, h, tp, k = ids.shape
-    nb = tp // block_size
+    nb = tp // block_size if num_blocks is None else num_blocks
     t = jnp.broadcast_to(jnp.arange(tp, dtype=jnp.int32)[:, None], ids.shape)
     real = ids < EMPTY_BLOCK
     if pair_sort is None:
@@ -193,7 +209,7 @@ def build_csr(
         )
     bounds = jnp.arange(nb + 1, dtype=jnp.int32)
     ptr = jax.vmap(jax.vmap(lambda x: jnp.searchsorted(x, bounds, side="left")))(blocks).astype(jnp.int32)
-    sees_part = (tokens < blocks * block_size + block_size - 1) | (not mask_split)
+    sees_part = (q_offset + tokens < blocks * block_size + block_size - 1) | (not mask_split)
 
     def count_partial(flags, seg):
         return jax.ops.segment_sum(flags, seg, num_segments=nb + 1, indices_are_sorted=True)[:nb]
@@ -206,6 +222,7 @@ def build_csr(
 
 
 def _dkdv_kernel(
+    off_ref,
     q_ref,
     k_ref,
     v_ref,
@@ -221,10 +238,10 @@ def _dkdv_kernel(
     block_size,
     step_tokens,
 ):
-    """dK, dV of one key block from the tokens that selected it.
+    """dK, dV of one key block from the local query tokens that selected it.
 
-    Refs: q, do ``[Tp, Gp, D]``; k, v, dk, dv ``[Tp, D]``; lse, delta ``[Tp, Gp]``; tok ``[nnz + pad]``;
-    spans ``[nb, 3]``; order ``[nb]``.
+    Refs: off ``[1]`` key position of local token 0; q, do ``[Tp, Gp, D]``; k, v, dk, dv ``[Tkp, D]``;
+    lse, delta ``[Tp, Gp]``; tok ``[nnz + pad]``; spans ``[nb, 3]``; order ``[nb]``.
     """
     gp, d = q_ref.shape[1], q_ref.shape[2]
     rows = step_tokens * gp
@@ -251,7 +268,7 @@ def _dkdv_kernel(
         scores = dot(q, k, trans_b=True, precision=precision) * (sm_scale * LOG2E)
         p = jnp.exp2(scores - lse[:, None])  # [rows, block]
         if masked:
-            t_row = jnp.broadcast_to(tok[:, None], (step_tokens, gp)).reshape(rows)
+            t_row = off_ref[0] + jnp.broadcast_to(tok[:, None], (step_tokens, gp)).reshape(rows)
             ok_row = jnp.broadcast_to(ok[:, None], (step_tokens, gp)).reshape(rows)
             p = jnp.where(ok_row[:, None] & (kpos[None, :] <= t_row[:, None]), p, 0.0)
         dv = dv + dot(p.astype(do.dtype), do, trans_a=True, precision=precision)
@@ -274,15 +291,32 @@ def _dkdv_kernel(
 
 
 def _dkdv_call(
-    q5, k, v, do5, lse, delta, tokens, spans, order, *, block_size, step_tokens, warps, stages, interpret
+    off,
+    q5,
+    k,
+    v,
+    do5,
+    lse,
+    delta,
+    tokens,
+    spans,
+    order,
+    *,
+    block_size,
+    step_tokens,
+    warps,
+    stages,
+    interpret,
 ):
     """Launches ``_dkdv_kernel`` on a grid (KV head, batch, block rank): the KV heads vary fastest, so
-    the longest lists of every head start in the first wave."""
+    the longest lists of every head start in the first wave. k, v: ``[B, Tkp, Hkv, D]`` (all keys,
+    whole blocks); returns dk, dv like them."""
     b, tp, hkv, gp, d = q5.shape
-    nb = tp // block_size
+    tkp = k.shape[1]
+    nb = tkp // block_size
     row_spec = pl.BlockSpec((None, tp, None, gp, d), lambda h, j, i: (j, 0, h, 0, 0))
     lse_spec = pl.BlockSpec((None, tp, None, gp), lambda h, j, i: (j, 0, h, 0))
-    seq_spec = pl.BlockSpec((None, tp, None, d), lambda h, j, i: (j, 0, h, 0))
+    seq_spec = pl.BlockSpec((None, tkp, None, d), lambda h, j, i: (j, 0, h, 0))
     tok_spec = pl.BlockSpec((None, None, tokens.shape[-1]), lambda h, j, i: (j, h, 0))
     spans_spec = pl.BlockSpec((None, None, nb, 3), lambda h, j, i: (j, h, 0, 0))
     order_spec = pl.BlockSpec((None, None, nb), lambda h, j, i: (j, h, 0))
@@ -291,6 +325,7 @@ def _dkdv_call(
         kernel,
         grid=(hkv, b, nb),
         in_specs=[
+            pl.BlockSpec((1,), lambda h, j, i: (0,)),
             row_spec,
             seq_spec,
             seq_spec,
@@ -306,30 +341,33 @@ def _dkdv_call(
         compiler_params=triton_params(warps, stages),
         interpret=interpret,
         name="sparse_attn_dkdv",
-    )(q5, k, v, do5, lse, delta, tokens, spans, order)
+    )(off, q5, k, v, do5, lse, delta, tokens, spans, order)
 
 
 def backward(residuals, dout, *, block_size: int, config: BlockSizes, interpret: bool):
     """Gradients of ``sparse_attention_pallas`` w.r.t. q, k, v.
 
     Args:
-      residuals: ``(q5, k, v, o5, lse, ids, lists)`` saved by the forward (padded, grouped layouts;
-        ``ids`` are the canonical block ids).
-      dout: ``[B, T, Hq, D]`` output cotangent.
+      residuals: ``(q_offset, q5, k, v, o5, lse, ids, lists)`` saved by the forward: ``q_offset``
+        ``[1]`` int32; q5, o5, lse in padded, grouped layouts over the local queries; k, v
+        ``[B, Tk, Hkv, D]`` as given; ``ids`` the canonical block ids.
+      dout: ``[B, Tq, Hq, D]`` output cotangent.
 
     Returns:
-      ``dq [B, T, Hq, D]``, ``dk, dv [B, T, Hkv, D]``.
+      ``dq [B, Tq, Hq, D]``, ``dk, dv [B, Tk, Hkv, D]``.
     """
-    q5, kp, vp, o5, lse, ids, lists = residuals
+    off, q5, k, v, o5, lse, ids, lists = residuals
     _, t, hq, _ = dout.shape
     tp, hkv = q5.shape[1], q5.shape[2]
     do5 = group_rows(dout.astype(q5.dtype), hkv, tp)
     delta = jnp.sum(o5.astype(jnp.float32) * do5.astype(jnp.float32), axis=-1)  # [B, Tp, Hkv, Gp]
+    kp, vp = pad_keys(k, block_size), pad_keys(v, block_size)
     kb, vb = block_view(kp, block_size), block_view(vp, block_size)
     common = dict(stages=config.num_stages, interpret=interpret)
     dq0 = None
     if lists.tile_ids is not None:
         dq5 = _dq_call(
+            off,
             q5,
             kb,
             vb,
@@ -350,6 +388,7 @@ def backward(residuals, dout, *, block_size: int, config: BlockSizes, interpret:
         dq0 = dq5
     if config.has_token_phase:
         dq5 = _dq_call(
+            off,
             q5,
             kb,
             vb,
@@ -368,9 +407,15 @@ def backward(residuals, dout, *, block_size: int, config: BlockSizes, interpret:
             **common,
         )
     tokens, spans, order = build_csr(
-        ids, block_size=block_size, pad=config.dkv_tokens, mask_split=config.mask_split
+        ids,
+        block_size=block_size,
+        pad=config.dkv_tokens,
+        mask_split=config.mask_split,
+        num_blocks=kp.shape[1] // block_size,
+        q_offset=off[0],
     )
     dk, dv = _dkdv_call(
+        off,
         q5,
         kp,
         vp,
@@ -387,4 +432,4 @@ def backward(residuals, dout, *, block_size: int, config: BlockSizes, interpret:
         stages=1 if q5.dtype == jnp.float32 else config.num_stages,
         interpret=interpret,
     )
-    return ungroup_rows(dq5, t, hq), dk[:, :t], dv[:, :t]
+    return ungroup_rows(dq5, t, hq), dk[:, : k.shape[1]], dv[:, : v.shape[1]]

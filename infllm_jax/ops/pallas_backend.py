@@ -24,23 +24,22 @@ def sparse_attention_pallas(
 ) -> jax.Array:
     """Block-sparse attention by the Pallas kernels (the signature of ``sparse_attention_xla``).
 
+    A query slice (``q_offset``, possibly traced, and ``Tq <= Tk``) runs in the kernels.
+
     Raises:
-      NotImplementedError: on a backend other than CPU/GPU, for a query slice (``q_offset`` not 0 or
-        fewer queries than keys), or for inputs the kernels do not support (head dim not 64/128, GQA
-        group > 16, dtype not bf16/fp16/fp32, block size not 16..128).
+      NotImplementedError: on a backend other than CPU/GPU, or for inputs the kernels do not support
+        (head dim not 64/128, GQA group > 16, dtype not bf16/fp16/fp32, block size not 16..128).
     """
     backend = jax.default_backend()
     if backend not in ("cpu", "gpu"):
         raise NotImplementedError(
             f"Pallas sparse attention runs on GPU (or CPU in interpret mode), not {backend}"
         )
-    if not (isinstance(q_offset, int) and q_offset == 0):
-        raise NotImplementedError("Pallas sparse attention needs the whole query sequence (q_offset=0)")
     from pallas_kernels import _compat, sparse_attention
 
     _compat.silence_triton_deprecation()
     return sparse_attention.sparse_attention_pallas(
-        q, k, v, block_idx, block_size=block_size, interpret=backend == "cpu"
+        q, k, v, block_idx, block_size=block_size, q_offset=q_offset, interpret=backend == "cpu"
     )
 
 

@@ -19,7 +19,13 @@ import pytest
 
 from infllm_jax.ops import attention
 from infllm_jax.ops.reference import sparse_attention_xla
-from pallas_kernels.sparse_attention import BlockSizes, canonical_blocks, sparse_attention_pallas, tile_lists
+from pallas_kernels.sparse_attention import (
+    BlockSizes,
+    canonical_blocks,
+    fwd_chunk_len,
+    sparse_attention_pallas,
+    tile_lists,
+)
 from pallas_kernels.sparse_attention_bwd import build_csr
 
 warnings.filterwarnings(
@@ -62,6 +68,9 @@ def rms_rel(x, ref):
 
 @dataclasses.dataclass(frozen=True)
 class Case:
+    """``t`` queries at key positions ``[offset, offset + t)`` of ``keys`` keys (default ``offset + t``);
+    ``traced``: the offset reaches the kernels as a traced jit argument."""
+
     g: int
     d: int
     t: int
@@ -71,6 +80,13 @@ class Case:
     k: int = 4
     dtype: type = jnp.float32
     config: BlockSizes = SPLIT
+    offset: int = 0
+    keys: int | None = None
+    traced: bool = False
+
+    @property
+    def key_len(self):
+        return self.offset + self.t if self.keys is None else self.keys
 
     def __str__(self):
         cfg = self.config
@@ -79,6 +95,8 @@ class Case:
             mode += f"-kv{cfg.tile_kv_blocks}x{cfg.token_kv_blocks}"
         if cfg.mask_split:
             mode += "-split"
+        if self.offset or self.keys is not None:
+            mode += f"-off={self.offset}-Tk={self.key_len}{'-traced' if self.traced else ''}"
         return (
             f"G={self.g}-D={self.d}-T={self.t}-B={self.b}-Hkv={self.hkv}-bs={self.block_size}-K={self.k}-"
             f"{jnp.dtype(self.dtype).name}-{mode}"
@@ -105,6 +123,37 @@ CASES = [
     ),
     Case(g=16, d=128, t=140, block_size=64, k=3, dtype=jnp.bfloat16, config=BlockSizes(tile_tokens=8)),
 ]
+# Query slices (context parallelism): offsets that are not multiples of the block size or of the
+# tile, slices whose length is not a multiple of the block, keys past the slice, traced offsets.
+SLICE_CASES = [
+    Case(g=2, d=64, t=45, offset=37, keys=92),
+    Case(g=2, d=64, t=40, offset=0, keys=72, traced=True),
+    Case(g=4, d=64, t=40, offset=50, keys=90, config=TOKEN, traced=True),
+    Case(g=2, d=128, t=30, hkv=1, offset=19, config=UNION, traced=True),
+    Case(
+        g=16,
+        d=128,
+        t=36,
+        block_size=32,
+        k=5,
+        offset=45,
+        keys=100,
+        config=BlockSizes(
+            tile_tokens=2, min_share=2, token_batch=2, tile_kv_blocks=2, token_kv_blocks=2, mask_split=True
+        ),
+        traced=True,
+    ),
+    Case(
+        g=8,
+        d=64,
+        t=50,
+        b=2,
+        hkv=1,
+        offset=66,
+        dtype=jnp.bfloat16,
+        config=BlockSizes(tile_tokens=8, min_share=3, mask_split=True),
+    ),
+]
 GPU_CASES = [
     Case(g=16, d=128, t=8192 + 37, block_size=64, k=24, dtype=jnp.bfloat16, config=BlockSizes()),
     Case(g=16, d=128, t=32768, hkv=1, block_size=64, k=8, dtype=jnp.bfloat16, config=BlockSizes()),
@@ -113,13 +162,15 @@ GPU_CASES = [
 
 
 def _inputs(case, seed=0):
+    """q, k, v, do in ``case.dtype`` and the selection of the query slice (its local token 3 empty)."""
     rng = np.random.default_rng(seed)
-    hq = case.hkv * case.g
+    hq, tk = case.hkv * case.g, case.key_len
     q = rng.standard_normal((case.b, case.t, hq, case.d), np.float32)
-    k = rng.standard_normal((case.b, case.t, case.hkv, case.d), np.float32)
-    v = rng.standard_normal((case.b, case.t, case.hkv, case.d), np.float32)
+    k = rng.standard_normal((case.b, tk, case.hkv, case.d), np.float32)
+    v = rng.standard_normal((case.b, tk, case.hkv, case.d), np.float32)
     do = rng.standard_normal((case.b, case.t, hq, case.d), np.float32)
-    idx = random_block_idx(rng, case.b, case.hkv, case.t, case.k, case.block_size)
+    idx = random_block_idx(rng, case.b, case.hkv, tk, case.k, case.block_size, empty_token=case.offset + 3)
+    idx = idx[:, :, case.offset : case.offset + case.t]
     return [jnp.asarray(x, case.dtype) for x in (q, k, v, do)], idx
 
 
@@ -128,20 +179,39 @@ def _run(fn, q, k, v, do):
     return out, vjp(do)
 
 
+def _pallas_fn(case, idx, config=None):
+    """jitted ``(q, k, v, do) -> (out, (dq, dk, dv))`` of the kernels; the offset is traced when
+    ``case.traced``."""
+
+    def run(q, k, v, do, offset):
+        def pallas(q, k, v):
+            return sparse_attention_pallas(
+                q,
+                k,
+                v,
+                idx,
+                block_size=case.block_size,
+                q_offset=offset,
+                config=config or case.config,
+                interpret=INTERPRET,
+            )
+
+        return _run(pallas, q, k, v, do)
+
+    if case.traced:
+        return lambda *a: jax.jit(run)(*a, jnp.int32(case.offset))
+    return jax.jit(lambda *a: run(*a, case.offset))
+
+
 def _check(case):
     (q, k, v, do), idx = _inputs(case)
     f32 = [x.astype(jnp.float32) for x in (q, k, v, do)]
-    ref_fn = jax.jit(
-        lambda *a: _run(lambda q, k, v: sparse_attention_xla(q, k, v, idx, block_size=case.block_size), *a)
-    )
-    out_ref, grads_ref = ref_fn(*f32)
 
-    def pallas(q, k, v):
-        return sparse_attention_pallas(
-            q, k, v, idx, block_size=case.block_size, config=case.config, interpret=INTERPRET
-        )
+    def reference(q, k, v):
+        return sparse_attention_xla(q, k, v, idx, block_size=case.block_size, q_offset=case.offset)
 
-    fn = jax.jit(lambda *a: _run(pallas, *a))
+    out_ref, grads_ref = jax.jit(lambda *a: _run(reference, *a))(*f32)
+    fn = _pallas_fn(case, idx)
     out, grads = fn(q, k, v, do)
     fwd_tol, bwd_tol = TOLERANCE[case.dtype]
     assert out.dtype == q.dtype
@@ -160,6 +230,73 @@ def _check(case):
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_matches_reference(case):
     _check(case)
+
+
+@pytest.mark.parametrize("case", SLICE_CASES, ids=str)
+def test_query_slice_matches_reference(case):
+    _check(case)
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        Case(g=2, d=64, t=50, offset=21, keys=80, traced=True),
+        Case(
+            g=4,
+            d=64,
+            t=45,
+            config=BlockSizes(tile_tokens=2, min_share=2, token_batch=2, token_kv_blocks=2, mask_split=True),
+        ),
+    ],
+    ids=str,
+)
+def test_chunked_forward_is_bit_identical(case):
+    """Three chunks (the last one shorter) give exactly the unchunked output and gradients."""
+    per_token = case.b * case.hkv * 16 * (case.d + 1) * 4  # fp32 state of one query token
+    chunked = dataclasses.replace(case.config, fwd_chunk_bytes=20 * per_token)
+    padded = -(-case.t // chunked.align) * chunked.align
+    chunk = fwd_chunk_len(case.b, case.hkv, case.d, padded, chunked)
+    assert -(-padded // chunk) == 3 and padded % chunk, (padded, chunk)
+    (q, k, v, do), idx = _inputs(case, seed=5)
+    whole = _pallas_fn(case, idx, dataclasses.replace(case.config, fwd_chunk_bytes=1 << 40))(q, k, v, do)
+    parts = _pallas_fn(case, idx, chunked)(q, k, v, do)
+    for name, got, want in zip(
+        ("out", "dq", "dk", "dv"), jax.tree.leaves(parts), jax.tree.leaves(whole), strict=True
+    ):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want), err_msg=name)
+
+
+@pytest.mark.slow
+def test_chunked_forward_bounds_the_fp32_state():
+    """The compiled forward holds the tile phase's fp32 state for one chunk only.
+
+    T=4096, Hkv=2, D=64: the unchunked state is 32.5 MiB; 16 chunks hold 2 MiB each. On CPU the
+    interpreted kernels copy their operands (q5, the aliased output) into loop carries, so the test
+    compiles with XLA's memory-minimising CPU scheduler and asks for most of the state to be saved;
+    the state's full-length shape must not appear in the chunked program at all.
+    """
+    b, t, hkv, d, bs = 1, 4096, 2, 64, 16
+    state_bytes = b * t * hkv * 16 * (d + 1) * 4
+    q = jax.ShapeDtypeStruct((b, t, hkv, d), jnp.bfloat16)
+    k = jax.ShapeDtypeStruct((b, t, hkv, d), jnp.bfloat16)
+    idx = jax.ShapeDtypeStruct((b, hkv, t, 4), jnp.int32)
+    options = {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"} if INTERPRET else {}
+    full_state = f"f32[{b},{t},{hkv},16,{d}]"
+
+    def compiled(chunk_bytes):
+        config = BlockSizes(fwd_chunk_bytes=chunk_bytes)
+        fn = jax.jit(
+            lambda q, k, v, i: sparse_attention_pallas(
+                q, k, v, i, block_size=bs, config=config, interpret=INTERPRET
+            )
+        )
+        return fn.lower(q, k, k, idx).compile(compiler_options=options)
+
+    whole, chunked = compiled(1 << 40), compiled(state_bytes // 16)
+    assert full_state in whole.as_text()
+    assert full_state not in chunked.as_text()
+    saved = whole.memory_analysis().temp_size_in_bytes - chunked.memory_analysis().temp_size_in_bytes
+    assert saved > state_bytes / 2, f"saved {saved / 2**20:.1f} MiB of a {state_bytes / 2**20:.1f} MiB state"
 
 
 @pytest.mark.gpu
@@ -221,21 +358,31 @@ def test_csr_inverts_selection(pair_sort):
             assert n_partial == sum(ti < blk * bs + bs - 1 for ti in want)
 
 
-@pytest.mark.parametrize("unsupported", ["head_dim_96", "query_slice"])
+@pytest.mark.parametrize("unsupported", ["head_dim_96", "block_size_8"])
 def test_unsupported_inputs_raise_or_fall_back(monkeypatch, unsupported):
     rng = np.random.default_rng(3)
-    d, tq, offset = (96, 32, 0) if unsupported == "head_dim_96" else (64, 16, 16)
+    d, bs = (96, 16) if unsupported == "head_dim_96" else (64, 8)
+    tq, offset = 16, 16
     q = jnp.asarray(rng.standard_normal((1, tq, 2, d)), jnp.float32)
     k = jnp.asarray(rng.standard_normal((1, 32, 1, d)), jnp.float32)
     v = jnp.asarray(rng.standard_normal((1, 32, 1, d)), jnp.float32)
-    idx = random_block_idx(rng, 1, 1, 32, 2, 16)[:, :, 32 - tq :]
+    idx = random_block_idx(rng, 1, 1, 32, 2, bs)[:, :, 32 - tq :]
     with pytest.raises(NotImplementedError):
-        attention.sparse_attention(q, k, v, idx, block_size=16, implementation="pallas", q_offset=offset)
+        attention.sparse_attention(q, k, v, idx, block_size=bs, implementation="pallas", q_offset=offset)
     # implementation=None tries "pallas" first (as on GPU) and falls back to the reference.
     monkeypatch.setitem(attention._PREFERENCE, jax.default_backend(), ("pallas", "xla"))
-    out = attention.sparse_attention(q, k, v, idx, block_size=16, q_offset=offset)
-    want = attention.sparse_attention(q, k, v, idx, block_size=16, implementation="xla", q_offset=offset)
+    out = attention.sparse_attention(q, k, v, idx, block_size=bs, q_offset=offset)
+    want = attention.sparse_attention(q, k, v, idx, block_size=bs, implementation="xla", q_offset=offset)
     np.testing.assert_array_equal(out, want)
+
+
+@pytest.mark.parametrize("offset", [-1, 9])
+def test_static_offset_outside_the_keys_raises(offset):
+    q = jnp.zeros((1, 24, 2, 64), jnp.float32)
+    k = jnp.zeros((1, 32, 1, 64), jnp.float32)
+    idx = jnp.zeros((1, 1, 24, 2), jnp.int32)
+    with pytest.raises(ValueError, match="outside the 32 keys"):
+        sparse_attention_pallas(q, k, k, idx, block_size=16, q_offset=offset, interpret=INTERPRET)
 
 
 def test_registered_backend_runs():
