@@ -48,7 +48,8 @@ from jax import lax
 from infllm_jax.config import SparseConfig
 from infllm_jax.ops.selection import select_blocks_reference
 from pallas_kernels._compat import silence_triton_deprecation
-from pallas_kernels.sparse_attention import BlockSizes, canonical_blocks, sparse_attention_pallas, tile_lists
+from pallas_kernels.sparse_attention import MOSAIC_BLOCK_SIZES, sparse_attention_pallas
+from pallas_kernels.tiling import BlockSizes, MosaicTile, canonical_blocks, tile_lists
 
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 silence_triton_deprecation()
@@ -68,6 +69,17 @@ VARIANTS = {
     "tile8_share2_s3": BlockSizes(tile_tokens=8, min_share=2, tile_warps=8, num_stages=3, mask_split=True),
     "tile8_share3_s3": BlockSizes(tile_tokens=8, min_share=3, tile_warps=8, num_stages=3, mask_split=True),
     "tile8_union_s3": BlockSizes(tile_tokens=8, min_share=1, tile_warps=8, num_stages=3, mask_split=True),
+    # Mosaic GPU tile phase (8-token tiles, two compute warpgroups of 4 tokens): "mosaic8" is the
+    # default on Hopper (MOSAIC_BLOCK_SIZES: 2-slot ring, no ping-pong, skip + unmasked paths);
+    # "_pp" = FA3 ping-pong with a 3-slot ring and masks everywhere.
+    "mosaic8_share2": MOSAIC_BLOCK_SIZES,
+    "mosaic8_share2_st3": dataclasses.replace(MOSAIC_BLOCK_SIZES, mosaic=MosaicTile(stages=3)),
+    "mosaic8_share2_pp": dataclasses.replace(
+        MOSAIC_BLOCK_SIZES, mosaic=MosaicTile(stages=3, pingpong=True, unmasked_path=False)
+    ),
+    "mosaic8_share3_pp": dataclasses.replace(
+        MOSAIC_BLOCK_SIZES, min_share=3, mosaic=MosaicTile(stages=3, pingpong=True, unmasked_path=False)
+    ),
 }
 
 
@@ -226,7 +238,8 @@ def dense_fns(implementation):
 
 def run_tests(timeout):
     """Runs the kernel tests (compiled on a GPU) in a subprocess; returns its exit code and summary."""
-    cmd = [sys.executable, "-m", "pytest", "tests/kernels/test_sparse_attention_pallas.py", "-q"]
+    cmd = [sys.executable, "-m", "pytest", "-q"]
+    cmd += ["tests/kernels/test_sparse_attention_pallas.py", "tests/kernels/test_sparse_attention_mgpu.py"]
     cmd += ["-p", "no:cacheprovider", "--durations=5"]
     log(f"$ {' '.join(cmd)}")
     try:
@@ -300,6 +313,15 @@ def main():
     )
     parser.add_argument("--sweep", action="store_true", help="first time tiling variants at the longest T")
     parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument(
+        "--compare", default="", help="variants also timed at every T in the table (impl pallas_<variant>)"
+    )
+    parser.add_argument(
+        "--profile",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="per-kernel device times from a profiler trace (sweep rows and the longest T)",
+    )
     parser.add_argument("--corr", type=int, default=256)
     parser.add_argument("--noise", type=float, default=0.3)
     parser.add_argument("--reps", type=int, default=5)
@@ -386,7 +408,7 @@ def main():
             fwd, _ = make_fns(VARIANTS[vname], BLOCK, interpret)
             for name in selections:
                 ms, comp = timed(fwd, *sparse_inputs(t_max, name), reps=args.reps)
-                kern = kernel_times(fwd, *sparse_inputs(t_max, name))
+                kern = kernel_times(fwd, *sparse_inputs(t_max, name)) if args.profile else {}
                 row = {"variant": vname, "pattern": name, "T": t_max, "pass": "fwd", "median_ms": ms}
                 row.update(compile_s=comp, kernels_ms=kern, config=config_dict(VARIANTS[vname]))
                 result["variants"].append(row)
@@ -418,15 +440,20 @@ def main():
             row.update(tflops=mult * dense_flops / ms / 1e9, speedup_vs_cudnn=1.0)
             result["rows"].append(row)
         for name in selections:
-            fwd, grad = make_fns(VARIANTS[chosen[name]], BLOCK, interpret)
             inputs = sparse_inputs(t, name)
             flops = float(sparse_flops(inputs[3], t, hq // hkv, d))
-            for pass_name, fn, mult in (("fwd", fwd, 1.0), ("fwd_bwd", grad, 3.5)):
-                ms, _ = timed(fn, *inputs, reps=args.reps)
-                row = {"impl": "pallas_sparse", "pattern": name, "pass": pass_name, "T": t, "median_ms": ms}
-                row.update(tflops=mult * flops / ms / 1e9, speedup_vs_cudnn=dense_ms[pass_name] / ms)
-                result["rows"].append(row)
-            if t == t_max:
+            impls = [("pallas_sparse", chosen[name])]
+            impls += [(f"pallas_{v}", v) for v in args.compare.split(",") if v and v != chosen[name]]
+            for impl, variant in impls:
+                fwd, grad = make_fns(VARIANTS[variant], BLOCK, interpret)
+                for pass_name, fn, mult in (("fwd", fwd, 1.0), ("fwd_bwd", grad, 3.5)):
+                    ms, _ = timed(fn, *inputs, reps=args.reps)
+                    row = {"impl": impl, "variant": variant, "pattern": name, "pass": pass_name, "T": t}
+                    row.update(median_ms=ms, tflops=mult * flops / ms / 1e9)
+                    row.update(speedup_vs_cudnn=dense_ms[pass_name] / ms)
+                    result["rows"].append(row)
+            if t == t_max and args.profile:
+                fwd, grad = make_fns(VARIANTS[chosen[name]], BLOCK, interpret)
                 kern = {"fwd": kernel_times(fwd, *inputs), "fwd_bwd": kernel_times(grad, *inputs, calls=1)}
                 result["kernels"][name] = kern
                 log(f"kernels at T={t} [{name}]: {kern}")
@@ -436,10 +463,10 @@ def main():
     stem = save(result, args)
     if result["rows"]:
         plot(result, stem + ".png")
-    log(f"\n{'impl':14s} {'pattern':17s} {'pass':8s} {'T':>7s} {'ms':>9s} {'TFLOP/s':>8s} {'vs cuDNN':>8s}")
+    log(f"\n{'impl':28s} {'pattern':17s} {'pass':8s} {'T':>7s} {'ms':>9s} {'TFLOP/s':>8s} {'vs cuDNN':>8s}")
     for r in sorted(result["rows"], key=lambda r: (r["T"], r["pass"], r["impl"], r["pattern"] or "")):
         log(
-            f"{r['impl']:14s} {r['pattern'] or '-':17s} {r['pass']:8s} {r['T']:7d} {r['median_ms']:9.2f} "
+            f"{r['impl']:28s} {r['pattern'] or '-':17s} {r['pass']:8s} {r['T']:7d} {r['median_ms']:9.2f} "
             f"{r['tflops']:8.1f} {r['speedup_vs_cudnn']:7.2f}x"
         )
     log(f"wrote {stem}.json ({time.time() - clock.start:.0f}s total)")

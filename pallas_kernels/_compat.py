@@ -1,16 +1,18 @@
 """Version-dependent Pallas imports in one place (jax 0.11.x).
 
-The kernels use the Triton-lowered Pallas GPU backend, deprecated since jax 0.11.0 but present in
-0.11.2 and 0.12 (KERNELS.md §2.1). Keeping the imports here lets the kernels move to ``jax_triton``
-or Mosaic GPU by editing one module.
+Most kernels use the Triton-lowered Pallas GPU backend, deprecated since jax 0.11.0 but present in
+0.11.2 and 0.12 (KERNELS.md §2.1); the attention forward's tile phase also has a Mosaic GPU version
+(``plgpu``). Keeping the imports here lets the kernels move to ``jax_triton`` or Mosaic GPU by editing
+one module.
 """
 
 import warnings
 
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
 from jax.experimental.pallas import triton as pltriton
 
-__all__ = ["dot", "pl", "pltriton", "silence_triton_deprecation", "triton_params"]
+__all__ = ["dot", "pl", "plgpu", "pltriton", "silence_triton_deprecation", "triton_params"]
 
 # 2-D tensor-core dot with optional transposes (``pl.dot`` moved to the Triton module in 0.10.2).
 dot = pltriton.dot

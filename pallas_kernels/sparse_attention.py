@@ -1,4 +1,4 @@
-"""Block-sparse flash attention over per-token selected key blocks (InfLLM-V2 stage 2), Pallas Triton.
+"""Block-sparse flash attention over per-token selected key blocks (InfLLM-V2 stage 2), Pallas GPU.
 
 What it computes (SPEC.md §7): query token ``t``, head ``h = kv * G + g`` attends to the keys
 ``p <= t`` of the union of the blocks ``block_idx[b, kv, t]`` selects, with one online softmax; the
@@ -21,7 +21,9 @@ tokens (``tile_tokens * 16`` rows):
 
 ``min_share=1`` is the pure union (no token phase); ``tile_tokens=0`` is the plain per-token kernel.
 Both phases give the exact per-token result. The block lists, bitmasks and counts are built in XLA
-(``tile_lists``), outside the kernels, which only read scalars from them.
+(``tiling.tile_lists``), outside the kernels, which only read scalars from them. The kernels are
+Triton-lowered Pallas; on Hopper GPUs the forward's tile phase runs a warp-specialised Mosaic GPU
+kernel instead (``sparse_attention_mgpu``, ``BlockSizes.mosaic``, chosen by ``default_block_sizes``).
 
 Query slices. ``q`` (and ``block_idx``) may hold only the query positions ``[q_offset, q_offset + Tq)``
 of the ``Tk`` keys (context parallelism); ``q_offset`` may be traced. The kernels take it as a
@@ -39,126 +41,40 @@ for each key block, the tokens that selected it (a CSR index built on device): n
 deterministic.
 """
 
-import dataclasses
 import functools
-import math
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from pallas_kernels import sparse_attention_mgpu
 from pallas_kernels._compat import dot, pl, triton_params
+from pallas_kernels.tiling import (
+    DEFAULT_MASK_VALUE,
+    EMPTY_BLOCK,
+    GROUP_ROWS,
+    LOG2E,
+    BlockSizes,
+    MosaicTile,
+    canonical_blocks,
+    tile_lists,
+)
 
 __all__ = [
-    "DEFAULT_MASK_VALUE",
-    "LOG2E",
-    "BlockSizes",
-    "TileLists",
+    "MOSAIC_BLOCK_SIZES",
     "block_view",
-    "canonical_blocks",
+    "default_block_sizes",
+    "fwd_chunk_len",
     "gather_blocks",
     "sparse_attention_pallas",
     "supported",
-    "tile_lists",
+    "supported_mosaic",
 ]
 
-# Finite, so that fully masked rows never compute (-inf) - (-inf) = NaN in the online softmax.
-DEFAULT_MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
-# Id of an unused slot after canonicalisation: larger than any block id, so it sorts last.
-EMPTY_BLOCK = 1 << 30
-# Sort-key bit of tile-phase entries that need a mask (block ids stay below it).
-_MASKED_FLAG = 1 << 29
-# Query rows per token: the KV group's heads, padded to the 16-row tensor-core minimum.
-GROUP_ROWS = 16
-LOG2E = math.log2(math.e)
 _SUPPORTED_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
 _SUPPORTED_HEAD_DIMS = (64, 128)
 _SUPPORTED_BLOCK_SIZES = (16, 32, 64, 128)
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
-class BlockSizes:
-    """Tiling and launch parameters (all static).
-
-    Attributes:
-      tile_tokens: consecutive tokens per tile of the tile phase (``tile_tokens * 16`` rows); 0
-        disables the tile phase (plain per-token kernel). At most 16 (bitmask width).
-      min_share: a block goes to the tile phase when at least this many tokens of the tile selected
-        it; 1 = pure union of the tile's blocks, no token phase.
-      token_batch: tokens handled one after another by one program of the token phase.
-      tile_kv_blocks, token_kv_blocks: key blocks gathered per inner step of the tile and token
-        phases (``kv_blocks * block_size`` keys per step).
-      mask_split: run the blocks that need no mask (all of the tile's tokens selected them and see
-        all their keys) in a first loop without any masking. Off by default: on the H200 it saved
-        1% in the tile phase and cost 10% in the token phase (experiments/results/NOTES_attention_kernels.md).
-      dkv_tokens: tokens stacked per step of the dK/dV walk (``dkv_tokens * 16`` rows).
-      tile_warps, token_warps, dkv_warps: ``num_warps`` of the tile-phase, token-phase and dK/dV kernels.
-      num_stages: Triton software-pipelining depth of every kernel.
-      fwd_chunk_bytes: bound on the fp32 state passed from the tile phase to the token phase in the
-        forward (``B * Hkv * 16 * (D + 1) * 4`` bytes per query token): the queries run in as few
-        equal chunks as keep it below this (at least one tile per chunk). The result does not
-        depend on it; smaller chunks cost one launch of each phase per chunk.
-    """
-
-    tile_tokens: int = 4
-    min_share: int = 2
-    token_batch: int = 1
-    tile_kv_blocks: int = 1
-    token_kv_blocks: int = 1
-    mask_split: bool = False
-    dkv_tokens: int = 8
-    tile_warps: int = 4
-    token_warps: int = 2
-    dkv_warps: int = 8
-    num_stages: int = 3
-    fwd_chunk_bytes: int = 256 << 20
-
-    def __post_init__(self):
-        if self.tile_tokens not in (0, 1, 2, 4, 8, 16):
-            raise ValueError(f"tile_tokens must be 0 or a power of two <= 16, got {self.tile_tokens}")
-        if self.min_share < 1:
-            raise ValueError(f"min_share must be >= 1, got {self.min_share}")
-        if self.fwd_chunk_bytes < 1:
-            raise ValueError(f"fwd_chunk_bytes must be positive, got {self.fwd_chunk_bytes}")
-        for name in ("token_batch", "tile_kv_blocks", "token_kv_blocks", "dkv_tokens"):
-            value = getattr(self, name)
-            if value < 1 or value & (value - 1):
-                raise ValueError(f"{name} must be a power of two, got {value}")
-
-    @property
-    def has_token_phase(self) -> bool:
-        """Whether some blocks run on one-token tiles (always, unless the tile phase takes all)."""
-        return self.tile_tokens == 0 or self.min_share > 1
-
-    @property
-    def align(self) -> int:
-        """Tokens every launch of the kernels covers a multiple of (tile and token-batch spans)."""
-        return max(self.tile_tokens, self.token_batch)
-
-
-class TileLists(NamedTuple):
-    """Per-tile and per-token block lists of the ``Tp`` (padded) local query tokens (XLA-built
-    metadata, non-differentiable).
-
-    Attributes:
-      tile_ids: ``[B, Hkv, Tp / tile_tokens, tile_tokens * K]`` int32 block ids of the tile phase,
-        the first ``tile_cnt[..., 0]`` valid, of which the first ``tile_cnt[..., 1]`` need no mask
-        (every token of the tile selected them and sees all their keys); ``None`` without a tile phase.
-      tile_bits: same shape; bit ``i`` set when token ``i`` of the tile selected the block.
-      tile_cnt: ``[B, Hkv, Tp / tile_tokens, 2]`` int32 (count, unmasked count).
-      token_ids: ``[B, Hkv, Tp, K]`` int32 block ids of the token phase, ascending, the first
-        ``token_cnt[..., 0]`` valid, of which the first ``token_cnt[..., 1]`` are wholly before the
-        token (no causal mask); ``None`` without a token phase.
-      token_cnt: ``[B, Hkv, Tp, 2]`` int32 (count, unmasked count).
-    """
-
-    tile_ids: jax.Array | None
-    tile_bits: jax.Array | None
-    tile_cnt: jax.Array | None
-    token_ids: jax.Array | None
-    token_cnt: jax.Array | None
 
 
 def supported(q_shape, k_shape, dtype, block_size: int) -> str | None:
@@ -181,106 +97,15 @@ def supported(q_shape, k_shape, dtype, block_size: int) -> str | None:
     return None
 
 
-def canonical_blocks(
-    block_idx: jax.Array, *, padded_len: int, block_size: int, q_offset: int | jax.Array = 0
-) -> tuple[jax.Array, jax.Array]:
-    """Valid, distinct, ascending block ids per token, padded with ``EMPTY_BLOCK``.
-
-    A slot counts when ``0 <= id <= (q_offset + t) // block_size`` and it does not repeat the previous
-    slot (the reference's ``valid_block_slots``); ids after the token's own block hold only future
-    keys, so dropping them changes nothing and keeps every id in range.
-
-    Args:
-      block_idx: int ``[B, Hkv, T, K]``, ascending, ``-1`` padded.
-      padded_len: ``Tp >= T``; tokens ``>= T`` get no block.
-      block_size: tokens per key block.
-      q_offset: key position of local token 0 (int32 scalar, may be traced).
-
-    Returns:
-      ``ids [B, Hkv, Tp, K]`` int32 and ``count [B, Hkv, Tp]`` int32.
-    """
-    t = block_idx.shape[2]
-    ids = block_idx.astype(jnp.int32)
-    ids = jnp.pad(ids, ((0, 0), (0, 0), (0, padded_len - t), (0, 0)), constant_values=-1)
-    prev = jnp.concatenate([jnp.full_like(ids[..., :1], -1), ids[..., :-1]], axis=-1)
-    own = ((q_offset + jnp.arange(padded_len, dtype=jnp.int32)) // block_size)[None, None, :, None]
-    keep = (ids >= 0) & (ids != prev) & (ids <= own)
-    ids = jnp.sort(jnp.where(keep, ids, EMPTY_BLOCK), axis=-1)
-    return ids, keep.sum(axis=-1, dtype=jnp.int32)
-
-
-def _token_counts(ids, block_size, mask_split, q_offset):
-    """``[..., T, 2]`` (valid entries, leading entries wholly before the token) of ascending lists."""
-    valid = ids < EMPTY_BLOCK
-    t = q_offset + jnp.arange(ids.shape[-2], dtype=jnp.int32).reshape((1,) * (ids.ndim - 2) + (-1, 1))
-    free = valid & (ids * block_size + block_size - 1 <= t) if mask_split else jnp.zeros_like(valid)
-    return jnp.stack([valid.sum(axis=-1, dtype=jnp.int32), free.sum(axis=-1, dtype=jnp.int32)], axis=-1)
-
-
-def tile_lists(
-    ids: jax.Array, config: BlockSizes, block_size: int, q_offset: int | jax.Array = 0
-) -> TileLists:
-    """Splits canonical per-token lists into tile-phase and token-phase lists.
-
-    Within a tile of ``tile_tokens`` tokens, a block selected by ``n`` of its tokens goes to the tile
-    phase (with an ``n``-bit token mask) when ``n >= min_share``, else to the token phase of each of
-    those tokens. Lists that need no mask come first (``config.mask_split``), so the kernels run them
-    without any masking, as flash attention does for the blocks below the causal diagonal.
-
-    Args:
-      ids: ``canonical_blocks`` ids, ``[B, Hkv, Tp, K]``.
-      config: tiling.
-      block_size: tokens per key block.
-      q_offset: key position of local token 0 (int32 scalar, may be traced); only the mask-free
-        split depends on it.
-
-    Returns:
-      ``TileLists``.
-    """
-    tq = config.tile_tokens
-    if tq == 0:
-        return TileLists(None, None, None, ids, _token_counts(ids, block_size, config.mask_split, q_offset))
-    b, h, tp, k = ids.shape
-    n = tq * k
-    x = ids.reshape(b, h, tp // tq, n)
-    tok = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32) // k, x.shape)
-    # Sort the tile's (block, token) pairs by block: each block becomes a run, one entry per token.
-    x, tok = lax.sort((x, tok), dimension=3, num_keys=1)
-    bit = jnp.left_shift(1, tok)
-    first = x != jnp.concatenate([jnp.full_like(x[..., :1], -1), x[..., :-1]], axis=-1)
-    last = x != jnp.concatenate([x[..., 1:], jnp.full_like(x[..., :1], -1)], axis=-1)
-    # Tokens are distinct within a run, so the sum of their bits is their OR: a run's bits are the
-    # inclusive prefix sum at its end minus the exclusive prefix sum at its start.
-    csum = lax.cumsum(bit, axis=3)
-    base = lax.cummax(jnp.where(first, csum - bit, 0), axis=3)
-    end = lax.cummin(jnp.where(last, csum, jnp.iinfo(jnp.int32).max), axis=3, reverse=True)
-    run_bits = end - base
-    real = x < EMPTY_BLOCK
-    in_tile = real & (lax.population_count(run_bits) >= config.min_share)
-    head = in_tile & last
-    # Unmasked entries sort first: flag the others with a bit above any block id.
-    t0 = (q_offset + jnp.arange(tp // tq, dtype=jnp.int32) * tq)[None, None, :, None]
-    free = (run_bits == (1 << tq) - 1) & (x * block_size + block_size - 1 <= t0) & config.mask_split
-    key = jnp.where(head, x | jnp.where(free, 0, _MASKED_FLAG), EMPTY_BLOCK)
-    key, tile_bits = lax.sort((key, jnp.where(head, run_bits, 0)), dimension=3, num_keys=1)
-    tile_ids = key & (_MASKED_FLAG - 1)
-    tile_cnt = jnp.stack(
-        [head.sum(axis=3, dtype=jnp.int32), (head & free).sum(axis=3, dtype=jnp.int32)], axis=-1
-    )
-    if not config.has_token_phase:
-        return TileLists(tile_ids, tile_bits, tile_cnt, None, None)
-    # Regroup the remaining pairs by token: every token owns exactly k entries, so sorting by
-    # (token, id) puts token i's blocks, ascending, at positions [i * k, (i + 1) * k).
-    rest = real & ~in_tile
-    _, token_ids = lax.sort((tok, jnp.where(rest, x, EMPTY_BLOCK)), dimension=3, num_keys=2)
-    token_ids = token_ids.reshape(b, h, tp, k)
-    return TileLists(
-        tile_ids,
-        tile_bits,
-        tile_cnt,
-        token_ids,
-        _token_counts(token_ids, block_size, config.mask_split, q_offset),
-    )
+def supported_mosaic(dtype, head_dim: int, block_size: int) -> str | None:
+    """Why the Mosaic GPU tile phase cannot run these inputs, or ``None`` when it can."""
+    if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+        return f"dtype {jnp.dtype(dtype)} (the Mosaic tile phase needs bfloat16 or float16)"
+    if head_dim not in _SUPPORTED_HEAD_DIMS:
+        return f"head dim {head_dim} (supported: {_SUPPORTED_HEAD_DIMS})"
+    if block_size != 64:
+        return f"block_size {block_size} (the Mosaic tile phase needs 64)"
+    return None
 
 
 def row_validity(kpos, t_row, tok_row, bits, col_ok):
@@ -571,6 +396,9 @@ def _forward(q, k, v, block_idx, q_offset, block_size, config, interpret):
     kb, vb = (block_view(pad_keys(x, block_size), block_size) for x in (k, v))
     ids, _ = canonical_blocks(block_idx, padded_len=tp, block_size=block_size, q_offset=q_offset[0])
     lists = tile_lists(ids, config, block_size, q_offset[0])
+    tile_phase = functools.partial(_fwd_call, tile_tokens=config.tile_tokens, warps=config.tile_warps)
+    if config.mosaic is not None and lists.tile_ids is not None:
+        tile_phase = _mosaic_tile_phase(k, v, lists, block_size, config.mosaic)
     chunk = fwd_chunk_len(b, hkv, d, tp, config)
     # Several chunks: each one's last phase writes its rows into these buffers (aliased, in place).
     # One chunk: the last phase allocates the output itself.
@@ -582,7 +410,7 @@ def _forward(q, k, v, block_idx, q_offset, block_size, config, interpret):
         off = q_offset + start
         init = None
         if lists.tile_ids is not None:
-            state = _fwd_call(
+            state = tile_phase(
                 off,
                 q5,
                 kb,
@@ -592,10 +420,8 @@ def _forward(q, k, v, block_idx, q_offset, block_size, config, interpret):
                 lists.tile_bits,
                 None,
                 None if config.has_token_phase else out,
-                tile_tokens=config.tile_tokens,
                 n_sub=1,
                 kv_blocks=config.tile_kv_blocks,
-                warps=config.tile_warps,
                 out_dtype=jnp.float32 if config.has_token_phase else q.dtype,
                 **common,
             )
@@ -630,6 +456,38 @@ def _forward(q, k, v, block_idx, q_offset, block_size, config, interpret):
     return ungroup_rows(o5, tq, hq), residuals
 
 
+def _mosaic_tile_phase(k, v, lists, block_size, mosaic):
+    """A drop-in for the tile-phase ``_fwd_call`` that runs the Mosaic GPU kernel instead."""
+    reason = supported_mosaic(k.dtype, k.shape[-1], block_size)
+    if reason is not None:
+        raise NotImplementedError(f"the Mosaic GPU tile phase does not support {reason}")
+    kp, vp = pad_keys(k, block_size), pad_keys(v, block_size)
+    packed = sparse_attention_mgpu.pack_tile_lists(lists.tile_ids, lists.tile_bits, lists.tile_cnt)
+
+    def call(
+        off, q5, kb, vb, ids, cnt, bits, init, dest, *, start, length, out_dtype, interpret, **triton_only
+    ):
+        # The Mosaic kernel reads the packed lists and unblocked K/V, and has no Triton launch knobs.
+        del kb, vb, ids, bits, init, triton_only
+        if dest is not None:
+            raise ValueError("the Mosaic tile phase writes a fresh output (one chunk without a token phase)")
+        return sparse_attention_mgpu.tile_phase_mgpu(
+            off,
+            q5,
+            kp,
+            vp,
+            packed,
+            cnt,
+            start=start,
+            length=length,
+            out_dtype=out_dtype,
+            config=mosaic,
+            interpret=interpret,
+        )
+
+    return call
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
 def _attention(q, k, v, block_idx, q_offset, block_size, config, interpret):
     return _forward(q, k, v, block_idx, q_offset, block_size, config, interpret)[0]
@@ -658,6 +516,26 @@ def _attention_jit(q, k, v, block_idx, q_offset, *, block_size, config, interpre
     return _attention(q, k, v, lax.stop_gradient(block_idx), q_offset, block_size, config, interpret)
 
 
+# The forward's tiling on Hopper GPUs: 8-token tiles whose tile phase runs the Mosaic GPU kernel
+# (experiments/results/bench_attention_h200.json compares it with the Triton tiling).
+MOSAIC_BLOCK_SIZES = BlockSizes(tile_tokens=8, min_share=2, tile_warps=8, mosaic=MosaicTile())
+
+
+def default_block_sizes(dtype, head_dim: int, block_size: int, interpret: bool) -> BlockSizes:
+    """The tiling ``sparse_attention_pallas`` uses when none is given.
+
+    ``MOSAIC_BLOCK_SIZES`` when compiling for a Hopper GPU (compute capability 9.x: the kernel uses
+    WGMMA and TMA) with inputs the Mosaic tile phase supports (bf16/fp16, head dim 64/128, 64-key
+    blocks); else ``BlockSizes()`` (Triton kernels only, and the interpret-mode default).
+    """
+    if interpret or jax.default_backend() != "gpu":
+        return BlockSizes()
+    major = str(getattr(jax.devices()[0], "compute_capability", "0")).split(".")[0]
+    if major == "9" and supported_mosaic(dtype, head_dim, block_size) is None:
+        return MOSAIC_BLOCK_SIZES
+    return BlockSizes()
+
+
 def sparse_attention_pallas(
     q: jax.Array,
     k: jax.Array,
@@ -669,7 +547,7 @@ def sparse_attention_pallas(
     config: BlockSizes | None = None,
     interpret: bool = False,
 ) -> jax.Array:
-    """Block-sparse causal attention over each token's selected blocks (Pallas Triton kernels).
+    """Block-sparse causal attention over each token's selected blocks (Pallas GPU kernels).
 
     Args:
       q: ``[B, Tq, Hq, D]``; head ``h = kv * G + g`` uses the selection of KV head ``kv``. Query ``i``
@@ -681,7 +559,7 @@ def sparse_attention_pallas(
       q_offset: key position of ``q[:, 0]`` (a Python int, or an int32 scalar that may be traced,
         e.g. the shard's start under context parallelism; ``Tk >= q_offset + Tq`` is then the
         caller's contract).
-      config: tiling (default ``BlockSizes()``).
+      config: tiling (default: ``default_block_sizes``).
       interpret: run the kernels in Pallas interpret mode (CPU tests).
 
     Returns:
@@ -702,7 +580,7 @@ def sparse_attention_pallas(
         raise ValueError(f"block_idx must have shape [{b}, {hkv}, {tq}, K], got {block_idx.shape}")
     if isinstance(q_offset, int | np.integer) and not 0 <= q_offset <= tk - tq:
         raise ValueError(f"q_offset={q_offset} puts {tq} queries outside the {tk} keys")
-    config = BlockSizes() if config is None else config
+    config = default_block_sizes(q.dtype, q.shape[-1], block_size, interpret) if config is None else config
     return _attention_jit(
         q, k, v, block_idx, q_offset, block_size=block_size, config=config, interpret=interpret
     )

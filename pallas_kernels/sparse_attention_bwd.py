@@ -24,9 +24,6 @@ from jax import lax
 
 from pallas_kernels._compat import dot, pl, triton_params
 from pallas_kernels.sparse_attention import (
-    EMPTY_BLOCK,
-    LOG2E,
-    BlockSizes,
     block_view,
     dot_precision,
     gather_blocks,
@@ -36,6 +33,7 @@ from pallas_kernels.sparse_attention import (
     row_validity,
     ungroup_rows,
 )
+from pallas_kernels.tiling import EMPTY_BLOCK, LOG2E, BlockSizes
 
 __all__ = ["backward", "build_csr"]
 

@@ -2,8 +2,8 @@
 
 ``pallas_kernels`` is imported on first use, so importing ``infllm_jax`` stays cheap and never
 needs the Pallas GPU modules. On a CPU backend the kernels run in Pallas interpret mode (tests);
-on GPU they are compiled through Triton. Unsupported inputs raise ``NotImplementedError``, which
-lets ``implementation=None`` fall back to the XLA reference.
+on GPU they are compiled (Triton, plus a Mosaic GPU tile phase on Hopper). Unsupported inputs
+raise ``NotImplementedError``, which lets ``implementation=None`` fall back to the XLA reference.
 """
 
 import jax

@@ -1,0 +1,327 @@
+"""Tile phase of the block-sparse forward as a warp-specialised Mosaic GPU kernel (Hopper).
+
+Same contract as the Triton tile phase in ``sparse_attention`` (per-tile block lists with per-block
+token bitmasks, token-level causal masking, fp32 base-2 LSE), but written for the H100/H200 the way
+FlashAttention-3 is: one CTA has two *compute* warpgroups and one *memory* warpgroup.
+
+- The CTA owns a tile of 8 consecutive tokens and its list (the blocks that enough of those tokens
+  selected, ``tile_lists(..., tile_tokens=8)``). Compute warpgroup ``w`` holds tokens ``4w .. 4w+3``:
+  4 tokens x 16 heads = 64 rows, the WGMMA row count of one warpgroup.
+- The memory warpgroup TMA-copies each listed 64-key block of K and V into a ring of SMEM slots; both
+  compute warpgroups read the same slot (one K/V load serves 128 rows) and release it through a
+  two-arrival barrier.
+- A row only sees a block when its own token selected it (bit ``4w + row // 16`` of the block's
+  mask) and only keys ``<= `` its token's position; the bitmask and id come from an SMEM copy of the
+  CTA's packed list (``id * 256 + bits``), loaded once.
+- A warpgroup skips the math of a block none of its 4 tokens selected (``skip_unselected``) and drops
+  the mask for a block all 4 selected and see entirely (``unmasked_path``); it still takes part in the
+  slot's barriers, so both warpgroups stay in step with the ring.
+- Optionally (``pingpong``) the two compute warpgroups alternate on the tensor cores through a
+  shared barrier, so that one's softmax overlaps the other's matmuls (FlashAttention-3's schedule).
+
+Only bf16/fp16 inputs, head dims 64/128, 64-key blocks (``sparse_attention.supported_mosaic`` says why not).
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from pallas_kernels._compat import pl, plgpu
+from pallas_kernels.tiling import DEFAULT_MASK_VALUE, GROUP_ROWS, LOG2E, MosaicTile
+
+__all__ = ["TILE_TOKENS", "pack_tile_lists", "tile_phase_mgpu"]
+
+# Tokens per CTA: two compute warpgroups of 4 tokens x 16 rows each.
+TILE_TOKENS = 8
+_WG_TOKENS = 4
+_ROWS = _WG_TOKENS * GROUP_ROWS
+_COMPUTE_WGS = 2
+_BLOCK = 64
+# Packed list entries per SMEM row (TMA boxes are at most 256 elements wide).
+_LIST_COLS = 128
+_BITS_SHIFT = 8
+
+
+def pack_tile_lists(tile_ids: jax.Array, tile_bits: jax.Array, tile_cnt: jax.Array) -> jax.Array:
+    """Packs 8-token tile lists as ``id * 256 + bits`` in rows of 128 for one TMA copy per CTA.
+
+    Args:
+      tile_ids, tile_bits: ``[B, Hkv, n_tiles, L]`` int32 (``tile_lists`` with ``tile_tokens=8``).
+      tile_cnt: ``[B, Hkv, n_tiles, 2]`` int32.
+
+    Returns:
+      ``[B, Hkv, n_tiles, ceil(L / 128), 128]`` int32; slots past the count hold block 0, no bits.
+    """
+    b, h, n, length = tile_ids.shape
+    valid = jnp.arange(length, dtype=jnp.int32)[None, None, None, :] < tile_cnt[..., :1]
+    packed = jnp.where(valid, tile_ids * (1 << _BITS_SHIFT) + tile_bits, 0)
+    pad = -length % _LIST_COLS
+    packed = jnp.pad(packed, ((0, 0), (0, 0), (0, 0), (0, pad)))
+    return packed.reshape(b, h, n, (length + pad) // _LIST_COLS, _LIST_COLS)
+
+
+def _kernel(
+    off_ref, q_ref, k_ref, v_ref, list_ref, cnt_ref, o_ref, lse_ref, *, scratch, first, config: MosaicTile
+):
+    """One CTA: warpgroups 0 and 1 compute tokens ``4w .. 4w + 3`` of tile ``first + tile``, warpgroup 2
+    feeds them (refs and shapes as in ``tile_phase_mgpu``; ``p_smem`` exists only in interpret mode)."""
+    (q_smem, k_smem, v_smem, list_smem, o_smem, lse_smem, p_smem), barriers = scratch
+    q_bar, k_bar, v_bar, list_bar, k_free, v_free, sched = barriers
+    local, b, h = lax.axis_index("tile"), lax.axis_index("batch"), lax.axis_index("kv")
+    tile = first + local  # among all local query tiles (lists and q5 rows)
+    wg = lax.axis_index("wg")
+    stages = config.stages
+    head_dim = q_smem.shape[-1]
+    count = cnt_ref[b, h, tile, 0]
+
+    def schedule_barrier():
+        plgpu.barrier_arrive(sched)
+        plgpu.barrier_wait(sched)
+
+    def sync_point():
+        if config.pingpong:
+            schedule_barrier()
+
+    @pl.when(wg < _COMPUTE_WGS)
+    def _compute():
+        plgpu.set_max_registers(config.compute_registers, action="increase")
+        row0 = tile * TILE_TOKENS + wg * _WG_TOKENS  # first q5 row (local token) of this warpgroup
+        out0 = local * TILE_TOKENS + wg * _WG_TOKENS  # its first output row
+        t0 = off_ref[0] + out0  # and its key position
+        my_q = q_smem.at[wg]
+        for i in range(_WG_TOKENS):
+            plgpu.copy_gmem_to_smem(
+                q_ref.at[b, row0 + i, h], my_q.at[pl.ds(i * GROUP_ROWS, GROUP_ROWS)], q_bar.at[wg, i]
+            )
+        for i in range(_WG_TOKENS):
+            plgpu.barrier_wait(q_bar.at[wg, i])
+        plgpu.barrier_wait(list_bar)
+
+        wgmma_layout = plgpu.Layout.WGMMA
+        row = plgpu.broadcasted_iota(jnp.int32, (_ROWS, _BLOCK), 0, layout=wgmma_layout)
+        col = plgpu.broadcasted_iota(jnp.int32, (_ROWS, _BLOCK), 1, layout=wgmma_layout)
+        tok_row = row // GROUP_ROWS
+        t_row = t0 + tok_row
+        bit_shift = tok_row + wg * _WG_TOKENS
+        qk_scale = head_dim**-0.5 * LOG2E
+
+        row_layout = wgmma_layout.reduce(1)
+        m = plgpu.layout_cast(jnp.full((_ROWS,), DEFAULT_MASK_VALUE, jnp.float32), row_layout)
+        l = plgpu.layout_cast(jnp.zeros((_ROWS,), jnp.float32), row_layout)
+        acc = plgpu.layout_cast(jnp.zeros((_ROWS, head_dim), jnp.float32), wgmma_layout)
+
+        pl.when(wg == 1)(sync_point)
+
+        def attend(carry, slot, blk, bits, masked):
+            acc, m, l = carry
+            plgpu.barrier_wait(k_bar.at[slot])
+
+            def qk(acc_ref):
+                plgpu.wgmma(acc_ref, my_q, k_smem.at[slot].T)
+                sync_point()
+                return acc_ref[...]
+
+            s = pl.run_scoped(qk, plgpu.ACC((_ROWS, _BLOCK), jnp.float32))
+            plgpu.barrier_arrive(k_free.at[slot])
+            s = s * qk_scale
+            if masked:
+                valid = (col + blk * _BLOCK <= t_row) & ((lax.shift_right_logical(bits, bit_shift) & 1) == 1)
+                s = jnp.where(valid, s, DEFAULT_MASK_VALUE)
+            m_new = jnp.maximum(m, s.max(axis=1))
+            alpha = jnp.exp2(m - m_new)
+            p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
+            l = l * alpha + p.sum(axis=1)
+            p16 = p.astype(k_smem.dtype)
+            if config.pingpong:
+                plgpu.barrier_arrive(sched)
+            plgpu.barrier_wait(v_bar.at[slot])
+            if config.pingpong:
+                plgpu.barrier_wait(sched)
+
+            if p_smem is not None:
+                # The Mosaic GPU interpreter only takes SMEM operands for wgmma.
+                p_smem.at[wg][...] = p16
+                plgpu.commit_smem()
+            p_operand = p16 if p_smem is None else p_smem.at[wg]
+
+            def pv(acc_ref):
+                plgpu.wgmma(acc_ref, p_operand, v_smem.at[slot])
+                return acc_ref[...]
+
+            # A fresh accumulator, then one FMA per element: the same work as rescaling ``acc`` before
+            # accumulating into it, and it keeps the rescale off the tensor cores' critical path.
+            pv_out = pl.run_scoped(pv, plgpu.ACC((_ROWS, head_dim), jnp.float32))
+            plgpu.barrier_arrive(v_free.at[slot])
+            return acc * lax.broadcast_in_dim(alpha, acc.shape, [0]) + pv_out, m_new, l
+
+        def pass_slot(carry, slot, blk, bits):
+            # None of this warpgroup's tokens selected the block: the same barrier traffic as
+            # ``attend`` (phases stay in step with the other warpgroups), no math.
+            plgpu.barrier_wait(k_bar.at[slot])
+            sync_point()
+            plgpu.barrier_arrive(k_free.at[slot])
+            if config.pingpong:
+                plgpu.barrier_arrive(sched)
+            plgpu.barrier_wait(v_bar.at[slot])
+            if config.pingpong:
+                plgpu.barrier_wait(sched)
+            plgpu.barrier_arrive(v_free.at[slot])
+            return carry
+
+        my_bits_mask = ((1 << _WG_TOKENS) - 1) << (wg * _WG_TOKENS)
+
+        def step(j, carry):
+            slot = lax.rem(j, stages)
+            packed = list_smem[lax.div(j, _LIST_COLS), lax.rem(j, _LIST_COLS)]
+            blk = lax.shift_right_logical(packed, _BITS_SHIFT)
+            bits = packed & ((1 << _BITS_SHIFT) - 1)
+            branches = [functools.partial(attend, masked=True)]
+            if config.skip_unselected:
+                branches.insert(0, pass_slot)
+            if config.unmasked_path:
+                branches.insert(1 if config.skip_unselected else 0, functools.partial(attend, masked=False))
+            if len(branches) == 1:
+                return branches[0](carry, slot, blk, bits)
+            mine = bits & my_bits_mask
+            # Every token of this warpgroup selected the block and sees all of its keys.
+            whole = (mine == my_bits_mask) & (blk * _BLOCK + _BLOCK - 1 <= t0)
+            index = jnp.where(whole, 1, 2) if config.unmasked_path else jnp.int32(1)
+            if config.skip_unselected:
+                index = jnp.where(mine == 0, 0, index)
+            else:
+                index = index - 1
+            return lax.switch(index, branches, carry, slot, blk, bits)
+
+        acc, m, l = lax.fori_loop(0, count, step, (acc, m, l))
+        pl.when(wg == 0)(sync_point)
+
+        # Rows that never saw a key (m still at the mask value) output 0 with lse = -inf.
+        seen = m > 0.5 * DEFAULT_MASK_VALUE
+        l = jnp.where(seen, l, 1.0)
+        o = acc / lax.broadcast_in_dim(l, acc.shape, [0])
+        o = jnp.where(lax.broadcast_in_dim(seen, acc.shape, [0]), o, 0.0)
+        o_smem.at[wg][...] = o.astype(o_smem.dtype)
+        lse_smem.at[wg][...] = jnp.where(seen, m + jnp.log2(l), -jnp.inf)
+        plgpu.commit_smem()
+        for i in range(_WG_TOKENS):
+            rows = pl.ds(i * GROUP_ROWS, GROUP_ROWS)
+            plgpu.copy_smem_to_gmem(o_smem.at[wg, rows], o_ref.at[b, out0 + i, h])
+            plgpu.copy_smem_to_gmem(lse_smem.at[wg, rows], lse_ref.at[b, out0 + i, h])
+        plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(wg == _COMPUTE_WGS)
+    def _memory():
+        plgpu.set_max_registers(config.memory_registers, action="decrease")
+        plgpu.copy_gmem_to_smem(list_ref.at[b, h, tile], list_smem, list_bar)
+        plgpu.barrier_wait(list_bar)
+
+        @pl.loop(0, count)
+        def _(j):
+            slot = lax.rem(j, stages)
+            packed = list_smem[lax.div(j, _LIST_COLS), lax.rem(j, _LIST_COLS)]
+            start = pl.multiple_of(lax.shift_right_logical(packed, _BITS_SHIFT) * _BLOCK, _BLOCK)
+            keys = (b, pl.ds(start, _BLOCK), h)
+
+            @pl.when(j >= stages)
+            def _():
+                plgpu.barrier_wait(k_free.at[slot])
+
+            plgpu.copy_gmem_to_smem(k_ref.at[keys], k_smem.at[slot], k_bar.at[slot])
+
+            @pl.when(j >= stages)
+            def _():
+                plgpu.barrier_wait(v_free.at[slot])
+
+            plgpu.copy_gmem_to_smem(v_ref.at[keys], v_smem.at[slot], v_bar.at[slot])
+
+        # Wait for the last releases too, so that every barrier phase is consumed before the CTA exits.
+        @pl.loop(jnp.maximum(count - stages, 0), count)
+        def _(j):
+            slot = lax.rem(j, stages)
+            plgpu.barrier_wait(k_free.at[slot])
+            plgpu.barrier_wait(v_free.at[slot])
+
+
+def tile_phase_mgpu(
+    off: jax.Array,
+    q5: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    packed_lists: jax.Array,
+    tile_cnt: jax.Array,
+    *,
+    start: int,
+    length: int,
+    out_dtype,
+    config: MosaicTile,
+    interpret: bool = False,
+) -> tuple[jax.Array, jax.Array]:
+    """Runs the tile phase for local query tokens ``[start, start + length)`` (8-token tiles).
+
+    Args:
+      off: ``[1]`` int32, key position of local token ``start``.
+      q5: ``[B, Tp, Hkv, 16, D]`` bf16/fp16 (``group_rows``), all local tokens.
+      k, v: ``[B, Tkp, Hkv, D]`` all keys, ``Tkp`` a multiple of 64.
+      packed_lists: ``pack_tile_lists`` of the 8-token tile lists, ``[B, Hkv, Tp / 8, R, 128]``.
+      tile_cnt: ``[B, Hkv, Tp / 8, 2]`` int32 (only the count is used).
+      start, length: static multiples of 8.
+      out_dtype: dtype of the normalised output (float32 when a token phase resumes from it).
+      config: launch parameters.
+      interpret: run in the Mosaic GPU interpreter (CPU tests).
+
+    Returns:
+      ``o [B, length, Hkv, 16, D]`` in ``out_dtype`` and base-2 ``lse [B, length, Hkv, 16]`` fp32.
+    """
+    b, tp, hkv, gp, d = q5.shape
+    if gp != GROUP_ROWS or start % TILE_TOKENS or length % TILE_TOKENS or start + length > tp:
+        raise ValueError(
+            f"q5 {q5.shape} must be [B, Tp, Hkv, {GROUP_ROWS}, D] and [{start}, {start + length}) a "
+            f"range of whole {TILE_TOKENS}-token tiles inside it"
+        )
+    swizzled = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+    in_dtype = q5.dtype
+    list_rows = packed_lists.shape[-2]
+    stages = config.stages
+    scratch = (
+        (
+            plgpu.SMEM((_COMPUTE_WGS, _ROWS, d), in_dtype, transforms=swizzled),
+            plgpu.SMEM((stages, _BLOCK, d), in_dtype, transforms=swizzled),
+            plgpu.SMEM((stages, _BLOCK, d), in_dtype, transforms=swizzled),
+            plgpu.SMEM((list_rows, _LIST_COLS), jnp.int32),
+            plgpu.SMEM((_COMPUTE_WGS, _ROWS, d), out_dtype),
+            plgpu.SMEM((_COMPUTE_WGS, _ROWS), jnp.float32),
+            plgpu.SMEM((_COMPUTE_WGS, _ROWS, _BLOCK), in_dtype, transforms=swizzled) if interpret else None,
+        ),
+        (
+            plgpu.Barrier(num_barriers=(_COMPUTE_WGS, _WG_TOKENS)),
+            plgpu.Barrier(num_barriers=stages),
+            plgpu.Barrier(num_barriers=stages),
+            plgpu.Barrier(),
+            plgpu.Barrier(num_arrivals=_COMPUTE_WGS, num_barriers=stages),
+            plgpu.Barrier(num_arrivals=_COMPUTE_WGS, num_barriers=stages),
+            plgpu.Barrier(num_arrivals=_COMPUTE_WGS),
+        ),
+    )
+
+    def body(*refs):
+        pl.run_scoped(
+            lambda *allocs: _kernel(*refs, scratch=allocs, first=start // TILE_TOKENS, config=config),
+            *scratch,
+            collective_axes="wg",
+        )
+
+    return plgpu.kernel(
+        body,
+        out_type=(
+            jax.ShapeDtypeStruct((b, length, hkv, gp, d), out_dtype),
+            jax.ShapeDtypeStruct((b, length, hkv, gp), jnp.float32),
+        ),
+        grid=(length // TILE_TOKENS, b, hkv),
+        grid_names=("tile", "batch", "kv"),
+        num_threads=_COMPUTE_WGS + 1,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+        interpret=plgpu.InterpretGPUParams() if interpret else False,
+    )(off, q5, k, v, packed_lists, tile_cnt)

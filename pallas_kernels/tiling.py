@@ -1,0 +1,275 @@
+"""Tiling configuration of the block-sparse attention kernels and the block lists they read.
+
+``BlockSizes`` (and ``MosaicTile``) choose how ``sparse_attention`` splits each token's selected
+blocks between the tile phase (blocks shared by several tokens of a tile, on ``tile_tokens * 16``
+rows) and the token phase (each token's remaining blocks, 16 rows). ``canonical_blocks`` and
+``tile_lists`` build that split in XLA, outside the kernels: one row-wise sort of each tile's
+(block, token) pairs, then prefix-sum compactions instead of further sorts.
+"""
+
+import dataclasses
+import functools
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+__all__ = [
+    "DEFAULT_MASK_VALUE",
+    "EMPTY_BLOCK",
+    "GROUP_ROWS",
+    "LOG2E",
+    "BlockSizes",
+    "MosaicTile",
+    "TileLists",
+    "canonical_blocks",
+    "tile_lists",
+]
+
+# Finite, so that fully masked rows never compute (-inf) - (-inf) = NaN in the online softmax.
+DEFAULT_MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
+# Id of an unused slot after canonicalisation: larger than any block id, so it sorts last.
+EMPTY_BLOCK = 1 << 30
+# Query rows per token: the KV group's heads, padded to the 16-row tensor-core minimum.
+GROUP_ROWS = 16
+LOG2E = math.log2(math.e)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class MosaicTile:
+    """Launch parameters of the Mosaic GPU tile phase (``sparse_attention_mgpu``, Hopper only).
+
+    Attributes:
+      stages: K/V SMEM ring slots (blocks in flight).
+      pingpong: alternate the two compute warpgroups on the tensor cores (FlashAttention-3 schedule).
+      skip_unselected: a warpgroup skips the math of blocks none of its 4 tokens selected.
+      unmasked_path: blocks that all 4 tokens of a warpgroup selected and see entirely run without
+        the per-row mask.
+      compute_registers, memory_registers: per-thread register budgets of the compute and memory
+        warpgroups (``setmaxnreg``).
+    """
+
+    stages: int = 2
+    pingpong: bool = False
+    skip_unselected: bool = True
+    unmasked_path: bool = True
+    compute_registers: int = 232
+    memory_registers: int = 40
+
+    def __post_init__(self):
+        if self.stages < 1:
+            raise ValueError(f"stages must be >= 1, got {self.stages}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class BlockSizes:
+    """Tiling and launch parameters (all static).
+
+    Attributes:
+      tile_tokens: consecutive tokens per tile of the tile phase (``tile_tokens * 16`` rows); 0
+        disables the tile phase (plain per-token kernel). At most 16 (bitmask width).
+      min_share: a block goes to the tile phase when at least this many tokens of the tile selected
+        it; 1 = pure union of the tile's blocks, no token phase.
+      token_batch: tokens handled one after another by one program of the token phase.
+      tile_kv_blocks, token_kv_blocks: key blocks gathered per inner step of the tile and token
+        phases (``kv_blocks * block_size`` keys per step).
+      mask_split: run the blocks that need no mask (all of the tile's tokens selected them and see
+        all their keys) in a first loop without any masking. Off by default: on the H200 it saved
+        1% in the tile phase and cost 10% in the token phase (experiments/results/NOTES_attention_kernels.md).
+      dkv_tokens: tokens stacked per step of the dK/dV walk (``dkv_tokens * 16`` rows).
+      tile_warps, token_warps, dkv_warps: ``num_warps`` of the tile-phase, token-phase and dK/dV kernels.
+      num_stages: Triton software-pipelining depth of every kernel.
+      fwd_chunk_bytes: bound on the fp32 state passed from the tile phase to the token phase in the
+        forward (``B * Hkv * 16 * (D + 1) * 4`` bytes per query token): the queries run in as few
+        equal chunks as keep it below this (at least one tile per chunk). The result does not
+        depend on it; smaller chunks cost one launch of each phase per chunk.
+      mosaic: run the forward's tile phase with the warp-specialised Mosaic GPU kernel
+        (``sparse_attention_mgpu``; needs ``tile_tokens=8``, bf16/fp16, head dim 64/128, 64-key
+        blocks, a Hopper GPU or the Mosaic GPU interpreter); ``None``: the Triton tile kernel.
+        The token phase and the backward stay Triton kernels.
+    """
+
+    tile_tokens: int = 4
+    min_share: int = 2
+    token_batch: int = 1
+    tile_kv_blocks: int = 1
+    token_kv_blocks: int = 1
+    mask_split: bool = False
+    dkv_tokens: int = 8
+    tile_warps: int = 4
+    token_warps: int = 2
+    dkv_warps: int = 8
+    num_stages: int = 3
+    fwd_chunk_bytes: int = 256 << 20
+    mosaic: MosaicTile | None = None
+
+    def __post_init__(self):
+        if self.mosaic is not None and self.tile_tokens != 8:
+            raise ValueError(f"the Mosaic tile phase runs 8-token tiles, got tile_tokens={self.tile_tokens}")
+        if self.tile_tokens not in (0, 1, 2, 4, 8, 16):
+            raise ValueError(f"tile_tokens must be 0 or a power of two <= 16, got {self.tile_tokens}")
+        if self.min_share < 1:
+            raise ValueError(f"min_share must be >= 1, got {self.min_share}")
+        if self.fwd_chunk_bytes < 1:
+            raise ValueError(f"fwd_chunk_bytes must be positive, got {self.fwd_chunk_bytes}")
+        for name in ("token_batch", "tile_kv_blocks", "token_kv_blocks", "dkv_tokens"):
+            value = getattr(self, name)
+            if value < 1 or value & (value - 1):
+                raise ValueError(f"{name} must be a power of two, got {value}")
+
+    @property
+    def has_token_phase(self) -> bool:
+        """Whether some blocks run on one-token tiles (always, unless the tile phase takes all)."""
+        return self.tile_tokens == 0 or self.min_share > 1
+
+    @property
+    def align(self) -> int:
+        """Tokens every launch of the kernels covers a multiple of (tile and token-batch spans)."""
+        return max(self.tile_tokens, self.token_batch)
+
+
+class TileLists(NamedTuple):
+    """Per-tile and per-token block lists of the ``Tp`` (padded) local query tokens (XLA-built
+    metadata, non-differentiable).
+
+    Attributes:
+      tile_ids: ``[B, Hkv, Tp / tile_tokens, tile_tokens * K]`` int32 block ids of the tile phase,
+        the first ``tile_cnt[..., 0]`` valid, of which the first ``tile_cnt[..., 1]`` need no mask
+        (every token of the tile selected them and sees all their keys); ``None`` without a tile phase.
+      tile_bits: same shape; bit ``i`` set when token ``i`` of the tile selected the block.
+      tile_cnt: ``[B, Hkv, Tp / tile_tokens, 2]`` int32 (count, unmasked count).
+      token_ids: ``[B, Hkv, Tp, K]`` int32 block ids of the token phase, ascending, the first
+        ``token_cnt[..., 0]`` valid, of which the first ``token_cnt[..., 1]`` are wholly before the
+        token (no causal mask); ``None`` without a token phase.
+      token_cnt: ``[B, Hkv, Tp, 2]`` int32 (count, unmasked count).
+    """
+
+    tile_ids: jax.Array | None
+    tile_bits: jax.Array | None
+    tile_cnt: jax.Array | None
+    token_ids: jax.Array | None
+    token_cnt: jax.Array | None
+
+
+def canonical_blocks(
+    block_idx: jax.Array, *, padded_len: int, block_size: int, q_offset: int | jax.Array = 0
+) -> tuple[jax.Array, jax.Array]:
+    """Valid, distinct, ascending block ids per token, padded with ``EMPTY_BLOCK``.
+
+    A slot counts when ``0 <= id <= (q_offset + t) // block_size`` and it does not repeat the previous
+    slot (the reference's ``valid_block_slots``); ids after the token's own block hold only future
+    keys, so dropping them changes nothing and keeps every id in range.
+
+    Args:
+      block_idx: int ``[B, Hkv, T, K]``, ascending, ``-1`` padded.
+      padded_len: ``Tp >= T``; tokens ``>= T`` get no block.
+      block_size: tokens per key block.
+      q_offset: key position of local token 0 (int32 scalar, may be traced).
+
+    Returns:
+      ``ids [B, Hkv, Tp, K]`` int32 and ``count [B, Hkv, Tp]`` int32.
+    """
+    t = block_idx.shape[2]
+    ids = block_idx.astype(jnp.int32)
+    ids = jnp.pad(ids, ((0, 0), (0, 0), (0, padded_len - t), (0, 0)), constant_values=-1)
+    prev = jnp.concatenate([jnp.full_like(ids[..., :1], -1), ids[..., :-1]], axis=-1)
+    own = ((q_offset + jnp.arange(padded_len, dtype=jnp.int32)) // block_size)[None, None, :, None]
+    keep = (ids >= 0) & (ids != prev) & (ids <= own)
+    ids = jnp.sort(jnp.where(keep, ids, EMPTY_BLOCK), axis=-1)
+    return ids, keep.sum(axis=-1, dtype=jnp.int32)
+
+
+def _token_counts(ids, block_size, mask_split, q_offset):
+    """``[..., T, 2]`` (valid entries, leading entries wholly before the token) of ascending lists."""
+    valid = ids < EMPTY_BLOCK
+    t = q_offset + jnp.arange(ids.shape[-2], dtype=jnp.int32).reshape((1,) * (ids.ndim - 2) + (-1, 1))
+    free = valid & (ids * block_size + block_size - 1 <= t) if mask_split else jnp.zeros_like(valid)
+    return jnp.stack([valid.sum(axis=-1, dtype=jnp.int32), free.sum(axis=-1, dtype=jnp.int32)], axis=-1)
+
+
+def tile_lists(
+    ids: jax.Array, config: BlockSizes, block_size: int, q_offset: int | jax.Array = 0
+) -> TileLists:
+    """Splits canonical per-token lists into tile-phase and token-phase lists.
+
+    Within a tile of ``tile_tokens`` tokens, a block selected by ``n`` of its tokens goes to the tile
+    phase (with an ``n``-bit token mask) when ``n >= min_share``, else to the token phase of each of
+    those tokens. Lists that need no mask come first (``config.mask_split``), so the kernels run them
+    without any masking, as flash attention does for the blocks below the causal diagonal.
+
+    Args:
+      ids: ``canonical_blocks`` ids, ``[B, Hkv, Tp, K]``.
+      config: tiling.
+      block_size: tokens per key block.
+      q_offset: key position of local token 0 (int32 scalar, may be traced); only the mask-free
+        split depends on it.
+
+    Returns:
+      ``TileLists``.
+    """
+    tq = config.tile_tokens
+    if tq == 0:
+        return TileLists(None, None, None, ids, _token_counts(ids, block_size, config.mask_split, q_offset))
+    b, h, tp, k = ids.shape
+    n = tq * k
+    x = ids.reshape(b, h, tp // tq, n)
+    tok = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32) // k, x.shape)
+    pos = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), x.shape)
+    # Sort the tile's (block, token) pairs by block: each block becomes a run, one entry per token.
+    # The only sort: the lists below are compactions of this order or of the tokens' own lists.
+    x, tok, pos = lax.sort((x, tok, pos), dimension=3, num_keys=1)
+    bit = jnp.left_shift(1, tok)
+    first = x != jnp.concatenate([jnp.full_like(x[..., :1], -1), x[..., :-1]], axis=-1)
+    last = x != jnp.concatenate([x[..., 1:], jnp.full_like(x[..., :1], -1)], axis=-1)
+    # Tokens are distinct within a run, so the sum of their bits is their OR: a run's bits are the
+    # inclusive prefix sum at its end minus the exclusive prefix sum at its start.
+    csum = lax.cumsum(bit, axis=3)
+    base = lax.cummax(jnp.where(first, csum - bit, 0), axis=3)
+    end = lax.cummin(jnp.where(last, csum, jnp.iinfo(jnp.int32).max), axis=3, reverse=True)
+    run_bits = end - base
+    real = x < EMPTY_BLOCK
+    in_tile = real & (lax.population_count(run_bits) >= config.min_share)
+    head = in_tile & last
+    # Entries that need no mask go first, then the masked ones, each group ascending.
+    t0 = (q_offset + jnp.arange(tp // tq, dtype=jnp.int32) * tq)[None, None, :, None]
+    free = (run_bits == (1 << tq) - 1) & (x * block_size + block_size - 1 <= t0) & config.mask_split
+    tile_ids, tile_bits = _stable_partition((head & free, head & ~free), (x, run_bits), fill=(0, 0))
+    tile_cnt = jnp.stack(
+        [head.sum(axis=3, dtype=jnp.int32), (head & free).sum(axis=3, dtype=jnp.int32)], axis=-1
+    )
+    if not config.has_token_phase:
+        return TileLists(tile_ids, tile_bits, tile_cnt, None, None)
+    # A token's remaining blocks are its own ascending list minus the tile-phase ones: scatter the
+    # "remaining" flags back to the tokens' list order, then compact each token's row.
+    rest = jnp.put_along_axis(jnp.zeros_like(real), pos, real & ~in_tile, axis=3, inplace=False)
+    (token_ids,) = _stable_partition((rest.reshape(b, h, tp, k),), (ids,), fill=(EMPTY_BLOCK,))
+    return TileLists(
+        tile_ids,
+        tile_bits,
+        tile_cnt,
+        token_ids,
+        _token_counts(token_ids, block_size, config.mask_split, q_offset),
+    )
+
+
+def _stable_partition(groups, values, fill):
+    """Moves the entries of disjoint boolean ``groups`` to the front of the last axis, group after
+    group, each in its original order; the other slots get ``fill`` (one per value array).
+
+    A permutation scatter built from prefix sums: the same result as a stable sort by group, without
+    sorting.
+    """
+    rest = ~functools.reduce(jnp.logical_or, groups)
+    dest = jnp.zeros(rest.shape, jnp.int32)
+    offset = jnp.zeros((*rest.shape[:-1], 1), jnp.int32)
+    for g in (*groups, rest):
+        dest = jnp.where(g, offset + jnp.cumsum(g, axis=-1, dtype=jnp.int32) - 1, dest)
+        offset = offset + g.sum(axis=-1, keepdims=True, dtype=jnp.int32)
+    out = []
+    for v, f in zip(values, fill, strict=True):
+        src = jnp.where(rest, jnp.asarray(f, v.dtype), v)
+        out.append(jnp.put_along_axis(jnp.zeros_like(src), dest, src, axis=-1, inplace=False))
+    return out
