@@ -17,6 +17,7 @@ from pallas_kernels.sparse_attention import (
     default_block_sizes,
     sparse_attention_pallas,
 )
+from pallas_kernels.sparse_attention_mgpu import TILE_TOKENS, tile_phase_mgpu
 from pallas_kernels.tiling import BlockSizes, MosaicTile
 from tests.kernels.test_sparse_attention_pallas import (
     INTERPRET,
@@ -100,3 +101,28 @@ def test_default_tiling():
     hopper = jax.default_backend() == "gpu" and str(jax.devices()[0].compute_capability).startswith("9")
     want = MOSAIC_BLOCK_SIZES if hopper else BlockSizes()
     assert default_block_sizes(jnp.bfloat16, 128, 64, interpret=INTERPRET) == want
+
+
+@pytest.mark.parametrize(
+    "mosaic",
+    [MOSAIC_BLOCK_SIZES.mosaic, PINGPONG_UNION.mosaic, MosaicTile(stages=3, pingpong=True)],
+    ids=["default", "pingpong-union", "pingpong-skip-unmasked"],
+)
+def test_lowers_for_cuda(mosaic):
+    """The compiled path (register P operand, real Mosaic lowering and layout inference), which the
+    interpreter does not take, lowers for a CUDA target without a GPU (D=128, bf16, fp32 state)."""
+    b, t, hkv, d = 1, 256, 2, 128
+    args = (
+        jax.ShapeDtypeStruct((1,), jnp.int32),
+        jax.ShapeDtypeStruct((b, t, hkv, 16, d), jnp.bfloat16),
+        jax.ShapeDtypeStruct((b, t, hkv, d), jnp.bfloat16),
+        jax.ShapeDtypeStruct((b, t, hkv, d), jnp.bfloat16),
+        jax.ShapeDtypeStruct((b, hkv, t // TILE_TOKENS, 1, 128), jnp.int32),
+        jax.ShapeDtypeStruct((b, hkv, t // TILE_TOKENS, 2), jnp.int32),
+    )
+
+    def tile_phase(*a):
+        return tile_phase_mgpu(*a, start=0, length=t, out_dtype=jnp.float32, config=mosaic)
+
+    text = jax.jit(tile_phase).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert "mosaic_gpu" in text
