@@ -393,12 +393,17 @@ def _forward(q, k, v, block_idx, q_offset, block_size, config, interpret):
     hkv = k.shape[2]
     tp = round_up(tq, config.align)
     q5 = group_rows(q, hkv, tp)
-    kb, vb = (block_view(pad_keys(x, block_size), block_size) for x in (k, v))
+    kp, vp = pad_keys(k, block_size), pad_keys(v, block_size)
+    kb, vb = block_view(kp, block_size), block_view(vp, block_size)
     ids, _ = canonical_blocks(block_idx, padded_len=tp, block_size=block_size, q_offset=q_offset[0])
     lists = tile_lists(ids, config, block_size, q_offset[0])
-    tile_phase = functools.partial(_fwd_call, tile_tokens=config.tile_tokens, warps=config.tile_warps)
-    if config.mosaic is not None and lists.tile_ids is not None:
-        tile_phase = _mosaic_tile_phase(k, v, lists, block_size, config.mosaic)
+    packed = None
+    if config.mosaic is not None:
+        reason = supported_mosaic(q.dtype, d, block_size)
+        if reason is not None:
+            raise NotImplementedError(f"the Mosaic GPU tile phase does not support {reason}")
+        # The Mosaic kernel reads packed lists and unblocked K/V.
+        packed = sparse_attention_mgpu.pack_tile_lists(lists.tile_ids, lists.tile_bits, lists.tile_cnt)
     chunk = fwd_chunk_len(b, hkv, d, tp, config)
     # Several chunks: each one's last phase writes its rows into these buffers (aliased, in place).
     # One chunk: the last phase allocates the output itself.
@@ -410,21 +415,40 @@ def _forward(q, k, v, block_idx, q_offset, block_size, config, interpret):
         off = q_offset + start
         init = None
         if lists.tile_ids is not None:
-            state = tile_phase(
-                off,
-                q5,
-                kb,
-                vb,
-                lists.tile_ids,
-                lists.tile_cnt,
-                lists.tile_bits,
-                None,
-                None if config.has_token_phase else out,
-                n_sub=1,
-                kv_blocks=config.tile_kv_blocks,
-                out_dtype=jnp.float32 if config.has_token_phase else q.dtype,
-                **common,
-            )
+            state_dtype = jnp.float32 if config.has_token_phase else q.dtype
+            if packed is not None:
+                # Without a token phase there is one chunk (``fwd_chunk_len``), so no ``out`` to fill.
+                state = sparse_attention_mgpu.tile_phase_mgpu(
+                    off,
+                    q5,
+                    kp,
+                    vp,
+                    packed,
+                    lists.tile_cnt,
+                    start=start,
+                    length=common["length"],
+                    out_dtype=state_dtype,
+                    config=config.mosaic,
+                    interpret=interpret,
+                )
+            else:
+                state = _fwd_call(
+                    off,
+                    q5,
+                    kb,
+                    vb,
+                    lists.tile_ids,
+                    lists.tile_cnt,
+                    lists.tile_bits,
+                    None,
+                    None if config.has_token_phase else out,
+                    tile_tokens=config.tile_tokens,
+                    n_sub=1,
+                    kv_blocks=config.tile_kv_blocks,
+                    warps=config.tile_warps,
+                    out_dtype=state_dtype,
+                    **common,
+                )
             if config.has_token_phase:
                 init = state
             else:
@@ -454,38 +478,6 @@ def _forward(q, k, v, block_idx, q_offset, block_size, config, interpret):
     o5, lse = out
     residuals = (q_offset, q5, k, v, o5, lse, ids, lists)
     return ungroup_rows(o5, tq, hq), residuals
-
-
-def _mosaic_tile_phase(k, v, lists, block_size, mosaic):
-    """A drop-in for the tile-phase ``_fwd_call`` that runs the Mosaic GPU kernel instead."""
-    reason = supported_mosaic(k.dtype, k.shape[-1], block_size)
-    if reason is not None:
-        raise NotImplementedError(f"the Mosaic GPU tile phase does not support {reason}")
-    kp, vp = pad_keys(k, block_size), pad_keys(v, block_size)
-    packed = sparse_attention_mgpu.pack_tile_lists(lists.tile_ids, lists.tile_bits, lists.tile_cnt)
-
-    def call(
-        off, q5, kb, vb, ids, cnt, bits, init, dest, *, start, length, out_dtype, interpret, **triton_only
-    ):
-        # The Mosaic kernel reads the packed lists and unblocked K/V, and has no Triton launch knobs.
-        del kb, vb, ids, bits, init, triton_only
-        if dest is not None:
-            raise ValueError("the Mosaic tile phase writes a fresh output (one chunk without a token phase)")
-        return sparse_attention_mgpu.tile_phase_mgpu(
-            off,
-            q5,
-            kp,
-            vp,
-            packed,
-            cnt,
-            start=start,
-            length=length,
-            out_dtype=out_dtype,
-            config=mosaic,
-            interpret=interpret,
-        )
-
-    return call
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))

@@ -30,16 +30,11 @@ def sparse_attention_pallas(
       NotImplementedError: on a backend other than CPU/GPU, or for inputs the kernels do not support
         (head dim not 64/128, GQA group > 16, dtype not bf16/fp16/fp32, block size not 16..128).
     """
-    backend = jax.default_backend()
-    if backend not in ("cpu", "gpu"):
-        raise NotImplementedError(
-            f"Pallas sparse attention runs on GPU (or CPU in interpret mode), not {backend}"
-        )
-    from pallas_kernels import _compat, sparse_attention
+    interpret = _interpret_mode("sparse attention")
+    from pallas_kernels import sparse_attention
 
-    _compat.silence_triton_deprecation()
     return sparse_attention.sparse_attention_pallas(
-        q, k, v, block_idx, block_size=block_size, q_offset=q_offset, interpret=backend == "cpu"
+        q, k, v, block_idx, block_size=block_size, q_offset=q_offset, interpret=interpret
     )
 
 
@@ -56,17 +51,22 @@ def select_blocks_pallas(
       NotImplementedError: on a backend other than CPU/GPU, or for inputs the kernels do not support
         (``block_size / kernel_stride`` not a power of two, head dim > 256, more than 16384 blocks).
     """
+    interpret = _interpret_mode("block selection")
+    from pallas_kernels import selection
+
+    return selection.select_blocks(q, k, **selection_kwargs(cfg), q_offset=q_offset, interpret=interpret)
+
+
+def _interpret_mode(what: str) -> bool:
+    """Whether the kernels run in interpret mode (CPU) or compiled (GPU); other backends raise
+    ``NotImplementedError``. Also hides the Triton backend's deprecation warning."""
     backend = jax.default_backend()
     if backend not in ("cpu", "gpu"):
-        raise NotImplementedError(
-            f"Pallas block selection runs on GPU (or CPU in interpret mode), not {backend}"
-        )
-    from pallas_kernels import _compat, selection
+        raise NotImplementedError(f"Pallas {what} runs on GPU (or CPU in interpret mode), not {backend}")
+    from pallas_kernels import _compat
 
     _compat.silence_triton_deprecation()
-    return selection.select_blocks(
-        q, k, **selection_kwargs(cfg), q_offset=q_offset, interpret=backend == "cpu"
-    )
+    return backend == "cpu"
 
 
 def selection_kwargs(cfg: SparseConfig) -> dict:
