@@ -12,6 +12,15 @@ Rows (ANCHORS.md "How to report"), all measured in one run on one device:
 - ``select`` rows (``"sweep": true``) for other kernel tilings at 32K, to guide tuning; they stop
   once the run has used 120 s (``--no-sweep`` skips them).
 
+Inputs (``--inputs``, every row says which in ``"inputs"``): ``random`` draws q and k i.i.d. normal,
+so neighbouring tokens select unrelated blocks, the worst case for the sparse kernel's tiling (it
+shares blocks between the tokens of a tile); ``smooth`` draws q and k from bench_attention's
+``smooth_process`` (random-walk anchors every ``--corr`` tokens + white noise ``--noise``), which
+varies smoothly along the sequence like real LLM queries and keys, so neighbouring tokens select
+overlapping blocks. v is the same random tensor for both. Each kind gets its own Pallas rows; the
+dense rows are measured once per length (dense attention does no value-dependent work) and are the
+``speedup_vs_cudnn_dense`` baseline of every kind.
+
 Timing: each function is jitted and compiled ahead (compile excluded), run twice to warm up, then
 timed ``--iters`` times with ``block_until_ready``; the median is reported. Memory: the compiled
 executable's ``memory_analysis()`` (arguments + outputs + temporaries - aliases), the device memory
@@ -36,6 +45,10 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+# A sibling script, not a package module: importable because running experiments/<script>.py puts
+# experiments/ first on sys.path (the documented way to run these benchmarks).
+from bench_attention import smooth_process
 
 from infllm_jax import SparseConfig, ops
 from infllm_jax.ops.pallas_backend import selection_kwargs
@@ -69,6 +82,10 @@ class Shape:
 # MiniCPM4-8B attention (ANCHORS.md) and the shipped sparse config, sparse at every length.
 MINICPM4_SHAPE = Shape(batch=1, q_heads=32, kv_heads=2, head_dim=128)
 SHIPPED = SparseConfig(dense_len=-1)
+
+INPUT_KINDS = ("random", "smooth")
+# bench_attention's --corr / --noise defaults, so that "smooth" means the same inputs in both benchmarks.
+DEFAULT_CORR, DEFAULT_NOISE = 256, 0.3
 
 
 def _compile(fn, *args):
@@ -119,12 +136,49 @@ def _flops(pass_: str, impl: str, t: int, shape: Shape, cfg: SparseConfig) -> fl
     return select + 4.0 * heads * shape.head_dim * blocks * cfg.block_size
 
 
-def _inputs(t: int, shape: Shape, dtype, seed: int = 0):
+def describe_inputs(kind: str, corr: int = DEFAULT_CORR, noise: float = DEFAULT_NOISE) -> str:
+    """One line for the JSON report: what q, k and v of an input kind are."""
+    if kind == "random":
+        return "q, k, v i.i.d. standard normal: neighbouring tokens select unrelated blocks"
+    if kind == "smooth":
+        return (
+            f"q, k from bench_attention.smooth_process(corr={corr}, noise={noise}): unit-variance random "
+            f"walk between anchors every {corr} tokens + white noise x{noise}, so neighbouring tokens "
+            "select overlapping blocks; v i.i.d. standard normal"
+        )
+    raise ValueError(f"unknown input kind {kind!r}, expected one of {INPUT_KINDS}")
+
+
+def _inputs(
+    t: int,
+    shape: Shape,
+    dtype,
+    kind: str = "random",
+    corr: int = DEFAULT_CORR,
+    noise: float = DEFAULT_NOISE,
+    seed: int = 0,
+):
+    """q, k, v ``[B, T, H, D]`` of one input kind (see ``describe_inputs``).
+
+    The keys are split the same way for every kind, so v is the same tensor and ``random`` is
+    bit-identical to the inputs of earlier runs of this benchmark.
+    """
     kq, kk, kv = jax.random.split(jax.random.PRNGKey(seed), 3)
-    q = jax.random.normal(kq, (shape.batch, t, shape.q_heads, shape.head_dim), dtype)
-    k = jax.random.normal(kk, (shape.batch, t, shape.kv_heads, shape.head_dim), dtype)
     v = jax.random.normal(kv, (shape.batch, t, shape.kv_heads, shape.head_dim), dtype)
-    return q, k, v
+    if kind == "random":
+        q = jax.random.normal(kq, (shape.batch, t, shape.q_heads, shape.head_dim), dtype)
+        k = jax.random.normal(kk, (shape.batch, t, shape.kv_heads, shape.head_dim), dtype)
+        return q, k, v
+    if kind != "smooth":
+        raise ValueError(f"unknown input kind {kind!r}, expected one of {INPUT_KINDS}")
+
+    def smooth(key, heads):
+        # smooth_process draws one sequence ([1, T, H, D], float32): one independent draw per batch row.
+        keys = jax.random.split(key, shape.batch)
+        draws = [smooth_process(kb, t, heads, shape.head_dim, corr, noise) for kb in keys]
+        return jnp.concatenate(draws).astype(dtype)
+
+    return smooth(kq, shape.q_heads), smooth(kk, shape.kv_heads), v
 
 
 def _pallas_select_fn(cfg: SparseConfig, block_sizes, interpret: bool):
@@ -146,6 +200,9 @@ def run(
     sweep_len: int | None = 32768,
     iters: int = 5,
     sweep_budget_s: float = 120.0,
+    input_kinds=INPUT_KINDS,
+    corr: int = DEFAULT_CORR,
+    noise: float = DEFAULT_NOISE,
     log=print,
 ) -> list[dict]:
     """Measures selection and prefill; returns one dict per row (errors are rows with ``error``).
@@ -159,18 +216,27 @@ def run(
       sweep_len: length of the tiling sweep, or ``None`` to skip it.
       iters: timed calls per row.
       sweep_budget_s: sweep variants start only while the run has used less than this.
+      input_kinds: input kinds (``INPUT_KINDS``) measured at every length, in this order; the dense
+        rows and the sweep run on the first one.
+      corr, noise: parameters of the ``smooth`` inputs (``smooth_process``).
       log: progress printer.
     """
+    input_kinds = tuple(dict.fromkeys(input_kinds))  # drop repeats, keep the order
+    if not input_kinds:
+        raise ValueError("input_kinds is empty")
+    for kind in input_kinds:
+        describe_inputs(kind)
     started = time.perf_counter()
     on_cpu = jax.default_backend() == "cpu"
     dense_impl = "xla" if on_cpu else "cudnn"
     rows: list[dict] = []
     dense_ms: dict[int, float] = {}
 
-    def record(impl: str, pass_: str, t: int, fn, args, **extra):
+    def record(impl: str, pass_: str, t: int, fn, args, inputs: str, **extra):
         row = {
             "implementation": impl,
             "pass": pass_,
+            "inputs": inputs,
             "batch": shape.batch,
             "seq_len": t,
             "q_heads": shape.q_heads,
@@ -199,37 +265,51 @@ def run(
 
     select_fn = _pallas_select_fn(cfg, pallas_selection.BlockSizes(), on_cpu)
     for t in sorted(set(select_lens) | set(prefill_lens)):
-        q, k, v = _inputs(t, shape, dtype)
-        record(
-            dense_impl,
-            "prefill",
-            t,
-            lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=dense_impl),
-            (q, k, v),
-        )
-        if t in prefill_lens:
-            record(
-                "pallas",
-                "prefill",
-                t,
-                lambda q, k, v: ops.infllmv2_attention(q, k, v, cfg, implementation="pallas"),
-                (q, k, v),
-            )
-        if t in select_lens:
-            block_sizes = dataclasses.asdict(pallas_selection.BlockSizes())
-            _, pallas_compiled = record("pallas", "select", t, select_fn, (q, k), block_sizes=block_sizes)
-            if t == min(select_lens):
-                xla_row, xla_compiled = record(
-                    "xla", "select", t, lambda q, k: ops.select_blocks_reference(q, k, cfg), (q, k)
+        for kind in input_kinds:
+            q, k, v = _inputs(t, shape, dtype, kind, corr, noise)
+            if kind == input_kinds[0]:
+                # Dense attention does the same work whatever the values: one row per length is the
+                # baseline (speedup_vs_cudnn_dense) of every input kind, recorded before their rows.
+                record(
+                    dense_impl,
+                    "prefill",
+                    t,
+                    lambda q, k, v: jax.nn.dot_product_attention(
+                        q, k, v, is_causal=True, implementation=dense_impl
+                    ),
+                    (q, k, v),
+                    kind,
                 )
-                if pallas_compiled is not None and xla_compiled is not None:
-                    agreement = _agreement(pallas_compiled(q, k), xla_compiled(q, k))
-                    xla_row |= agreement
-                    log(f"    xla vs pallas selection: {agreement}")
-        del q, k, v
+            if t in prefill_lens:
+                record(
+                    "pallas",
+                    "prefill",
+                    t,
+                    lambda q, k, v: ops.infllmv2_attention(q, k, v, cfg, implementation="pallas"),
+                    (q, k, v),
+                    kind,
+                )
+            if t in select_lens:
+                block_sizes = dataclasses.asdict(pallas_selection.BlockSizes())
+                _, pallas_compiled = record(
+                    "pallas", "select", t, select_fn, (q, k), kind, block_sizes=block_sizes
+                )
+                if t == min(select_lens):
+                    # Per kind: how often bf16 near-ties order differently depends on the score values.
+                    xla_row, xla_compiled = record(
+                        "xla", "select", t, lambda q, k: ops.select_blocks_reference(q, k, cfg), (q, k), kind
+                    )
+                    if pallas_compiled is not None and xla_compiled is not None:
+                        agreement = _agreement(pallas_compiled(q, k), xla_compiled(q, k))
+                        xla_row |= agreement
+                        log(f"    xla vs pallas selection ({kind}): {agreement}")
+            del q, k, v
 
     if sweep_len is not None:
-        q, k, _ = _inputs(sweep_len, shape, dtype)
+        # One input kind suffices: the selection kernels' loop bounds depend on positions only, so their
+        # work does not depend on the values (the select rows of each kind above show it).
+        sweep_kind = input_kinds[0]
+        q, k, _ = _inputs(sweep_len, shape, dtype, sweep_kind, corr, noise)
         for block_sizes in SWEEP:
             if time.perf_counter() - started > sweep_budget_s:
                 log(f"sweep stopped: {sweep_budget_s:.0f} s budget used")
@@ -241,6 +321,7 @@ def run(
                 sweep_len,
                 fn,
                 (q, k),
+                sweep_kind,
                 block_sizes=dataclasses.asdict(block_sizes),
                 sweep=True,
             )
@@ -278,7 +359,7 @@ def _format_row(row: dict) -> str:
         }
         tiling = f" {changed}"
     text = (
-        f"{row['implementation']:>7} {row['pass']:>8} T={row['seq_len']:>7} "
+        f"{row['implementation']:>7} {row['pass']:>8} {row.get('inputs', '-'):>6} T={row['seq_len']:>7} "
         f"{fmt('median_ms', '9.2f')} ms {fmt('tflops', '7.1f')} TFLOP/s "
         f"x{fmt('speedup_vs_cudnn_dense', '6.2f')} vs dense  "
         f"peak {fmt('peak_bytes', '7.2f', 2**30)} GiB{tiling}"
@@ -286,48 +367,103 @@ def _format_row(row: dict) -> str:
     return text + (f"  ERROR {row['error']}" if "error" in row else "")
 
 
+def summary(rows: list[dict]) -> str:
+    """Side-by-side table: per (pass, length), the dense time and each input kind's Pallas time and
+    speedup, so the effect of the inputs on the same kernels reads off one line (sweep rows left out)."""
+    kinds = list(dict.fromkeys(r["inputs"] for r in rows if r["implementation"] == "pallas"))
+    dense = {r["seq_len"]: r for r in rows if r["pass"] == "prefill" and r["implementation"] != "pallas"}
+    pallas = {
+        (r["pass"], r["seq_len"], r["inputs"]): r
+        for r in rows
+        if r["implementation"] == "pallas" and not r.get("sweep")
+    }
+
+    def cell(row, key, spec):
+        return format(row[key], spec) if row is not None and key in row else "-"
+
+    head = f"{'pass':>8} {'T':>7} {'dense ms':>10}" + "".join(
+        f" | {kind + ' ms':>12} {'x dense':>7}" for kind in kinds
+    )
+    lines = [head, "-" * len(head)]
+    for pass_, t in sorted({(p, t) for p, t, _ in pallas}, key=lambda pt: (pt[0] != "prefill", pt[1])):
+        line = f"{pass_:>8} {t:>7} {cell(dense.get(t), 'median_ms', '10.2f'):>10}"
+        for kind in kinds:
+            row = pallas.get((pass_, t, kind))
+            speedup = cell(row, "speedup_vs_cudnn_dense", "7.2f")
+            line += f" | {cell(row, 'median_ms', '12.2f'):>12} {speedup:>7}"
+        lines.append(line)
+    return "\n".join(lines)
+
+
 def plot(rows: list[dict], path: Path) -> None:
-    """Time and peak memory vs sequence length (log-log), from the rows of ``run``."""
+    """Time, speedup over dense and peak memory vs sequence length (log-log), from the rows of ``run``.
+
+    Colour is the measurement (dense, sparse prefill, selection), line style and marker the input
+    kind. Memory is drawn for the first kind only: it comes from the compiled executable, which is
+    the same for every kind (same shapes and dtypes), so the other kinds' lines would coincide.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    series = {
-        "dense fwd": lambda r: r["pass"] == "prefill" and r["implementation"] != "pallas",
-        "sparse prefill (Pallas select + attention)": lambda r: (
-            r["pass"] == "prefill" and r["implementation"] == "pallas"
+    kinds = list(dict.fromkeys(r["inputs"] for r in rows if r["implementation"] == "pallas"))
+    styles = {kind: (("-", "o"), ("--", "s"), (":", "^"))[i % 3] for i, kind in enumerate(kinds)}
+    series = {  # label -> (colour, row filter)
+        "dense fwd": ("C0", lambda r: r["pass"] == "prefill" and r["implementation"] != "pallas"),
+        "sparse prefill (Pallas select + attention)": (
+            "C1",
+            lambda r: r["pass"] == "prefill" and r["implementation"] == "pallas",
         ),
-        "selection only (Pallas)": lambda r: (
-            r["pass"] == "select" and r["implementation"] == "pallas" and not r.get("sweep")
+        "selection only (Pallas)": (
+            "C2",
+            lambda r: r["pass"] == "select" and r["implementation"] == "pallas" and not r.get("sweep"),
         ),
     }
-    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for label, keep in series.items():
-        pts = sorted((r["seq_len"], r) for r in rows if keep(r) and "median_ms" in r)
-        if not pts:
-            continue
-        lens = [p[0] for p in pts]
-        if label == "dense fwd":
-            label = f"dense fwd ({pts[0][1]['implementation']})"
-        ax_t.plot(lens, [p[1]["median_ms"] for p in pts], marker="o", label=label)
-        if "selection" not in label:
-            ax_m.plot(lens, [p[1]["peak_bytes"] / 2**30 for p in pts], marker="o", label=label)
+    fig, (ax_t, ax_s, ax_m) = plt.subplots(1, 3, figsize=(17, 4.8))
+    for label, (colour, keep) in series.items():
+        dense = label == "dense fwd"
+        for kind in kinds[:1] if dense else kinds:  # one dense row per length, whatever the kind
+            pts = sorted(
+                (r["seq_len"], r)
+                for r in rows
+                if keep(r) and "median_ms" in r and (dense or r["inputs"] == kind)
+            )
+            if not pts:
+                continue
+            lens = [p[0] for p in pts]
+            ls, marker = styles[kind]
+            name = f"dense fwd ({pts[0][1]['implementation']})" if dense else f"{label} [{kind}]"
+            style = dict(color=colour, ls="-" if dense else ls, marker=marker)
+            ax_t.plot(lens, [p[1]["median_ms"] for p in pts], label=name, **style)
+            if not dense and "selection" not in label:
+                speedups = [p[1].get("speedup_vs_cudnn_dense", np.nan) for p in pts]
+                ax_s.plot(lens, speedups, label=name, **style)
+            if "selection" not in label and kind == kinds[0]:
+                mem_name = name if dense else label
+                ax_m.plot(lens, [p[1]["peak_bytes"] / 2**30 for p in pts], label=mem_name, **style)
     paper = sorted(PAPER_A100_SELECT_MS.items())
     ax_t.plot([p[0] for p in paper], [p[1] for p in paper], "k--", label="paper selection, A100 (16 blocks)")
-    for ax, ylabel in ((ax_t, "median ms"), (ax_m, "peak device memory, GiB")):
+    ax_s.axhline(1.0, color="gray", ls=":", label="dense")
+    for ax, ylabel in (
+        (ax_t, "median ms"),
+        (ax_s, "speedup vs dense (prefill)"),
+        (ax_m, "peak device memory, GiB"),
+    ):
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("sequence length")
         ax.set_ylabel(ylabel)
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7)
     r = rows[0]
     ax_t.set_title(
         f"InfLLM-V2 prefill, batch {r['batch']}, {r['q_heads']}/{r['kv_heads']} heads, "
-        f"hd {r['head_dim']}, {r['dtype']}, {r['num_selected']} blocks"
+        f"hd {r['head_dim']}, {r['dtype']}, {r['num_selected']} blocks",
+        fontsize=9,
     )
-    ax_m.set_title("peak memory (compiled memory_analysis)")
+    ax_s.set_title(f"sparse prefill speedup, inputs: {', '.join(kinds)}", fontsize=9)
+    ax_m.set_title("peak memory (compiled memory_analysis, same for all inputs)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -339,7 +475,17 @@ def main(argv=None) -> None:
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--no-sweep", action="store_true", help="skip the tiling sweep")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes (CPU interpret mode check)")
+    parser.add_argument(
+        "--inputs",
+        nargs="+",
+        choices=INPUT_KINDS,
+        default=list(INPUT_KINDS),
+        help="q/k input kinds, each with its own Pallas rows (dense rows and sweep use the first)",
+    )
+    parser.add_argument("--corr", type=int, default=DEFAULT_CORR, help="smooth: tokens between anchors")
+    parser.add_argument("--noise", type=float, default=DEFAULT_NOISE, help="smooth: white-noise amplitude")
     args = parser.parse_args(argv)
+    inputs = dict(input_kinds=tuple(dict.fromkeys(args.inputs)), corr=args.corr, noise=args.noise)
 
     if args.smoke:
         kwargs = dict(
@@ -351,10 +497,11 @@ def main(argv=None) -> None:
             ),
             sweep_len=None if args.no_sweep else 512,
             iters=2,
+            **inputs,
         )
         name = "bench_selection_smoke"
     else:
-        kwargs = dict(sweep_len=None if args.no_sweep else 32768, iters=args.iters)
+        kwargs = dict(sweep_len=None if args.no_sweep else 32768, iters=args.iters, **inputs)
         name = "bench_selection_h200"
     device = jax.devices()[0]
     print(f"device: {device.device_kind}  jax {jax.__version__}")
@@ -367,10 +514,16 @@ def main(argv=None) -> None:
         "jax_version": jax.__version__,
         "config": dataclasses.asdict(kwargs.get("cfg", SHIPPED)),
         "block_sizes_default": dataclasses.asdict(pallas_selection.BlockSizes()),
+        "inputs": {kind: describe_inputs(kind, args.corr, args.noise) for kind in inputs["input_kinds"]},
+        "dense_baseline": (
+            f"dense rows: measured once per length, on the {inputs['input_kinds'][0]!r} inputs (dense "
+            "attention does no value-dependent work); speedup_vs_cudnn_dense of every kind divides by them"
+        ),
         "rows": rows,
     }
     (args.out / f"{name}.json").write_text(json.dumps(report, indent=1))
     plot(rows, args.out / f"{name}.png")
+    print(f"\n{summary(rows)}\n")
     print(f"wrote {args.out / f'{name}.json'} and {args.out / f'{name}.png'}")
 
 
