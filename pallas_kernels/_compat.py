@@ -1,9 +1,9 @@
 """Version-dependent Pallas imports in one place (jax 0.11.x).
 
 Most kernels use the Triton-lowered Pallas GPU backend, deprecated since jax 0.11.0 but present in
-0.11.2 and 0.12 (KERNELS.md §2.1); the attention forward's tile phase also has a Mosaic GPU version
-(``plgpu``). Keeping the imports here lets the kernels move to ``jax_triton`` or Mosaic GPU by editing
-one module.
+0.11.2 and 0.12 (KERNELS.md §2.1); the attention's forward and dQ tile phases and its dK/dV also
+have Mosaic GPU versions (``plgpu``). Keeping the imports here lets the kernels move to
+``jax_triton`` or Mosaic GPU by editing one module.
 """
 
 import warnings

@@ -22,8 +22,10 @@ tokens (``tile_tokens * 16`` rows):
 ``min_share=1`` is the pure union (no token phase); ``tile_tokens=0`` is the plain per-token kernel.
 Both phases give the exact per-token result. The block lists, bitmasks and counts are built in XLA
 (``tiling.tile_lists``), outside the kernels, which only read scalars from them. The kernels are
-Triton-lowered Pallas; on Hopper GPUs the forward's tile phase runs a warp-specialised Mosaic GPU
-kernel instead (``sparse_attention_mgpu``, ``BlockSizes.mosaic``, chosen by ``default_block_sizes``).
+Triton-lowered Pallas; on Hopper GPUs the forward's and dQ's tile phases and the backward's dK/dV
+run warp-specialised Mosaic GPU kernels instead (``sparse_attention_mgpu``,
+``sparse_attention_mgpu_bwd``; ``BlockSizes.mosaic``, ``mosaic_dq`` and ``mosaic_dkdv``, chosen by
+``default_block_sizes``).
 
 Query slices. ``q`` (and ``block_idx``) may hold only the query positions ``[q_offset, q_offset + Tq)``
 of the ``Tk`` keys (context parallelism); ``q_offset`` may be traced. The kernels take it as a
@@ -56,6 +58,7 @@ from pallas_kernels.tiling import (
     GROUP_ROWS,
     LOG2E,
     BlockSizes,
+    MosaicDkdv,
     MosaicTile,
     canonical_blocks,
     tile_lists,
@@ -98,13 +101,13 @@ def supported(q_shape, k_shape, dtype, block_size: int) -> str | None:
 
 
 def supported_mosaic(dtype, head_dim: int, block_size: int) -> str | None:
-    """Why the Mosaic GPU tile phase cannot run these inputs, or ``None`` when it can."""
+    """Why the Mosaic GPU kernels (forward tile phase, dK/dV) cannot run these inputs, or ``None``."""
     if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
-        return f"dtype {jnp.dtype(dtype)} (the Mosaic tile phase needs bfloat16 or float16)"
+        return f"dtype {jnp.dtype(dtype)} (the Mosaic kernels need bfloat16 or float16)"
     if head_dim not in _SUPPORTED_HEAD_DIMS:
         return f"head dim {head_dim} (supported: {_SUPPORTED_HEAD_DIMS})"
     if block_size != 64:
-        return f"block_size {block_size} (the Mosaic tile phase needs 64)"
+        return f"block_size {block_size} (the Mosaic kernels need 64)"
     return None
 
 
@@ -398,10 +401,11 @@ def _forward(q, k, v, block_idx, q_offset, block_size, config, interpret):
     ids, _ = canonical_blocks(block_idx, padded_len=tp, block_size=block_size, q_offset=q_offset[0])
     lists = tile_lists(ids, config, block_size, q_offset[0])
     packed = None
-    if config.mosaic is not None:
+    if any(x is not None for x in (config.mosaic, config.mosaic_dkdv, config.mosaic_dq)):
         reason = supported_mosaic(q.dtype, d, block_size)
         if reason is not None:
-            raise NotImplementedError(f"the Mosaic GPU tile phase does not support {reason}")
+            raise NotImplementedError(f"the Mosaic GPU kernels do not support {reason}")
+    if config.mosaic is not None:
         # The Mosaic kernel reads packed lists and unblocked K/V.
         packed = sparse_attention_mgpu.pack_tile_lists(lists.tile_ids, lists.tile_bits, lists.tile_cnt)
     chunk = fwd_chunk_len(b, hkv, d, tp, config)
@@ -508,9 +512,17 @@ def _attention_jit(q, k, v, block_idx, q_offset, *, block_size, config, interpre
     return _attention(q, k, v, lax.stop_gradient(block_idx), q_offset, block_size, config, interpret)
 
 
-# The forward's tiling on Hopper GPUs: 8-token tiles whose tile phase runs the Mosaic GPU kernel
-# (experiments/results/bench_attention_h200.json compares it with the Triton tiling).
-MOSAIC_BLOCK_SIZES = BlockSizes(tile_tokens=8, min_share=2, tile_warps=8, mosaic=MosaicTile())
+# The tiling on Hopper GPUs: 8-token tiles whose forward and dQ tile phases run Mosaic GPU kernels,
+# and the Mosaic GPU dK/dV kernel; the token phases stay Triton (experiments/results/
+# bench_attention_h200.json compares this with the Triton backward).
+MOSAIC_BLOCK_SIZES = BlockSizes(
+    tile_tokens=8,
+    min_share=2,
+    tile_warps=8,
+    mosaic=MosaicTile(),
+    mosaic_dkdv=MosaicDkdv(),
+    mosaic_dq=MosaicTile(),
+)
 
 
 def default_block_sizes(dtype, head_dim: int, block_size: int, interpret: bool) -> BlockSizes:

@@ -13,7 +13,8 @@ With ``p = 2^(s - lse)`` (base-2 scores and LSE, see ``sparse_attention``), ``de
   selected get zero gradients. The sum over the G heads of the group happens
   inside the dots (the group's rows are stacked), each program writes its block once: no atomics,
   deterministic. Blocks run longest list first so the init block (selected by every token) does
-  not finish last.
+  not finish last. With ``BlockSizes.mosaic_dkdv`` the same walk runs as a warp-specialised Mosaic
+  GPU kernel, and with ``mosaic_dq`` the dQ tile phase (``sparse_attention_mgpu_bwd``).
 """
 
 import functools
@@ -33,6 +34,8 @@ from pallas_kernels.sparse_attention import (
     row_validity,
     ungroup_rows,
 )
+from pallas_kernels.sparse_attention_mgpu import pack_tile_lists
+from pallas_kernels.sparse_attention_mgpu_bwd import dkdv_mgpu, dq_tile_mgpu, step_lists
 from pallas_kernels.tiling import EMPTY_BLOCK, LOG2E, BlockSizes
 
 __all__ = ["backward", "build_csr"]
@@ -363,7 +366,24 @@ def backward(residuals, dout, *, block_size: int, config: BlockSizes, interpret:
     kb, vb = block_view(kp, block_size), block_view(vp, block_size)
     common = dict(stages=config.num_stages, interpret=interpret)
     dq0 = None
-    if lists.tile_ids is not None:
+    if lists.tile_ids is not None and config.mosaic_dq is not None:
+        packed = pack_tile_lists(lists.tile_ids, lists.tile_bits, lists.tile_cnt)
+        dq5 = dq_tile_mgpu(
+            off,
+            q5,
+            kp,
+            vp,
+            do5,
+            lse,
+            delta,
+            packed,
+            lists.tile_cnt,
+            out_dtype=jnp.float32 if config.has_token_phase else q5.dtype,
+            config=config.mosaic_dq,
+            interpret=interpret,
+        )
+        dq0 = dq5
+    elif lists.tile_ids is not None:
         dq5 = _dq_call(
             off,
             q5,
@@ -404,30 +424,41 @@ def backward(residuals, dout, *, block_size: int, config: BlockSizes, interpret:
             out_dtype=q5.dtype,
             **common,
         )
-    tokens, spans, order = build_csr(
-        ids,
-        block_size=block_size,
-        pad=config.dkv_tokens,
-        mask_split=config.mask_split,
-        num_blocks=kp.shape[1] // block_size,
-        q_offset=off[0],
-    )
-    dk, dv = _dkdv_call(
-        off,
-        q5,
-        kp,
-        vp,
-        do5,
-        lse,
-        delta,
-        tokens,
-        spans,
-        order,
-        block_size=block_size,
-        step_tokens=config.dkv_tokens,
-        warps=config.dkv_warps,
-        # Pipelined fp32 tiles (tests only) overflow shared memory at D=128 (281 KB > 227 KB).
-        stages=1 if q5.dtype == jnp.float32 else config.num_stages,
-        interpret=interpret,
-    )
+    num_blocks = kp.shape[1] // block_size
+    if config.mosaic_dkdv is not None:
+        # The Mosaic kernel masks only the steps that need it, so it wants the partial-token counts.
+        tokens, spans, order = build_csr(
+            ids, block_size=block_size, pad=0, mask_split=True, num_blocks=num_blocks, q_offset=off[0]
+        )
+        lists, stats, info = step_lists(tokens, spans, order, lse, delta)
+        dk, dv = dkdv_mgpu(
+            off, q5, kp, vp, do5, stats, lists, info, config=config.mosaic_dkdv, interpret=interpret
+        )
+    else:
+        tokens, spans, order = build_csr(
+            ids,
+            block_size=block_size,
+            pad=config.dkv_tokens,
+            mask_split=config.mask_split,
+            num_blocks=num_blocks,
+            q_offset=off[0],
+        )
+        dk, dv = _dkdv_call(
+            off,
+            q5,
+            kp,
+            vp,
+            do5,
+            lse,
+            delta,
+            tokens,
+            spans,
+            order,
+            block_size=block_size,
+            step_tokens=config.dkv_tokens,
+            warps=config.dkv_warps,
+            # Pipelined fp32 tiles (tests only) overflow shared memory at D=128 (281 KB > 227 KB).
+            stages=1 if q5.dtype == jnp.float32 else config.num_stages,
+            interpret=interpret,
+        )
     return ungroup_rows(dq5, t, hq), dk[:, : k.shape[1]], dv[:, : v.shape[1]]

@@ -23,6 +23,7 @@ __all__ = [
     "GROUP_ROWS",
     "LOG2E",
     "BlockSizes",
+    "MosaicDkdv",
     "MosaicTile",
     "TileLists",
     "canonical_blocks",
@@ -40,11 +41,14 @@ LOG2E = math.log2(math.e)
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
 class MosaicTile:
-    """Launch parameters of the Mosaic GPU tile phase (``sparse_attention_mgpu``, Hopper only).
+    """Launch parameters of a Mosaic GPU tile phase (forward: ``sparse_attention_mgpu``; dQ:
+    ``sparse_attention_mgpu_bwd``; Hopper only).
 
     Attributes:
-      stages: K/V SMEM ring slots (blocks in flight).
-      pingpong: alternate the two compute warpgroups on the tensor cores (FlashAttention-3 schedule).
+      stages: K/V SMEM ring slots (blocks in flight); the dQ kernel's fp32 staging buffers leave room
+        for two at head dim 128.
+      pingpong: alternate the two compute warpgroups on the tensor cores (FlashAttention-3 schedule;
+        forward only).
       skip_unselected: a warpgroup skips the math of blocks none of its 4 tokens selected.
       unmasked_path: blocks that all 4 tokens of a warpgroup selected and see entirely run without
         the per-row mask.
@@ -58,6 +62,26 @@ class MosaicTile:
     unmasked_path: bool = True
     compute_registers: int = 232
     memory_registers: int = 40
+
+    def __post_init__(self):
+        if self.stages < 1:
+            raise ValueError(f"stages must be >= 1, got {self.stages}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class MosaicDkdv:
+    """Launch parameters of the Mosaic GPU dK/dV kernel (``sparse_attention_mgpu_bwd``, Hopper only).
+
+    Attributes:
+      stages: Q/dO SMEM ring slots per compute warpgroup (4-token steps in flight); at head dim 128
+        two fill the 227 KB of shared memory.
+      compute_registers, memory_registers: per-thread register budgets of the compute and memory
+        warpgroups (``setmaxnreg``).
+    """
+
+    stages: int = 2
+    compute_registers: int = 240
+    memory_registers: int = 24
 
     def __post_init__(self):
         if self.stages < 1:
@@ -89,7 +113,12 @@ class BlockSizes:
       mosaic: run the forward's tile phase with the warp-specialised Mosaic GPU kernel
         (``sparse_attention_mgpu``; needs ``tile_tokens=8``, bf16/fp16, head dim 64/128, 64-key
         blocks, a Hopper GPU or the Mosaic GPU interpreter); ``None``: the Triton tile kernel.
-        The token phase and the backward stay Triton kernels.
+        The token phase stays a Triton kernel.
+      mosaic_dkdv: run the backward's dK/dV with the warp-specialised Mosaic GPU kernel
+        (``sparse_attention_mgpu_bwd``; same input limits as ``mosaic``); ``None``: the Triton kernel.
+      mosaic_dq: run the backward's dQ tile phase with the warp-specialised Mosaic GPU kernel
+        (``sparse_attention_mgpu_bwd``; needs ``tile_tokens=8`` and the same inputs as ``mosaic``);
+        ``None``: the Triton kernel. The dQ token phase stays Triton.
     """
 
     tile_tokens: int = 4
@@ -105,10 +134,14 @@ class BlockSizes:
     num_stages: int = 3
     fwd_chunk_bytes: int = 256 << 20
     mosaic: MosaicTile | None = None
+    mosaic_dkdv: MosaicDkdv | None = None
+    mosaic_dq: MosaicTile | None = None
 
     def __post_init__(self):
-        if self.mosaic is not None and self.tile_tokens != 8:
-            raise ValueError(f"the Mosaic tile phase runs 8-token tiles, got tile_tokens={self.tile_tokens}")
+        if (self.mosaic is not None or self.mosaic_dq is not None) and self.tile_tokens != 8:
+            raise ValueError(f"the Mosaic tile phases run 8-token tiles, got tile_tokens={self.tile_tokens}")
+        if self.mosaic_dq is not None and self.mosaic_dq.pingpong:
+            raise ValueError("the Mosaic dQ tile phase has no ping-pong schedule (mosaic_dq.pingpong=True)")
         if self.tile_tokens not in (0, 1, 2, 4, 8, 16):
             raise ValueError(f"tile_tokens must be 0 or a power of two <= 16, got {self.tile_tokens}")
         if self.min_share < 1:

@@ -1,15 +1,19 @@
-"""The Mosaic GPU tile phase (``BlockSizes(mosaic=...)``) against the XLA gather reference.
+"""The Mosaic GPU kernels (``BlockSizes(mosaic=..., mosaic_dkdv=...)``) against the XLA gather reference.
 
 Same checks and tolerances as ``test_sparse_attention_pallas`` (forward, dq/dk/dv, the empty token's
 zero rows, bit-identical reruns). On CPU the Mosaic kernel runs in the Mosaic GPU interpreter, which
-simulates its warpgroups, TMA copies and barriers; the token phase and the backward run in the
-Triton interpreter. The interpreter runs each warpgroup as a thread that blocks inside XLA callbacks
-while it waits on a barrier, so it needs more XLA CPU threads than a 2-core host gives one device:
-``tests/conftest.py`` splits the host into 8 devices, which provides them.
+simulates its warpgroups, TMA copies and barriers; the token phase, dQ and (without
+``mosaic_dkdv``) dK/dV run in the Triton interpreter. The interpreter runs each warpgroup as a
+thread that blocks inside XLA callbacks while it waits on a barrier, so it needs more XLA CPU
+threads than a 2-core host gives one device: ``tests/conftest.py`` splits the host into 8 devices,
+which provides them.
 """
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from pallas_kernels.sparse_attention import (
@@ -17,23 +21,35 @@ from pallas_kernels.sparse_attention import (
     default_block_sizes,
     sparse_attention_pallas,
 )
+from pallas_kernels.sparse_attention_bwd import build_csr
 from pallas_kernels.sparse_attention_mgpu import TILE_TOKENS, tile_phase_mgpu
-from pallas_kernels.tiling import BlockSizes, MosaicTile
+from pallas_kernels.sparse_attention_mgpu_bwd import LIST_CHUNK, dkdv_mgpu, dq_tile_mgpu, step_lists
+from pallas_kernels.tiling import BlockSizes, MosaicDkdv, MosaicTile, canonical_blocks
 from tests.kernels.test_sparse_attention_pallas import (
     INTERPRET,
     Case,
     check_against_reference,
     check_chunked_bit_identical,
+    random_block_idx,
 )
 
-# Every Mosaic option: FA3 ping-pong, 3-slot ring, no skipping, and the pure union (no token phase).
+# Every Mosaic option: FA3 ping-pong, 3-slot ring, no skipping, and the pure union (no token phase);
+# the Mosaic dK/dV kernel with a one-slot ring.
 PINGPONG_UNION = BlockSizes(
     tile_tokens=8,
     min_share=1,
     mosaic=MosaicTile(stages=3, pingpong=True, skip_unselected=False, unmasked_path=False),
+    mosaic_dkdv=MosaicDkdv(stages=1),
+    mosaic_dq=MosaicTile(stages=1, skip_unselected=False, unmasked_path=False),
 )
+# The Mosaic forward with the Triton backward, and with only the Mosaic dK/dV (the default has the
+# Mosaic dQ tile phase and dK/dV).
+TRITON_BWD = dataclasses.replace(MOSAIC_BLOCK_SIZES, mosaic_dkdv=None, mosaic_dq=None)
+MOSAIC_DKDV = dataclasses.replace(MOSAIC_BLOCK_SIZES, mosaic_dq=None)
 CASES = [
-    Case(g=16, d=64, t=192, hkv=1, block_size=64, k=4, dtype=jnp.bfloat16, config=MOSAIC_BLOCK_SIZES),
+    Case(g=16, d=64, t=192, hkv=1, block_size=64, k=4, dtype=jnp.bfloat16, config=TRITON_BWD),
+    # Block 0's list (~150 tokens) spans two 128-token chunks of the dK/dV kernel's list stream.
+    Case(g=16, d=64, t=192, hkv=1, block_size=64, k=4, dtype=jnp.bfloat16, config=MOSAIC_DKDV),
     Case(g=1, d=64, t=130, b=2, hkv=1, block_size=64, k=3, dtype=jnp.float16, config=PINGPONG_UNION),
     # A query slice (context parallelism) with a traced offset, padded rows (G=3) and a tail.
     Case(
@@ -51,14 +67,18 @@ CASES = [
     ),
 ]
 GPU_CASES = [
-    Case(g=16, d=128, t=8192 + 37, block_size=64, k=24, dtype=jnp.bfloat16, config=MOSAIC_BLOCK_SIZES),
+    Case(g=16, d=128, t=8192 + 37, block_size=64, k=24, dtype=jnp.bfloat16, config=TRITON_BWD),
     Case(g=2, d=64, t=4096 + 5, block_size=64, k=16, dtype=jnp.bfloat16, config=PINGPONG_UNION),
     Case(g=16, d=128, t=32768, hkv=1, block_size=64, k=8, dtype=jnp.bfloat16, config=MOSAIC_BLOCK_SIZES),
+    Case(g=16, d=128, t=8192 + 37, block_size=64, k=24, dtype=jnp.bfloat16, config=MOSAIC_DKDV),
+    Case(g=4, d=128, t=16384 + 5, hkv=1, block_size=64, k=40, dtype=jnp.bfloat16, config=MOSAIC_BLOCK_SIZES),
+    Case(g=16, d=64, t=4096 + 11, b=2, block_size=64, k=24, dtype=jnp.float16, config=MOSAIC_BLOCK_SIZES),
 ]
 
 
 def _ids(case):
-    return f"{case}-mosaic-{'union' if case.config.min_share == 1 else 'share2'}"
+    bwd = "".join(f"-{name}" for name in ("dkdv", "dq") if getattr(case.config, f"mosaic_{name}") is not None)
+    return f"{case}-mosaic-{'union' if case.config.min_share == 1 else 'share2'}{bwd}"
 
 
 @pytest.mark.parametrize("case", CASES, ids=_ids)
@@ -81,6 +101,10 @@ def test_chunked_forward_is_bit_identical():
 def test_config_needs_8_token_tiles():
     with pytest.raises(ValueError, match="8-token tiles"):
         BlockSizes(tile_tokens=4, mosaic=MosaicTile())
+    with pytest.raises(ValueError, match="8-token tiles"):
+        BlockSizes(tile_tokens=4, mosaic_dq=MosaicTile())
+    with pytest.raises(ValueError, match="no ping-pong"):
+        BlockSizes(tile_tokens=8, mosaic_dq=MosaicTile(pingpong=True))
 
 
 @pytest.mark.parametrize(("dtype", "block_size"), [(jnp.float32, 64), (jnp.bfloat16, 32)], ids=str)
@@ -88,7 +112,7 @@ def test_unsupported_inputs_raise(dtype, block_size):
     q = jnp.zeros((1, 64, 16, 64), dtype)
     k = jnp.zeros((1, 64, 1, 64), dtype)
     idx = jnp.zeros((1, 1, 64, 2), jnp.int32)
-    with pytest.raises(NotImplementedError, match="Mosaic GPU tile phase"):
+    with pytest.raises(NotImplementedError, match="Mosaic GPU kernels"):
         sparse_attention_pallas(
             q, k, k, idx, block_size=block_size, config=MOSAIC_BLOCK_SIZES, interpret=INTERPRET
         )
@@ -126,3 +150,79 @@ def test_lowers_for_cuda(mosaic):
 
     text = jax.jit(tile_phase).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert "mosaic_gpu" in text
+
+
+@pytest.mark.parametrize("dkdv", [MosaicDkdv(), MosaicDkdv(stages=1)], ids=["default", "one-slot"])
+@pytest.mark.parametrize("d", [64, 128])
+def test_dkdv_lowers_for_cuda(dkdv, d):
+    """The compiled dK/dV path (register operands, accumulators kept across steps) lowers for CUDA."""
+    b, t, hkv = 1, 256, 2
+    rows = jax.ShapeDtypeStruct((b, t, hkv, 16, d), jnp.bfloat16)
+    keys = jax.ShapeDtypeStruct((b, t, hkv, d), jnp.bfloat16)
+    entries = t * 4
+    args = (
+        jax.ShapeDtypeStruct((1,), jnp.int32),
+        rows,
+        keys,
+        keys,
+        rows,
+        jax.ShapeDtypeStruct((b, hkv, entries // 4, 2, 64), jnp.float32),
+        jax.ShapeDtypeStruct((b, hkv, entries + LIST_CHUNK), jnp.int32),
+        jax.ShapeDtypeStruct((b, hkv, t // 64, 4), jnp.int32),
+    )
+    text = jax.jit(lambda *a: dkdv_mgpu(*a, config=dkdv)).trace(*args).lower(lowering_platforms=("cuda",))
+    assert "mosaic_gpu" in text.as_text()
+
+
+@pytest.mark.parametrize(
+    "dq", [MosaicTile(), MosaicTile(stages=1, skip_unselected=False)], ids=["default", "no-skip"]
+)
+def test_dq_lowers_for_cuda(dq):
+    """The compiled dQ tile phase (register dS operand, accumulator kept across blocks) lowers for CUDA."""
+    b, t, hkv, d = 1, 256, 2, 128
+    rows = jax.ShapeDtypeStruct((b, t, hkv, 16, d), jnp.bfloat16)
+    keys = jax.ShapeDtypeStruct((b, t, hkv, d), jnp.bfloat16)
+    stats = jax.ShapeDtypeStruct((b, t, hkv, 16), jnp.float32)
+    args = (
+        jax.ShapeDtypeStruct((1,), jnp.int32),
+        rows,
+        keys,
+        keys,
+        rows,
+        stats,
+        stats,
+        jax.ShapeDtypeStruct((b, hkv, t // TILE_TOKENS, 1, 128), jnp.int32),
+        jax.ShapeDtypeStruct((b, hkv, t // TILE_TOKENS, 2), jnp.int32),
+    )
+
+    def tile_phase(*a):
+        return dq_tile_mgpu(*a, out_dtype=jnp.float32, config=dq)
+
+    assert "mosaic_gpu" in jax.jit(tile_phase).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+
+
+def test_step_lists_realign_csr():
+    """``step_lists``: each block's CSR list starts at a multiple of 32 and is padded with its last
+    token; the per-step stats are the LSE / delta rows of the step's 4 tokens; ``info`` follows
+    ``order`` (empty blocks included)."""
+    rng = np.random.default_rng(4)
+    t, k, bs, hkv = 256, 6, 64, 2
+    ids, _ = canonical_blocks(random_block_idx(rng, 1, hkv, t, k, bs), padded_len=t, block_size=bs)
+    tokens, spans, order = build_csr(ids, block_size=bs, pad=0, mask_split=True)
+    lse = jnp.asarray(rng.standard_normal((1, t, hkv, 16)), jnp.float32)
+    delta = jnp.asarray(rng.standard_normal((1, t, hkv, 16)), jnp.float32)
+    lists, stats, info = jax.device_get(step_lists(tokens, spans, order, lse, delta))
+    tokens, spans, order = jax.device_get((tokens, spans, order))
+    lse, delta = np.asarray(lse), np.asarray(delta)
+    for h in range(hkv):
+        for rank, (start, end, n_partial, blk) in enumerate(info[0, h]):
+            lo, hi, want_partial = spans[0, h, blk]
+            assert blk == order[0, h, rank] and n_partial == want_partial
+            assert start % 32 == 0 and end - start == hi - lo
+            assert lists[0, h, start:end].tolist() == tokens[0, h, lo:hi].tolist()
+            padded = -(-(end - start) // 32) * 32
+            assert (lists[0, h, end : start + padded] == tokens[0, h, hi - 1]).all()
+            for step in range(start // 4, (start + padded) // 4):
+                toks = lists[0, h, 4 * step : 4 * step + 4]
+                np.testing.assert_array_equal(stats[0, h, step, 0], lse[0, toks, h].reshape(64))
+                np.testing.assert_array_equal(stats[0, h, step, 1], delta[0, toks, h].reshape(64))
