@@ -204,6 +204,7 @@ def run(
     corr: int = DEFAULT_CORR,
     noise: float = DEFAULT_NOISE,
     log=print,
+    on_row=None,
 ) -> list[dict]:
     """Measures selection and prefill; returns one dict per row (errors are rows with ``error``).
 
@@ -220,6 +221,8 @@ def run(
         rows and the sweep run on the first one.
       corr, noise: parameters of the ``smooth`` inputs (``smooth_process``).
       log: progress printer.
+      on_row: called with the rows so far after each new row (the caller saves them, so that a run
+        cut short keeps what it measured).
     """
     input_kinds = tuple(dict.fromkeys(input_kinds))  # drop repeats, keep the order
     if not input_kinds:
@@ -261,6 +264,8 @@ def run(
             row["paper_a100_select_ms"] = PAPER_A100_SELECT_MS[t]
         rows.append(row)
         log(_format_row(row))
+        if on_row is not None:
+            on_row(rows)
         return row, compiled
 
     select_fn = _pallas_select_fn(cfg, pallas_selection.BlockSizes(), on_cpu)
@@ -505,7 +510,6 @@ def main(argv=None) -> None:
         name = "bench_selection_h200"
     device = jax.devices()[0]
     print(f"device: {device.device_kind}  jax {jax.__version__}")
-    rows = run(**kwargs)
     args.out.mkdir(parents=True, exist_ok=True)
     report = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
@@ -519,9 +523,14 @@ def main(argv=None) -> None:
             f"dense rows: measured once per length, on the {inputs['input_kinds'][0]!r} inputs (dense "
             "attention does no value-dependent work); speedup_vs_cudnn_dense of every kind divides by them"
         ),
-        "rows": rows,
+        "rows": [],
     }
-    (args.out / f"{name}.json").write_text(json.dumps(report, indent=1))
+
+    def save(rows):
+        (args.out / f"{name}.json").write_text(json.dumps(report | {"rows": rows}, indent=1))
+
+    rows = run(**kwargs, on_row=save)
+    save(rows)
     plot(rows, args.out / f"{name}.png")
     print(f"\n{summary(rows)}\n")
     print(f"wrote {args.out / f'{name}.json'} and {args.out / f'{name}.png'}")
