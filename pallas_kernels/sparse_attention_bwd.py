@@ -365,8 +365,11 @@ def backward(residuals, dout, *, block_size: int, config: BlockSizes, interpret:
     kp, vp = pad_keys(k, block_size), pad_keys(v, block_size)
     kb, vb = block_view(kp, block_size), block_view(vp, block_size)
     common = dict(stages=config.num_stages, interpret=interpret)
-    dq0 = None
+    dq5 = None
+    tile_dtype = jnp.float32 if config.has_token_phase else q5.dtype
     if lists.tile_ids is not None and config.mosaic_dq is not None:
+        # Packed again from the residual lists: a cheap elementwise op, and the Triton dQ reads the
+        # unpacked ones.
         packed = pack_tile_lists(lists.tile_ids, lists.tile_bits, lists.tile_cnt)
         dq5 = dq_tile_mgpu(
             off,
@@ -378,11 +381,10 @@ def backward(residuals, dout, *, block_size: int, config: BlockSizes, interpret:
             delta,
             packed,
             lists.tile_cnt,
-            out_dtype=jnp.float32 if config.has_token_phase else q5.dtype,
+            out_dtype=tile_dtype,
             config=config.mosaic_dq,
             interpret=interpret,
         )
-        dq0 = dq5
     elif lists.tile_ids is not None:
         dq5 = _dq_call(
             off,
@@ -400,10 +402,9 @@ def backward(residuals, dout, *, block_size: int, config: BlockSizes, interpret:
             n_sub=1,
             kv_blocks=config.tile_kv_blocks,
             warps=config.tile_warps,
-            out_dtype=jnp.float32 if config.has_token_phase else q5.dtype,
+            out_dtype=tile_dtype,
             **common,
         )
-        dq0 = dq5
     if config.has_token_phase:
         dq5 = _dq_call(
             off,
@@ -416,7 +417,7 @@ def backward(residuals, dout, *, block_size: int, config: BlockSizes, interpret:
             lists.token_ids,
             lists.token_cnt,
             None,
-            dq0,
+            dq5,
             tile_tokens=1,
             n_sub=config.token_batch,
             kv_blocks=config.token_kv_blocks,
@@ -424,25 +425,23 @@ def backward(residuals, dout, *, block_size: int, config: BlockSizes, interpret:
             out_dtype=q5.dtype,
             **common,
         )
-    num_blocks = kp.shape[1] // block_size
-    if config.mosaic_dkdv is not None:
-        # The Mosaic kernel masks only the steps that need it, so it wants the partial-token counts.
-        tokens, spans, order = build_csr(
-            ids, block_size=block_size, pad=0, mask_split=True, num_blocks=num_blocks, q_offset=off[0]
-        )
-        lists, stats, info = step_lists(tokens, spans, order, lse, delta)
+    mosaic_dkdv = config.mosaic_dkdv is not None
+    tokens, spans, order = build_csr(
+        ids,
+        block_size=block_size,
+        # The Mosaic kernel reads whole realigned steps (no read past the end) and masks only the
+        # steps that need it, so it wants the partial-token counts.
+        pad=0 if mosaic_dkdv else config.dkv_tokens,
+        mask_split=mosaic_dkdv or config.mask_split,
+        num_blocks=kp.shape[1] // block_size,
+        q_offset=off[0],
+    )
+    if mosaic_dkdv:
+        step_tokens, stats, info = step_lists(tokens, spans, order, lse, delta)
         dk, dv = dkdv_mgpu(
-            off, q5, kp, vp, do5, stats, lists, info, config=config.mosaic_dkdv, interpret=interpret
+            off, q5, kp, vp, do5, stats, step_tokens, info, config=config.mosaic_dkdv, interpret=interpret
         )
     else:
-        tokens, spans, order = build_csr(
-            ids,
-            block_size=block_size,
-            pad=config.dkv_tokens,
-            mask_split=config.mask_split,
-            num_blocks=num_blocks,
-            q_offset=off[0],
-        )
         dk, dv = _dkdv_call(
             off,
             q5,

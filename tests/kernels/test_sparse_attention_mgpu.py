@@ -127,6 +127,30 @@ def test_default_tiling():
     assert default_block_sizes(jnp.bfloat16, 128, 64, interpret=INTERPRET) == want
 
 
+# Abstract operands of the lowering tests: 1 batch row, 256 tokens, 2 KV heads.
+_B, _T, _HKV = 1, 256, 2
+
+
+def _abstract(shape, dtype=jnp.bfloat16):
+    return jax.ShapeDtypeStruct(shape, dtype)
+
+
+def _operands(d):
+    """Key offset, q/dO rows ``[B, T, Hkv, 16, D]`` and K/V ``[B, T, Hkv, D]``."""
+    return _abstract((1,), jnp.int32), _abstract((_B, _T, _HKV, 16, d)), _abstract((_B, _T, _HKV, d))
+
+
+def _packed_tile_lists():
+    """Packed 8-token tile lists (one 128-entry row) and their counts."""
+    tiles = _T // TILE_TOKENS
+    return _abstract((_B, _HKV, tiles, 1, 128), jnp.int32), _abstract((_B, _HKV, tiles, 2), jnp.int32)
+
+
+def _assert_lowers_for_cuda(fn, *args):
+    text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert "mosaic_gpu" in text
+
+
 @pytest.mark.parametrize(
     "mosaic",
     [MOSAIC_BLOCK_SIZES.mosaic, PINGPONG_UNION.mosaic, MosaicTile(stages=3, pingpong=True)],
@@ -135,43 +159,26 @@ def test_default_tiling():
 def test_lowers_for_cuda(mosaic):
     """The compiled path (register P operand, real Mosaic lowering and layout inference), which the
     interpreter does not take, lowers for a CUDA target without a GPU (D=128, bf16, fp32 state)."""
-    b, t, hkv, d = 1, 256, 2, 128
-    args = (
-        jax.ShapeDtypeStruct((1,), jnp.int32),
-        jax.ShapeDtypeStruct((b, t, hkv, 16, d), jnp.bfloat16),
-        jax.ShapeDtypeStruct((b, t, hkv, d), jnp.bfloat16),
-        jax.ShapeDtypeStruct((b, t, hkv, d), jnp.bfloat16),
-        jax.ShapeDtypeStruct((b, hkv, t // TILE_TOKENS, 1, 128), jnp.int32),
-        jax.ShapeDtypeStruct((b, hkv, t // TILE_TOKENS, 2), jnp.int32),
-    )
+    off, q5, keys = _operands(128)
 
     def tile_phase(*a):
-        return tile_phase_mgpu(*a, start=0, length=t, out_dtype=jnp.float32, config=mosaic)
+        return tile_phase_mgpu(*a, start=0, length=_T, out_dtype=jnp.float32, config=mosaic)
 
-    text = jax.jit(tile_phase).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-    assert "mosaic_gpu" in text
+    _assert_lowers_for_cuda(tile_phase, off, q5, keys, keys, *_packed_tile_lists())
 
 
 @pytest.mark.parametrize("dkdv", [MosaicDkdv(), MosaicDkdv(stages=1)], ids=["default", "one-slot"])
 @pytest.mark.parametrize("d", [64, 128])
 def test_dkdv_lowers_for_cuda(dkdv, d):
     """The compiled dK/dV path (register operands, accumulators kept across steps) lowers for CUDA."""
-    b, t, hkv = 1, 256, 2
-    rows = jax.ShapeDtypeStruct((b, t, hkv, 16, d), jnp.bfloat16)
-    keys = jax.ShapeDtypeStruct((b, t, hkv, d), jnp.bfloat16)
-    entries = t * 4
-    args = (
-        jax.ShapeDtypeStruct((1,), jnp.int32),
-        rows,
-        keys,
-        keys,
-        rows,
-        jax.ShapeDtypeStruct((b, hkv, entries // 4, 2, 64), jnp.float32),
-        jax.ShapeDtypeStruct((b, hkv, entries + LIST_CHUNK), jnp.int32),
-        jax.ShapeDtypeStruct((b, hkv, t // 64, 4), jnp.int32),
+    off, rows, keys = _operands(d)
+    entries = _T * 4
+    stats = _abstract((_B, _HKV, entries // 4, 2, 64), jnp.float32)
+    lists = _abstract((_B, _HKV, entries + LIST_CHUNK), jnp.int32)
+    info = _abstract((_B, _HKV, _T // 64, 4), jnp.int32)
+    _assert_lowers_for_cuda(
+        lambda *a: dkdv_mgpu(*a, config=dkdv), off, rows, keys, keys, rows, stats, lists, info
     )
-    text = jax.jit(lambda *a: dkdv_mgpu(*a, config=dkdv)).trace(*args).lower(lowering_platforms=("cuda",))
-    assert "mosaic_gpu" in text.as_text()
 
 
 @pytest.mark.parametrize(
@@ -179,26 +186,13 @@ def test_dkdv_lowers_for_cuda(dkdv, d):
 )
 def test_dq_lowers_for_cuda(dq):
     """The compiled dQ tile phase (register dS operand, accumulator kept across blocks) lowers for CUDA."""
-    b, t, hkv, d = 1, 256, 2, 128
-    rows = jax.ShapeDtypeStruct((b, t, hkv, 16, d), jnp.bfloat16)
-    keys = jax.ShapeDtypeStruct((b, t, hkv, d), jnp.bfloat16)
-    stats = jax.ShapeDtypeStruct((b, t, hkv, 16), jnp.float32)
-    args = (
-        jax.ShapeDtypeStruct((1,), jnp.int32),
-        rows,
-        keys,
-        keys,
-        rows,
-        stats,
-        stats,
-        jax.ShapeDtypeStruct((b, hkv, t // TILE_TOKENS, 1, 128), jnp.int32),
-        jax.ShapeDtypeStruct((b, hkv, t // TILE_TOKENS, 2), jnp.int32),
-    )
+    off, rows, keys = _operands(128)
+    stats = _abstract((_B, _T, _HKV, 16), jnp.float32)
 
     def tile_phase(*a):
         return dq_tile_mgpu(*a, out_dtype=jnp.float32, config=dq)
 
-    assert "mosaic_gpu" in jax.jit(tile_phase).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    _assert_lowers_for_cuda(tile_phase, off, rows, keys, keys, rows, stats, stats, *_packed_tile_lists())
 
 
 def test_step_lists_realign_csr():
