@@ -48,7 +48,7 @@ import numpy as np
 
 # A sibling script, not a package module: importable because running experiments/<script>.py puts
 # experiments/ first on sys.path (the documented way to run these benchmarks).
-from bench_attention import smooth_process
+from bench_attention import kernel_times, smooth_process
 
 from infllm_jax import SparseConfig, ops
 from infllm_jax.ops.pallas_backend import selection_kwargs
@@ -203,6 +203,7 @@ def run(
     input_kinds=INPUT_KINDS,
     corr: int = DEFAULT_CORR,
     noise: float = DEFAULT_NOISE,
+    profile_lens=(),
     log=print,
     on_row=None,
 ) -> list[dict]:
@@ -220,6 +221,8 @@ def run(
       input_kinds: input kinds (``INPUT_KINDS``) measured at every length, in this order; the dense
         rows and the sweep run on the first one.
       corr, noise: parameters of the ``smooth`` inputs (``smooth_process``).
+      profile_lens: lengths whose Pallas prefill and select rows also get ``kernels``: device time per
+        call of the 12 slowest GPU kernels (ms, from a profiler trace).
       log: progress printer.
       on_row: called with the rows so far after each new row (the caller saves them, so that a run
         cut short keeps what it measured).
@@ -260,6 +263,9 @@ def run(
             dense_ms[t] = row["median_ms"]
         if t in dense_ms and "median_ms" in row:
             row["speedup_vs_cudnn_dense"] = dense_ms[t] / row["median_ms"]
+        if compiled is not None and impl == "pallas" and t in profile_lens:
+            row["kernels"] = kernel_times(compiled, *args)
+            log("    kernels (ms/call): " + ", ".join(f"{k} {v}" for k, v in row["kernels"].items()))
         if pass_ == "select" and t in PAPER_A100_SELECT_MS:
             row["paper_a100_select_ms"] = PAPER_A100_SELECT_MS[t]
         rows.append(row)
@@ -487,10 +493,22 @@ def main(argv=None) -> None:
         default=list(INPUT_KINDS),
         help="q/k input kinds, each with its own Pallas rows (dense rows and sweep use the first)",
     )
+    parser.add_argument(
+        "--profile-lens",
+        type=int,
+        nargs="*",
+        default=[],
+        help="lengths whose Pallas rows also record per-kernel device times (profiler)",
+    )
     parser.add_argument("--corr", type=int, default=DEFAULT_CORR, help="smooth: tokens between anchors")
     parser.add_argument("--noise", type=float, default=DEFAULT_NOISE, help="smooth: white-noise amplitude")
     args = parser.parse_args(argv)
-    inputs = dict(input_kinds=tuple(dict.fromkeys(args.inputs)), corr=args.corr, noise=args.noise)
+    inputs = dict(
+        input_kinds=tuple(dict.fromkeys(args.inputs)),
+        corr=args.corr,
+        noise=args.noise,
+        profile_lens=tuple(args.profile_lens),
+    )
 
     if args.smoke:
         kwargs = dict(
