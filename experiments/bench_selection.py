@@ -263,7 +263,7 @@ def run(
             dense_ms[t] = row["median_ms"]
         if t in dense_ms and "median_ms" in row:
             row["speedup_vs_cudnn_dense"] = dense_ms[t] / row["median_ms"]
-        if compiled is not None and impl == "pallas" and t in profile_lens:
+        if compiled is not None and impl.startswith("pallas") and t in profile_lens:
             row["kernels"] = kernel_times(compiled, *args)
             log("    kernels (ms/call): " + ", ".join(f"{k} {v}" for k, v in row["kernels"].items()))
         if pass_ == "select" and t in PAPER_A100_SELECT_MS:
@@ -274,7 +274,13 @@ def run(
             on_row(rows)
         return row, compiled
 
-    select_fn = _pallas_select_fn(cfg, pallas_selection.BlockSizes(), on_cpu)
+    # The default tiling (the Mosaic GPU scoring kernel on Hopper) and, where that is not Triton, the
+    # Triton scoring kernel for comparison; the top-k kernel is the same.
+    group, pool = shape.q_heads // shape.kv_heads, cfg.block_size // cfg.kernel_stride
+    default_tiling = pallas_selection.default_block_sizes(dtype, shape.head_dim, group, pool, on_cpu)
+    select_variants = {"pallas": default_tiling}
+    if default_tiling.mosaic is not None:
+        select_variants["pallas_triton"] = pallas_selection.BlockSizes()
     for t in sorted(set(select_lens) | set(prefill_lens)):
         for kind in input_kinds:
             q, k, v = _inputs(t, shape, dtype, kind, corr, noise)
@@ -301,10 +307,18 @@ def run(
                     kind,
                 )
             if t in select_lens:
-                block_sizes = dataclasses.asdict(pallas_selection.BlockSizes())
-                _, pallas_compiled = record(
-                    "pallas", "select", t, select_fn, (q, k), kind, block_sizes=block_sizes
-                )
+                for impl, tiling in select_variants.items():
+                    _, compiled = record(
+                        impl,
+                        "select",
+                        t,
+                        _pallas_select_fn(cfg, tiling, on_cpu),
+                        (q, k),
+                        kind,
+                        block_sizes=dataclasses.asdict(tiling),
+                    )
+                    if impl == "pallas":
+                        pallas_compiled = compiled
                 if t == min(select_lens):
                     # Per kind: how often bf16 near-ties order differently depends on the score values.
                     xla_row, xla_compiled = record(
@@ -380,24 +394,30 @@ def _format_row(row: dict) -> str:
 
 def summary(rows: list[dict]) -> str:
     """Side-by-side table: per (pass, length), the dense time and each input kind's Pallas time and
-    speedup, so the effect of the inputs on the same kernels reads off one line (sweep rows left out)."""
+    speedup, so the effect of the inputs on the same kernels reads off one line (sweep rows left out;
+    other Pallas tilings, e.g. ``pallas_triton``, get their own lines, ``select/triton``)."""
     kinds = list(dict.fromkeys(r["inputs"] for r in rows if r["implementation"] == "pallas"))
     dense = {r["seq_len"]: r for r in rows if r["pass"] == "prefill" and r["implementation"] != "pallas"}
+
+    def label(row):
+        variant = row["implementation"].removeprefix("pallas").lstrip("_")
+        return f"{row['pass']}/{variant}" if variant else row["pass"]
+
     pallas = {
-        (r["pass"], r["seq_len"], r["inputs"]): r
+        (label(r), r["seq_len"], r["inputs"]): r
         for r in rows
-        if r["implementation"] == "pallas" and not r.get("sweep")
+        if r["implementation"].startswith("pallas") and not r.get("sweep")
     }
 
     def cell(row, key, spec):
         return format(row[key], spec) if row is not None and key in row else "-"
 
-    head = f"{'pass':>8} {'T':>7} {'dense ms':>10}" + "".join(
+    head = f"{'pass':>14} {'T':>7} {'dense ms':>10}" + "".join(
         f" | {kind + ' ms':>12} {'x dense':>7}" for kind in kinds
     )
     lines = [head, "-" * len(head)]
     for pass_, t in sorted({(p, t) for p, t, _ in pallas}, key=lambda pt: (pt[0] != "prefill", pt[1])):
-        line = f"{pass_:>8} {t:>7} {cell(dense.get(t), 'median_ms', '10.2f'):>10}"
+        line = f"{pass_:>14} {t:>7} {cell(dense.get(t), 'median_ms', '10.2f'):>10}"
         for kind in kinds:
             row = pallas.get((pass_, t, kind))
             speedup = cell(row, "speedup_vs_cudnn_dense", "7.2f")
@@ -429,6 +449,10 @@ def plot(rows: list[dict], path: Path) -> None:
         "selection only (Pallas)": (
             "C2",
             lambda r: r["pass"] == "select" and r["implementation"] == "pallas" and not r.get("sweep"),
+        ),
+        "selection only (Pallas, Triton scoring)": (
+            "C3",
+            lambda r: r["pass"] == "select" and r["implementation"] == "pallas_triton",
         ),
     }
     fig, (ax_t, ax_s, ax_m) = plt.subplots(1, 3, figsize=(17, 4.8))
@@ -493,6 +517,8 @@ def main(argv=None) -> None:
         default=list(INPUT_KINDS),
         help="q/k input kinds, each with its own Pallas rows (dense rows and sweep use the first)",
     )
+    parser.add_argument("--select-lens", type=int, nargs="+", help="lengths of the select rows")
+    parser.add_argument("--prefill-lens", type=int, nargs="+", help="lengths of the prefill rows")
     parser.add_argument(
         "--profile-lens",
         type=int,
@@ -526,6 +552,9 @@ def main(argv=None) -> None:
     else:
         kwargs = dict(sweep_len=None if args.no_sweep else 32768, iters=args.iters, **inputs)
         name = "bench_selection_h200"
+    lens = {"select_lens": args.select_lens, "prefill_lens": args.prefill_lens}
+    kwargs |= {key: tuple(value) for key, value in lens.items() if value}
+    shape, cfg = kwargs.get("shape", MINICPM4_SHAPE), kwargs.get("cfg", SHIPPED)
     device = jax.devices()[0]
     print(f"device: {device.device_kind}  jax {jax.__version__}")
     args.out.mkdir(parents=True, exist_ok=True)
@@ -534,8 +563,16 @@ def main(argv=None) -> None:
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "device": device.device_kind,
         "jax_version": jax.__version__,
-        "config": dataclasses.asdict(kwargs.get("cfg", SHIPPED)),
-        "block_sizes_default": dataclasses.asdict(pallas_selection.BlockSizes()),
+        "config": dataclasses.asdict(cfg),
+        "block_sizes_default": dataclasses.asdict(
+            pallas_selection.default_block_sizes(
+                jnp.bfloat16,
+                shape.head_dim,
+                shape.q_heads // shape.kv_heads,
+                cfg.block_size // cfg.kernel_stride,
+                device.platform == "cpu",
+            )
+        ),
         "inputs": {kind: describe_inputs(kind, args.corr, args.noise) for kind in inputs["input_kinds"]},
         "dense_baseline": (
             f"dense rows: measured once per length, on the {inputs['input_kinds'][0]!r} inputs (dense "

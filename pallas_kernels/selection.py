@@ -31,6 +31,10 @@ the chunk's queries (64 MiB there) and the int32 ids of all chunks (128 MiB). Th
 temporaries at 128K, 32/2 heads, hd 128: 657 MiB (XLA buffer assignment of the same program on CPU),
 against 4.3 GB for the group-summed score matrix alone.
 
+On Hopper GPUs the scoring runs instead as a warp-specialised Mosaic GPU kernel
+(``selection_mgpu.score_tiles_mgpu``, ``BlockSizes.mosaic``; ``default_block_sizes`` picks it) with the
+same outputs; the top-k kernel is shared.
+
 Precision: with bf16/f16 inputs the score dots take bf16/f16 operands (the compressed keys are
 rounded to the input dtype) with float32 accumulation, and the ``"mma"`` group sum takes ``p`` in
 bf16 (as flash attention's P); everything else is float32. With float32 inputs every dot runs at
@@ -47,8 +51,18 @@ import jax.numpy as jnp
 from jax import lax
 
 from pallas_kernels._compat import pl, pltriton, triton_params
+from pallas_kernels.selection_mgpu import (
+    KEY_TILE,
+    TILE_TOKENS,
+    MosaicScore,
+    permute_fine_keys,
+    score_tiles_mgpu,
+    supported_mosaic_scoring,
+    visible_kernels,
+)
+from pallas_kernels.tiling import GROUP_ROWS
 
-__all__ = ["BlockSizes", "compress_keys", "select_blocks"]
+__all__ = ["MOSAIC_SELECTION", "BlockSizes", "compress_keys", "default_block_sizes", "select_blocks"]
 
 _LOG2E = math.log2(math.e)
 _INT32_MIN = -(2**31)
@@ -73,6 +87,9 @@ class BlockSizes:
       group_sum: how the G query heads of a token are summed: ``"mma"`` (a dot with a 0/1 matrix;
         ``p`` enters it in bf16 unless the inputs are float32) or ``"reshape"`` (an exact float32
         reshape + sum, which costs a layout change through shared memory per tile).
+      mosaic: score with the Mosaic GPU kernel (Hopper; bf16/fp16, head dim 64/128) instead of the
+        Triton one; ``score_rows``, ``block_k1``, ``block_k2``, ``score_warps``, ``score_stages`` and
+        ``group_sum`` then do not apply (it sums the group by an MMA with ``p`` in bf16).
     """
 
     score_rows: int = 128
@@ -85,6 +102,7 @@ class BlockSizes:
     chunk_bytes: int = 512 * 2**20
     max_chunk: int = 8192
     group_sum: str = "mma"
+    mosaic: MosaicScore | None = None
 
     def __post_init__(self):
         if self.group_sum not in ("mma", "reshape"):
@@ -135,11 +153,6 @@ def _dot(a, b, exact: bool):
         precision=lax.Precision.HIGHEST if exact else None,
         preferred_element_type=jnp.float32,
     )
-
-
-def _visible(t, size: int, step: int, n: int):
-    """Number of kernels ``c < n`` whose window ``[step*c, step*c + size)`` ends at or before ``t``."""
-    return jnp.minimum(lax.div(jnp.maximum(t + 1 - size + step, 0), step), n)
 
 
 def _score_kernel(
@@ -202,9 +215,9 @@ def _score_kernel(
         return m_new, l
 
     carry = (jnp.full((1, rows), -jnp.inf, jnp.float32), jnp.zeros((1, rows), jnp.float32))
-    n_all = lax.div(_visible(t_first, size2, stride2, n2), block_k2)
+    n_all = lax.div(visible_kernels(t_first, size2, stride2, n2), block_k2)
     carry = lax.fori_loop(0, n_all, functools.partial(coarse_step, masked=False), carry)
-    n_any = _cdiv(_visible(t_last, size2, stride2, n2), block_k2)
+    n_any = _cdiv(visible_kernels(t_last, size2, stride2, n2), block_k2)
     m, l = lax.fori_loop(n_all, n_any, functools.partial(coarse_step, masked=True), carry)
     # A token with no visible coarse kernel scores 0 everywhere (the official wrapper zeroes its NaNs),
     # and padded group rows (g >= G) never count: lse = +inf makes their p exactly 0 without a mask.
@@ -248,9 +261,9 @@ def _score_kernel(
         pltriton.store(halo_ref.at[tok, jnp.where(tok_ok, blk + 1, spare)], last, mask=tok_ok)
         return carry
 
-    n_all = lax.div(_visible(t_first, size1, stride, n1), block_k1)
+    n_all = lax.div(visible_kernels(t_first, size1, stride, n1), block_k1)
     lax.fori_loop(0, n_all, functools.partial(fine_step, masked=False), 0)
-    n_any = _cdiv(_visible(t_last, size1, stride, n1), block_k1)
+    n_any = _cdiv(visible_kernels(t_last, size1, stride, n1), block_k1)
     lax.fori_loop(n_all, n_any, functools.partial(fine_step, masked=True), 0)
 
 
@@ -284,7 +297,7 @@ def _topk_kernel(
         pos_ref[0] + pl.program_id(0) * tq + lax.broadcasted_iota(jnp.int32, (tq, 1), 0), pos_ref[1]
     )  # [tq, 1]
     j = lax.broadcasted_iota(jnp.int32, (1, nb_pad), 1)
-    n1_vis = _visible(t, 2 * stride, stride, n1)  # [tq, 1]
+    n1_vis = visible_kernels(t, 2 * stride, stride, n1)  # [tq, 1]
     # Block j pools kernels pool*j - 1 .. pool*j + pool - 1. Invisible kernels score 0, and S >= 0,
     # so a part no kernel of which is visible contributes 0; the score kernel wrote every visible part.
     body = pltriton.load(body_ref.at[:, pl.ds(0, nb_pad)], mask=pool * j < n1_vis, other=0.0)
@@ -348,6 +361,26 @@ def _check_supported(q, k, block_size, kernel_size, kernel_stride, block_sizes):
         raise NotImplementedError(f"pallas selection supports head_dim <= 256, got {d}")
     if _next_pow2(-(-t // block_size)) > _MAX_ROW:
         raise NotImplementedError(f"pallas selection supports at most {_MAX_ROW} key blocks, got T={t}")
+    if block_sizes.mosaic is not None:
+        reason = supported_mosaic_scoring(q.dtype, d, hq // k.shape[2], pool)
+        if reason is not None:
+            raise NotImplementedError(f"Mosaic GPU scoring does not support {reason}")
+
+
+# The selection tiling on Hopper GPUs: the Mosaic GPU scoring kernel, the Triton top-k.
+MOSAIC_SELECTION = BlockSizes(mosaic=MosaicScore())
+
+
+def default_block_sizes(dtype, head_dim: int, group: int, pool: int, interpret: bool) -> BlockSizes:
+    """The tiling ``select_blocks`` uses when none is given: ``MOSAIC_SELECTION`` when compiling for a
+    Hopper GPU (compute capability 9.x: WGMMA and TMA) with inputs the Mosaic scoring kernel supports
+    (``supported_mosaic_scoring``), else ``BlockSizes()`` (Triton only, and the interpret-mode default)."""
+    if interpret or jax.default_backend() != "gpu":
+        return BlockSizes()
+    major = str(getattr(jax.devices()[0], "compute_capability", "0")).split(".")[0]
+    if major == "9" and supported_mosaic_scoring(dtype, head_dim, group, pool) is None:
+        return MOSAIC_SELECTION
+    return BlockSizes()
 
 
 @functools.partial(
@@ -376,7 +409,7 @@ def select_blocks(
     num_selected: int,
     q_offset: int | jax.Array = 0,
     query_chunk: int | None = None,
-    block_sizes: BlockSizes = BlockSizes(),
+    block_sizes: BlockSizes | None = None,
     interpret: bool = False,
 ) -> jax.Array:
     """InfLLM-V2 block selection for every query token (no gradient).
@@ -391,7 +424,7 @@ def select_blocks(
         positions (context parallelism); may be traced.
       query_chunk: tokens per chunk (rounded up to a power of two); default from
         ``block_sizes.chunk_bytes``.
-      block_sizes: kernel tiling.
+      block_sizes: kernel tiling (default: ``default_block_sizes``).
       interpret: run the kernels in the Pallas interpreter (CPU).
 
     Returns:
@@ -402,17 +435,21 @@ def select_blocks(
     Raises:
       NotImplementedError: for inputs these kernels do not handle (the dispatcher falls back to XLA).
     """
-    _check_supported(q, k, block_size, kernel_size, kernel_stride, block_sizes)
-    q, k = lax.stop_gradient(q), lax.stop_gradient(k)
     b, t, hq, d = q.shape
     t_keys, hkv = k.shape[1], k.shape[2]
     g = hq // hkv
-    gp = _next_pow2(g)
-    dp = max(16, _next_pow2(d))  # dot K >= 16, power-of-two tiles
     pool = block_size // kernel_stride
+    if block_sizes is None:
+        block_sizes = default_block_sizes(q.dtype, d, g, pool, interpret)
+    _check_supported(q, k, block_size, kernel_size, kernel_stride, block_sizes)
+    q, k = lax.stop_gradient(q), lax.stop_gradient(k)
     bs = block_sizes
-    tq = bs.score_rows // gp
-    nbt = bs.block_k1 // pool
+    mosaic = bs.mosaic is not None
+    # Query rows per token: the group padded to a power of two (Triton) or to 16 (Mosaic).
+    gp = GROUP_ROWS if mosaic else _next_pow2(g)
+    dp = d if mosaic else max(16, _next_pow2(d))  # Triton: dot K >= 16, power-of-two tiles
+    tq = TILE_TOKENS if mosaic else bs.score_rows // gp  # tokens per scoring program / CTA
+    nbt = (KEY_TILE if mosaic else bs.block_k1) // pool  # blocks per fine-key tile
     nb = -(-t_keys // block_size)
     nb_pad = max(_next_pow2(nb), nbt)
     # Columns of body/halo: nb_pad blocks, then spare columns (the shifted halo store of the last block
@@ -434,7 +471,10 @@ def select_blocks(
         kc = jnp.pad(kc, ((0, 0), (0, n_pad - kc.shape[1]), (0, 0), (0, dp - d)))
         return kc.swapaxes(1, 2).astype(q.dtype)
 
-    k1, k2 = key_layout(k1, bs.block_k1), key_layout(k2, bs.block_k2)
+    if mosaic:
+        k1, k2 = permute_fine_keys(key_layout(k1, KEY_TILE), pool), key_layout(k2, KEY_TILE)
+    else:
+        k1, k2 = key_layout(k1, bs.block_k1), key_layout(k2, bs.block_k2)
 
     if query_chunk is None:
         # body + halo of one chunk stay within chunk_bytes (the largest power of two that fits).
@@ -513,7 +553,23 @@ def select_blocks(
         q_c = jnp.pad(q_c, ((0, 0), (0, 0), (0, 0), (0, gp - g), (0, dp - d)))
         q_c = q_c.transpose(0, 2, 1, 3, 4).reshape(b, hkv, chunk * gp, dp)
         pos = jnp.stack([start + q_offset, t - 1 + q_offset]).astype(jnp.int32)
-        body, halo = score_call(pos, q_c, k1, k2)
+        if mosaic:
+            body, halo = score_tiles_mgpu(
+                pos,
+                q_c,
+                k1,
+                k2,
+                n1=n1,
+                n2=n2,
+                stride=kernel_stride,
+                group=g,
+                pool=pool,
+                width=width,
+                config=bs.mosaic,
+                interpret=interpret,
+            )
+        else:
+            body, halo = score_call(pos, q_c, k1, k2)
         return topk_call(pos, body, halo)  # [B, Hkv, C, Kp]
 
     idx = lax.map(one_chunk, jnp.arange(n_chunks, dtype=jnp.int32) * chunk)  # [n_chunks, B, Hkv, C, Kp]

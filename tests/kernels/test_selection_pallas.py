@@ -206,6 +206,99 @@ def test_bf16_selection_is_a_valid_topk(cfg, t, hq, hkv, d, chunk, group_sum):
     assert_valid_topk(got, scores, tokens, cfg, bf16_score_tolerance(q, k, cfg, group_sum))
 
 
+MOSAIC = pallas_selection.MOSAIC_SELECTION
+POOL2 = SparseConfig(block_size=8, kernel_size=8, kernel_stride=4, window_size=8, topk=3, dense_len=-1)
+
+
+@pytest.mark.parametrize(
+    "cfg,t,hq,hkv,d,chunk,dtype",
+    [
+        pytest.param(SMALL, 100, 32, 2, 64, None, jnp.bfloat16, id="G16-T100-d64-bf16"),
+        pytest.param(
+            dataclasses.replace(SMALL, topk=5), 203, 6, 2, 128, 64, jnp.float16, id="G3-T203-d128-f16-chunked"
+        ),
+        pytest.param(SMALL, 1100, 16, 1, 64, 512, jnp.bfloat16, id="G16-T1100-several-key-tiles"),
+        pytest.param(
+            dataclasses.replace(SHIPPED, window_size=128, topk=4),
+            600,
+            16,
+            1,
+            64,
+            128,
+            jnp.bfloat16,
+            id="shipped-geometry-T600",
+        ),
+        pytest.param(POOL2, 150, 8, 2, 64, None, jnp.bfloat16, id="pool2-G4-T150"),
+    ],
+)
+def test_mosaic_scoring_is_a_valid_topk(cfg, t, hq, hkv, d, chunk, dtype):
+    """The Mosaic GPU scoring kernel (``selection_mgpu``; the Triton top-k) against the float32
+    reference: exact structure, valid top-k within the bf16 bound (its group sum is an MMA on bf16
+    ``p``, as the Triton ``"mma"`` path's)."""
+    q, k = qk(3 * t + hq, 1, t, hq, hkv, d, dtype)
+    got = np.asarray(pallas_select(q, k, cfg, query_chunk=chunk, block_sizes=MOSAIC))
+    tokens = np.arange(t)
+    check_structure(got, tokens, cfg)
+    scores = np.asarray(block_scores(q.astype(jnp.float32), k.astype(jnp.float32), cfg), np.float64)
+    assert_valid_topk(got, scores, tokens, cfg, bf16_score_tolerance(q, k, cfg, "mma"))
+
+
+def test_mosaic_query_slice_at_a_traced_offset_matches_the_full_selection():
+    # Every token's scores depend on its own rows only, so a slice (other 8-token tiles, other chunk
+    # boundaries, more masked tiles) selects bit-identically.
+    q, k = qk(22, 1, 150, 16, 1, 64, jnp.bfloat16)
+    offset, n = 53, 64
+    select = jax.jit(
+        functools.partial(
+            pallas_selection.select_blocks,
+            **pallas_backend.selection_kwargs(SMALL),
+            query_chunk=32,
+            block_sizes=MOSAIC,
+            interpret=INTERPRET,
+        )
+    )
+    got = select(q[:, offset : offset + n], k, q_offset=jnp.int32(offset))
+    want = np.asarray(pallas_select(q, k, SMALL, block_sizes=MOSAIC))[:, :, offset : offset + n]
+    np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("pool", [2, 4, 8])
+@pytest.mark.parametrize("d", [64, 128])
+def test_mosaic_scoring_lowers_for_cuda(d, pool):
+    """The compiled path (real Mosaic lowering and layout inference, SMEM budget), which the
+    interpreter does not take, lowers for a CUDA target without a GPU."""
+    from pallas_kernels.selection_mgpu import score_tiles_mgpu
+
+    def abstract(shape, dtype):
+        return jax.ShapeDtypeStruct(shape, dtype)
+
+    args = (
+        abstract((2,), jnp.int32),
+        abstract((1, 2, 64 * 16, d), jnp.bfloat16),
+        abstract((1, 2, 512, d), jnp.bfloat16),
+        abstract((1, 2, 128, d), jnp.bfloat16),
+    )
+
+    def score(*a):
+        return score_tiles_mgpu(
+            *a, n1=500, n2=120, stride=16, group=16, pool=pool, width=528, config=MOSAIC.mosaic
+        )
+
+    text = jax.jit(score).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert "mosaic_gpu" in text
+
+
+def test_mosaic_scoring_rejects_unsupported_inputs():
+    q, k = qk(0, 1, 64, 4, 2, 64)
+    with pytest.raises(NotImplementedError, match="Mosaic GPU scoring does not support dtype"):
+        pallas_select(q, k, SMALL, block_sizes=MOSAIC)
+    q, k = q.astype(jnp.bfloat16), k.astype(jnp.bfloat16)
+    pool1 = SparseConfig(block_size=4, kernel_size=8, kernel_stride=4, window_size=8, topk=3, dense_len=-1)
+    with pytest.raises(NotImplementedError, match="block_size / kernel_stride = 1"):
+        pallas_select(q, k, pool1, block_sizes=MOSAIC)
+    assert pallas_selection.default_block_sizes(jnp.bfloat16, 64, 2, 4, interpret=True).mosaic is None
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
 def test_exact_ties_go_to_the_lowest_block_ids(dtype):
     # Identical keys at every position make every compressed key equal, so all blocks with a
@@ -300,10 +393,14 @@ def reference_scores_at(q, k, cfg, tokens):
 
 
 @pytest.mark.gpu
-def test_gpu_shipped_config_32k_bf16_is_a_valid_topk():
+@pytest.mark.parametrize(
+    "block_sizes", [None, pallas_selection.BlockSizes()], ids=["default-tiling", "triton-scoring"]
+)
+def test_gpu_shipped_config_32k_bf16_is_a_valid_topk(block_sizes):
+    # The default tiling on an H100/H200 scores with the Mosaic GPU kernel; the Triton one elsewhere.
     t = 32768
     q, k = qk(0, 1, t, 32, 2, 128, jnp.bfloat16)
-    got = np.asarray(pallas_select(q, k, SHIPPED))
+    got = np.asarray(pallas_select(q, k, SHIPPED, block_sizes=block_sizes))
     check_structure(got, np.arange(t), SHIPPED)
     # Tokens past 6144 choose 62 of their past blocks by score; check a window at 8K and the tail.
     tokens = np.concatenate([np.arange(8000, 8256), np.arange(t - 256, t)])

@@ -1,0 +1,343 @@
+"""Stage-1 scoring of the block selection as a warp-specialised Mosaic GPU kernel (Hopper).
+
+Same contract as the Triton ``selection._score_kernel``: for every query token of a chunk it writes
+``body[t, j]`` (the max over block ``j``'s own kernels of the group-summed score) and
+``halo[t, j + 1]`` (the score of block ``j``'s last kernel, part of block ``j + 1``'s pool window);
+the Triton top-k kernel combines them. The per-token score matrix never leaves the SM. Written the
+way ``sparse_attention_mgpu``'s forward tile phase is:
+
+- One CTA owns 8 consecutive tokens of the chunk for one (batch row, KV head). Two *compute*
+  warpgroups hold 4 tokens x 16 query rows each (the group's heads, zero-padded to 16): 64 rows, the
+  WGMMA row count. One *memory* warpgroup TMA-copies 64-key tiles of compressed keys into an SMEM
+  ring that both compute warpgroups read: first the coarse tiles, then the fine ones, as far as the
+  CTA's last token sees.
+- Pass 1 (coarse keys): ``S = Q K2^T`` and an online max / sum per row give the base-2 log-sum-exp
+  ``lse``; rows of padding heads, and rows that see no coarse kernel, get ``lse = +inf`` (score 0).
+- Pass 2 (fine keys): ``p = exp2(Q K1^T - lse)``, 0 where the kernel is not visible. The sum over the
+  group's heads is a second WGMMA, ``E^T P``, with a constant 0/1 matrix ``E^T`` (row ``i`` adds the
+  16 rows of token ``i``; rows 4.. are zero) and ``P`` in SMEM in bf16, as the Triton kernel's
+  ``"mma"`` group sum rounds it.
+- Pooling without moving data between threads: ``permute_fine_keys`` reorders every 64-key tile so
+  that kernel ``pool * c + i`` sits at row ``i * 64 / pool + c``. Block ``c``'s kernels are then
+  columns ``c, c + 64 / pool, ...`` of the group-summed tile, its max is the elementwise max of
+  ``pool`` column slices, and its last kernel (the next block's halo) is the last slice.
+- Rows 0..3 of the pooled tiles (the 4 tokens) go to HBM by TMA from double-buffered SMEM.
+
+Only bf16/fp16 inputs, head dims 64/128, groups of at most 16 heads and ``block_size / kernel_stride``
+in {2, 4, 8} (``supported_mosaic_scoring``).
+"""
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from pallas_kernels._compat import pl, plgpu
+from pallas_kernels.tiling import DEFAULT_MASK_VALUE, GROUP_ROWS, LOG2E
+
+__all__ = [
+    "KEY_TILE",
+    "TILE_TOKENS",
+    "MosaicScore",
+    "permute_fine_keys",
+    "score_tiles_mgpu",
+    "supported_mosaic_scoring",
+    "visible_kernels",
+]
+
+# Tokens per CTA: two compute warpgroups of 4 tokens x 16 rows each.
+TILE_TOKENS = 8
+_WG_TOKENS = 4
+_ROWS = _WG_TOKENS * GROUP_ROWS
+_COMPUTE_WGS = 2
+# Compressed keys per ring slot and per step.
+KEY_TILE = 64
+_SUPPORTED_HEAD_DIMS = (64, 128)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class MosaicScore:
+    """Launch parameters of the Mosaic GPU scoring kernel (Hopper only).
+
+    Attributes:
+      stages: key tiles in flight in the SMEM ring.
+      compute_registers, memory_registers: per-thread register budgets of the compute and memory
+        warpgroups (``setmaxnreg``).
+    """
+
+    stages: int = 3
+    compute_registers: int = 232
+    memory_registers: int = 40
+
+    def __post_init__(self):
+        if self.stages < 1:
+            raise ValueError(f"MosaicScore.stages must be >= 1, got {self.stages}")
+
+
+def supported_mosaic_scoring(dtype, head_dim: int, group: int, pool: int) -> str | None:
+    """Why ``score_tiles_mgpu`` cannot score these inputs, or ``None``."""
+    if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+        return f"dtype {jnp.dtype(dtype)} (the Mosaic scoring kernel needs bfloat16 or float16)"
+    if head_dim not in _SUPPORTED_HEAD_DIMS:
+        return f"head dim {head_dim} (supported: {_SUPPORTED_HEAD_DIMS})"
+    if group > GROUP_ROWS:
+        return f"GQA group {group} > {GROUP_ROWS}"
+    if pool not in (2, 4, 8):
+        # Pool 1 would need 64-column output buffers: more SMEM than an SM has at head dim 128.
+        return f"block_size / kernel_stride = {pool} (supported: 2, 4, 8)"
+    return None
+
+
+def visible_kernels(t, size: int, step: int, n: int):
+    """Number of kernels ``c < n`` whose window ``[step*c, step*c + size)`` ends at or before ``t``."""
+    return jnp.minimum(lax.div(jnp.maximum(t + 1 - size + step, 0), step), n)
+
+
+def _cdiv(a, b):
+    return lax.div(a + b - 1, b)
+
+
+def permute_fine_keys(k1: jax.Array, pool: int) -> jax.Array:
+    """Reorders every 64-key tile so that kernel ``pool * c + i`` lands at row ``i * (64 / pool) + c``.
+
+    Args:
+      k1: ``[B, H, n_pad, D]`` fine compressed keys, ``n_pad`` a multiple of 64.
+
+    Returns:
+      The same keys, permuted inside each tile.
+    """
+    b, h, n, d = k1.shape
+    per_tile = KEY_TILE // pool
+    return k1.reshape(b, h, n // KEY_TILE, per_tile, pool, d).swapaxes(3, 4).reshape(b, h, n, d)
+
+
+def _kernel(
+    pos_ref,
+    q_ref,
+    k1_ref,
+    k2_ref,
+    body_ref,
+    halo_ref,
+    *,
+    scratch,
+    n1: int,
+    n2: int,
+    stride: int,
+    group: int,
+    pool: int,
+    config: MosaicScore,
+):
+    """One CTA: warpgroups 0 and 1 score tokens ``4w .. 4w + 3`` of tile ``tile``, warpgroup 2 streams
+    the keys (refs and shapes as in ``score_tiles_mgpu``)."""
+    (q_smem, ring, p_smem, et_smem, out_smem), (q_bar, k_bar, k_free) = scratch
+    tile, b, h = lax.axis_index("tile"), lax.axis_index("batch"), lax.axis_index("kv")
+    wg = lax.axis_index("wg")
+    stages = config.stages
+    head_dim = q_smem.shape[-1]
+    size1, size2, stride2 = 2 * stride, 8 * stride, 4 * stride  # kernel sizes are 2x the strides
+    per_tile = KEY_TILE // pool  # blocks per fine tile
+    t_end = pos_ref[1]
+    cta_last = jnp.minimum(pos_ref[0] + tile * TILE_TOKENS + TILE_TOKENS - 1, t_end)
+    n2_tiles = _cdiv(visible_kernels(cta_last, size2, stride2, n2), KEY_TILE)
+    n1_tiles = _cdiv(visible_kernels(cta_last, size1, stride, n1), KEY_TILE)
+
+    @pl.when(wg < _COMPUTE_WGS)
+    def _compute():
+        plgpu.set_max_registers(config.compute_registers, action="increase")
+        tok0 = tile * TILE_TOKENS + wg * _WG_TOKENS  # first chunk token of this warpgroup
+        my_q, my_p, my_et = q_smem.at[wg], p_smem.at[wg], et_smem.at[wg]
+        plgpu.copy_gmem_to_smem(q_ref.at[b, h, pl.ds(tok0 * GROUP_ROWS, _ROWS)], my_q, q_bar.at[wg])
+
+        layout = plgpu.Layout.WGMMA
+        row = plgpu.broadcasted_iota(jnp.int32, (_ROWS, KEY_TILE), 0, layout=layout)
+        col = plgpu.broadcasted_iota(jnp.int32, (_ROWS, KEY_TILE), 1, layout=layout)
+        # E^T: output row i sums the 16 query rows of token i.
+        my_et[...] = (col // GROUP_ROWS == row).astype(my_et.dtype)
+        plgpu.commit_smem()
+        t_first = jnp.minimum(pos_ref[0] + tok0, t_end)
+        t_row = jnp.minimum(pos_ref[0] + tok0 + row // GROUP_ROWS, t_end)
+        row_layout = layout.reduce(1)
+        head = plgpu.broadcasted_iota(jnp.int32, (_ROWS,), 0, layout=row_layout) % GROUP_ROWS
+        qk_scale = head_dim**-0.5 * LOG2E
+        plgpu.barrier_wait(q_bar.at[wg])
+
+        def scores(j):
+            slot = lax.rem(j, stages)
+            plgpu.barrier_wait(k_bar.at[slot])
+
+            def qk(acc_ref):
+                plgpu.wgmma(acc_ref, my_q, ring.at[slot].T)
+                return acc_ref[...]
+
+            s = pl.run_scoped(qk, plgpu.ACC((_ROWS, KEY_TILE), jnp.float32))
+            plgpu.barrier_arrive(k_free.at[slot])
+            return s * qk_scale
+
+        # Pass 1: online log-sum-exp over the coarse keys; tiles every token of the warpgroup sees
+        # entirely skip the mask.
+        def coarse(j, carry, masked):
+            m, l = carry
+            s = scores(j)
+            if masked:
+                s = jnp.where((j * KEY_TILE + col) * stride2 + size2 <= t_row + 1, s, DEFAULT_MASK_VALUE)
+            m_new = jnp.maximum(m, s.max(axis=1))
+            p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
+            return m_new, l * jnp.exp2(m - m_new) + p.sum(axis=1)
+
+        m = plgpu.layout_cast(jnp.full((_ROWS,), DEFAULT_MASK_VALUE, jnp.float32), row_layout)
+        l = plgpu.layout_cast(jnp.zeros((_ROWS,), jnp.float32), row_layout)
+        n2_all = jnp.minimum(lax.div(visible_kernels(t_first, size2, stride2, n2), KEY_TILE), n2_tiles)
+        carry = lax.fori_loop(0, n2_all, functools.partial(coarse, masked=False), (m, l))
+        m, l = lax.fori_loop(n2_all, n2_tiles, functools.partial(coarse, masked=True), carry)
+        # A row that saw no coarse key (m still at the mask value) or a padding head scores 0.
+        ok = (m > 0.5 * DEFAULT_MASK_VALUE) & (head < group)
+        lse = jnp.where(ok, m + jnp.log2(jnp.where(ok, l, 1.0)), jnp.inf)
+
+        # Pass 2: p over the fine keys, group sums by E^T P, pooled by column slices.
+        kernel_in_tile = (col % per_tile) * pool + col // per_tile  # permute_fine_keys' order
+
+        def fine(jt, carry, masked):
+            s = scores(n2_tiles + jt)
+            p = jnp.exp2(s - lax.broadcast_in_dim(lse, s.shape, [0]))
+            if masked:
+                visible = (jt * KEY_TILE + kernel_in_tile) * stride + size1 <= t_row + 1
+                p = jnp.where(visible, p, 0.0)
+            my_p[...] = p.astype(my_p.dtype)
+            plgpu.commit_smem()
+
+            def group_sum(acc_ref):
+                plgpu.wgmma(acc_ref, my_et, my_p)
+                return acc_ref[...]
+
+            sums = pl.run_scoped(group_sum, plgpu.ACC((_ROWS, KEY_TILE), jnp.float32))
+            parts = [sums[:, i * per_tile : (i + 1) * per_tile] for i in range(pool)]
+            buf = out_smem.at[wg, lax.rem(jt, 2)]
+            # The stores that last read this buffer (two steps ago) must be done; the previous
+            # step's two may still be in flight.
+            plgpu.wait_smem_to_gmem(2, wait_read_only=True)
+            buf.at[0][...] = functools.reduce(jnp.maximum, parts)
+            buf.at[1][...] = parts[-1]
+            plgpu.commit_smem()
+            tokens = pl.ds(tok0, _WG_TOKENS)
+            plgpu.copy_smem_to_gmem(
+                buf.at[0, pl.ds(0, _WG_TOKENS)], body_ref.at[b, h, tokens, pl.ds(jt * per_tile, per_tile)]
+            )
+            plgpu.copy_smem_to_gmem(
+                buf.at[1, pl.ds(0, _WG_TOKENS)], halo_ref.at[b, h, tokens, pl.ds(jt * per_tile + 1, per_tile)]
+            )
+            return carry
+
+        n1_all = jnp.minimum(lax.div(visible_kernels(t_first, size1, stride, n1), KEY_TILE), n1_tiles)
+        lax.fori_loop(0, n1_all, functools.partial(fine, masked=False), 0)
+        lax.fori_loop(n1_all, n1_tiles, functools.partial(fine, masked=True), 0)
+        plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(wg == _COMPUTE_WGS)
+    def _memory():
+        plgpu.set_max_registers(config.memory_registers, action="decrease")
+        coarse_keys, fine_keys = k2_ref.at[b, h], k1_ref.at[b, h]
+        total = n2_tiles + n1_tiles
+
+        @pl.loop(0, total)
+        def _(j):
+            slot = lax.rem(j, stages)
+
+            @pl.when(j >= stages)
+            def _():
+                plgpu.barrier_wait(k_free.at[slot])
+
+            @pl.when(j < n2_tiles)
+            def _():
+                keys = pl.ds(pl.multiple_of(j * KEY_TILE, KEY_TILE), KEY_TILE)
+                plgpu.copy_gmem_to_smem(coarse_keys.at[keys], ring.at[slot], k_bar.at[slot])
+
+            @pl.when(j >= n2_tiles)
+            def _():
+                keys = pl.ds(pl.multiple_of((j - n2_tiles) * KEY_TILE, KEY_TILE), KEY_TILE)
+                plgpu.copy_gmem_to_smem(fine_keys.at[keys], ring.at[slot], k_bar.at[slot])
+
+        # Wait for the last releases too, so that every barrier phase is consumed before the CTA exits.
+        @pl.loop(jnp.maximum(total - stages, 0), total)
+        def _(j):
+            plgpu.barrier_wait(k_free.at[lax.rem(j, stages)])
+
+
+def score_tiles_mgpu(
+    pos: jax.Array,
+    q_rows: jax.Array,
+    k1: jax.Array,
+    k2: jax.Array,
+    *,
+    n1: int,
+    n2: int,
+    stride: int,
+    group: int,
+    pool: int,
+    width: int,
+    config: MosaicScore,
+    interpret: bool = False,
+) -> tuple[jax.Array, jax.Array]:
+    """Pooled stage-1 scores of one query chunk (``selection._score_kernel``'s outputs).
+
+    Args:
+      pos: ``[2]`` int32: key position of the chunk's first query and of the sequence's last one.
+      q_rows: ``[B, Hkv, C * 16, D]`` bf16/fp16 chunk queries, row ``t * 16 + g`` (heads ``g >= group``
+        are zero padding); ``C`` a multiple of 8.
+      k1: ``[B, Hkv, n1_pad, D]`` fine compressed keys in ``permute_fine_keys`` order, zero rows past
+        ``n1``; ``k2``: ``[B, Hkv, n2_pad, D]`` coarse ones; both paddings multiples of 64.
+      n1, n2: numbers of fine / coarse kernels; stride: the fine kernel stride (coarse: 4x).
+      group: query heads per KV head; pool: fine kernels per block (``block_size / stride``).
+      width: columns of the outputs (``nb_pad + 16``: the halo of the last block lands one past it).
+      config: launch parameters.
+      interpret: run in the Mosaic GPU interpreter (CPU tests).
+
+    Returns:
+      ``body, halo [B, Hkv, C, width]`` float32; columns of blocks the token cannot see are unspecified.
+    """
+    b, hkv, rows, d = q_rows.shape
+    chunk = rows // GROUP_ROWS
+    reason = supported_mosaic_scoring(q_rows.dtype, d, group, pool)
+    if reason is not None:
+        raise NotImplementedError(f"Mosaic GPU scoring does not support {reason}")
+    if rows % (GROUP_ROWS * TILE_TOKENS) or k1.shape[2] % KEY_TILE or k2.shape[2] % KEY_TILE:
+        raise ValueError(
+            f"q_rows {q_rows.shape} needs whole {TILE_TOKENS}-token tiles of {GROUP_ROWS} rows and the "
+            f"keys {k1.shape}, {k2.shape} whole {KEY_TILE}-key tiles"
+        )
+    swizzled = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+    stages = config.stages
+    per_tile = KEY_TILE // pool
+    scratch = (
+        (
+            plgpu.SMEM((_COMPUTE_WGS, _ROWS, d), q_rows.dtype, transforms=swizzled),
+            plgpu.SMEM((stages, KEY_TILE, d), q_rows.dtype, transforms=swizzled),
+            plgpu.SMEM((_COMPUTE_WGS, _ROWS, KEY_TILE), jnp.bfloat16, transforms=swizzled),
+            plgpu.SMEM((_COMPUTE_WGS, _ROWS, KEY_TILE), jnp.bfloat16, transforms=swizzled),
+            # Per warpgroup two buffers (alternate steps) of pooled maxima and halos.
+            plgpu.SMEM((_COMPUTE_WGS, 2, 2, _ROWS, per_tile), jnp.float32),
+        ),
+        (
+            plgpu.Barrier(num_barriers=_COMPUTE_WGS),
+            plgpu.Barrier(num_barriers=stages),
+            plgpu.Barrier(num_arrivals=_COMPUTE_WGS, num_barriers=stages),
+        ),
+    )
+    kernel = functools.partial(_kernel, n1=n1, n2=n2, stride=stride, group=group, pool=pool, config=config)
+
+    # The profiler names the kernel after this function.
+    def infllmv2_select_scores_mgpu(*refs):
+        pl.run_scoped(lambda *allocs: kernel(*refs, scratch=allocs), *scratch, collective_axes="wg")
+
+    out = jax.ShapeDtypeStruct((b, hkv, chunk, width), jnp.float32)
+    return plgpu.kernel(
+        infllmv2_select_scores_mgpu,
+        out_type=(out, out),
+        grid=(chunk // TILE_TOKENS, b, hkv),
+        grid_names=("tile", "batch", "kv"),
+        num_threads=_COMPUTE_WGS + 1,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+        interpret=plgpu.InterpretGPUParams() if interpret else False,
+    )(pos, q_rows, k1, k2)
