@@ -15,7 +15,8 @@ chunk (``lax.map`` over chunks of ``C`` tokens, so only one chunk's intermediate
    A block's pool window is its own ``r`` kernels plus the last kernel of the previous block
    (kernel ``r*j - 1``). Shifting that halo by one block inside registers has no Triton lowering,
    so the kernel writes the group maxima to ``body[t, j]`` and the group's last kernel to
-   ``halo[t, j + 1]`` (a store at a one-column offset); the top-k kernel takes their max.
+   ``halo[t, j + HALO_SHIFT]`` (a store at a 16-column offset, which the Mosaic kernel's TMA stores
+   need too); the top-k kernel takes the max of ``body[t, j]`` and ``halo[t, j - 1 + HALO_SHIFT]``.
 2. ``_topk_kernel``, grid ``(C / tq_b, B, Hkv)``. Loads whole rows of ``body`` and ``halo``
    (``[tq_b, nb_pad]``, held in registers) and forms the reference's block scores: ``max(body, halo)``
    where a kernel of the part is visible to the token, 0 where the kernels exist but are invisible,
@@ -25,8 +26,8 @@ chunk (``lax.map`` over chunks of ``C`` tokens, so only one chunk's intermediate
    rule), ids past the token's block are dropped, and an inclusive cumsum gives each kept id its
    ascending output slot; ids are scattered there and the other slots get -1.
 
-Memory: besides the inputs, one chunk of ``body``/``halo`` (``2 * B * Hkv * C * (nb_pad + 16) * 4``
-bytes, at most ``BlockSizes.chunk_bytes``; 258 MiB with C = 8K tokens at 128K and Hkv = 2), a copy of
+Memory: besides the inputs, one chunk of ``body``/``halo`` (``2 * B * Hkv * C * (nb_pad + 32) * 4``
+bytes, at most ``BlockSizes.chunk_bytes``; 260 MiB with C = 8K tokens at 128K and Hkv = 2), a copy of
 the chunk's queries (64 MiB there) and the int32 ids of all chunks (128 MiB). The compiled program's
 temporaries at 128K, 32/2 heads, hd 128: 657 MiB (XLA buffer assignment of the same program on CPU),
 against 4.3 GB for the group-summed score matrix alone.
@@ -52,6 +53,7 @@ from jax import lax
 
 from pallas_kernels._compat import pl, pltriton, triton_params
 from pallas_kernels.selection_mgpu import (
+    HALO_SHIFT,
     KEY_TILE,
     TILE_TOKENS,
     MosaicScore,
@@ -186,8 +188,8 @@ def _score_kernel(
       q_ref: ``[tq * gp, Dp]`` queries, row ``t * gp + g``.
       k1_ref, k2_ref: ``[n1_pad, Dp]`` / ``[n2_pad, Dp]`` fine / coarse keys (zero rows past n1 / n2).
       body_ref: ``[tq, width]`` float32 out: column ``j`` holds the max of ``S`` over kernels
-        ``pool*j .. pool*j + pool - 1`` (``width = nb_pad + 16``; the last column is spare).
-      halo_ref: ``[tq, width]`` float32 out: column ``j`` holds ``S[pool*j - 1]``.
+        ``pool*j .. pool*j + pool - 1`` (``width = nb_pad + 32``; the last column is spare).
+      halo_ref: ``[tq, width]`` float32 out: column ``j + HALO_SHIFT`` holds ``S[pool*j + pool - 1]``.
     Columns of blocks no token of the program can see are left unwritten.
     """
     rows = tq * gp
@@ -258,7 +260,7 @@ def _score_kernel(
         last = jnp.max(jnp.where(lane == pool - 1, groups, 0.0), axis=1)
         blk = jt * nbt + lax.broadcasted_iota(jnp.int32, (nbt, tok_p), 0)
         pltriton.store(body_ref.at[tok, jnp.where(tok_ok, blk, spare)], jnp.max(groups, axis=1), mask=tok_ok)
-        pltriton.store(halo_ref.at[tok, jnp.where(tok_ok, blk + 1, spare)], last, mask=tok_ok)
+        pltriton.store(halo_ref.at[tok, jnp.where(tok_ok, blk + HALO_SHIFT, spare)], last, mask=tok_ok)
         return carry
 
     n_all = lax.div(visible_kernels(t_first, size1, stride, n1), block_k1)
@@ -301,7 +303,9 @@ def _topk_kernel(
     # Block j pools kernels pool*j - 1 .. pool*j + pool - 1. Invisible kernels score 0, and S >= 0,
     # so a part no kernel of which is visible contributes 0; the score kernel wrote every visible part.
     body = pltriton.load(body_ref.at[:, pl.ds(0, nb_pad)], mask=pool * j < n1_vis, other=0.0)
-    halo = pltriton.load(halo_ref.at[:, pl.ds(0, nb_pad)], mask=(j >= 1) & (pool * j <= n1_vis), other=0.0)
+    # Column j of this window is block j - 1's last kernel (the score kernels' HALO_SHIFT).
+    halo_cols = pl.ds(HALO_SHIFT - 1, nb_pad)
+    halo = pltriton.load(halo_ref.at[:, halo_cols], mask=(j >= 1) & (pool * j <= n1_vis), other=0.0)
     score = jnp.where(jnp.maximum(pool * j - 1, 0) < n1, jnp.maximum(body, halo), -jnp.inf)
     q_block = lax.div(t, block_size)
     forced = (j < init_blocks) | ((j >= q_block - local_blocks) & (j <= q_block))
@@ -453,8 +457,9 @@ def select_blocks(
     nb = -(-t_keys // block_size)
     nb_pad = max(_next_pow2(nb), nbt)
     # Columns of body/halo: nb_pad blocks, then spare columns (the shifted halo store of the last block
-    # lands on column nb_pad; masked stores address the last one). 16 keep rows 64-byte aligned.
-    width = nb_pad + 16
+    # lands on column nb_pad - 1 + HALO_SHIFT; masked stores address the last one, past it). Multiples
+    # of 16 keep rows 64-byte aligned.
+    width = nb_pad + HALO_SHIFT + 16
     tq_b = max(1, min(bs.topk_elems // nb_pad, 64))
     k_sel = min(num_selected, nb)
     kp = _next_pow2(num_selected + 1)  # one spare slot for the masked scatter

@@ -2,7 +2,8 @@
 
 Same contract as the Triton ``selection._score_kernel``: for every query token of a chunk it writes
 ``body[t, j]`` (the max over block ``j``'s own kernels of the group-summed score) and
-``halo[t, j + 1]`` (the score of block ``j``'s last kernel, part of block ``j + 1``'s pool window);
+``halo[t, j + HALO_SHIFT]`` (the score of block ``j``'s last kernel, part of block ``j + 1``'s pool
+window);
 the Triton top-k kernel combines them. The per-token score matrix never leaves the SM. Written the
 way ``sparse_attention_mgpu``'s forward tile phase is:
 
@@ -21,7 +22,9 @@ way ``sparse_attention_mgpu``'s forward tile phase is:
   that kernel ``pool * c + i`` sits at row ``i * 64 / pool + c``. Block ``c``'s kernels are then
   columns ``c, c + 64 / pool, ...`` of the group-summed tile, its max is the elementwise max of
   ``pool`` column slices, and its last kernel (the next block's halo) is the last slice.
-- Rows 0..3 of the pooled tiles (the 4 tokens) go to HBM by TMA from double-buffered SMEM.
+- Rows 0..3 of the pooled tiles (the 4 tokens) go to HBM by TMA from double-buffered SMEM. A TMA store
+  whose start in the minor dimension is not 16-byte aligned traps on the H200 (illegal instruction;
+  a one-column halo offset did), hence ``HALO_SHIFT``.
 
 Only bf16/fp16 inputs, head dims 64/128, groups of at most 16 heads and ``block_size / kernel_stride``
 in {2, 4, 8} (``supported_mosaic_scoring``).
@@ -38,6 +41,7 @@ from pallas_kernels._compat import pl, plgpu
 from pallas_kernels.tiling import DEFAULT_MASK_VALUE, GROUP_ROWS, LOG2E
 
 __all__ = [
+    "HALO_SHIFT",
     "KEY_TILE",
     "TILE_TOKENS",
     "MosaicScore",
@@ -55,6 +59,9 @@ _COMPUTE_WGS = 2
 # Compressed keys per ring slot and per step.
 KEY_TILE = 64
 _SUPPORTED_HEAD_DIMS = (64, 128)
+# Column offset of the halo outputs: block j's last kernel is stored at column j + HALO_SHIFT, a whole
+# 64 bytes past its block (TMA stores need 16-byte aligned starts).
+HALO_SHIFT = 16
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
@@ -225,7 +232,8 @@ def _kernel(
                 buf.at[0, pl.ds(0, _WG_TOKENS)], body_ref.at[b, h, tokens, pl.ds(jt * per_tile, per_tile)]
             )
             plgpu.copy_smem_to_gmem(
-                buf.at[1, pl.ds(0, _WG_TOKENS)], halo_ref.at[b, h, tokens, pl.ds(jt * per_tile + 1, per_tile)]
+                buf.at[1, pl.ds(0, _WG_TOKENS)],
+                halo_ref.at[b, h, tokens, pl.ds(jt * per_tile + HALO_SHIFT, per_tile)],
             )
             return carry
 
@@ -289,7 +297,7 @@ def score_tiles_mgpu(
         ``n1``; ``k2``: ``[B, Hkv, n2_pad, D]`` coarse ones; both paddings multiples of 64.
       n1, n2: numbers of fine / coarse kernels; stride: the fine kernel stride (coarse: 4x).
       group: query heads per KV head; pool: fine kernels per block (``block_size / stride``).
-      width: columns of the outputs (``nb_pad + 16``: the halo of the last block lands one past it).
+      width: columns of the outputs (at least ``nb_pad + HALO_SHIFT``, a multiple of 4).
       config: launch parameters.
       interpret: run in the Mosaic GPU interpreter (CPU tests).
 

@@ -208,6 +208,7 @@ def test_bf16_selection_is_a_valid_topk(cfg, t, hq, hkv, d, chunk, group_sum):
 
 MOSAIC = pallas_selection.MOSAIC_SELECTION
 POOL2 = SparseConfig(block_size=8, kernel_size=8, kernel_stride=4, window_size=8, topk=3, dense_len=-1)
+STRIDE2 = SparseConfig(block_size=8, kernel_size=4, kernel_stride=2, window_size=16, topk=4, dense_len=-1)
 
 
 @pytest.mark.parametrize(
@@ -217,7 +218,8 @@ POOL2 = SparseConfig(block_size=8, kernel_size=8, kernel_stride=4, window_size=8
         pytest.param(
             dataclasses.replace(SMALL, topk=5), 203, 6, 2, 128, 64, jnp.float16, id="G3-T203-d128-f16-chunked"
         ),
-        pytest.param(SMALL, 1100, 16, 1, 64, 512, jnp.bfloat16, id="G16-T1100-several-key-tiles"),
+        # Stride 2: two coarse and five fine 64-key tiles at T = 600.
+        pytest.param(STRIDE2, 600, 16, 1, 64, 256, jnp.bfloat16, id="G16-T600-several-key-tiles"),
         pytest.param(
             dataclasses.replace(SHIPPED, window_size=128, topk=4),
             600,
