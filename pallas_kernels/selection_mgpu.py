@@ -9,7 +9,7 @@ way ``sparse_attention_mgpu``'s forward tile phase is:
 
 - One CTA owns 8 consecutive tokens of the chunk for one (batch row, KV head). Two *compute*
   warpgroups hold 4 tokens x 16 query rows each (the group's heads, zero-padded to 16): 64 rows, the
-  WGMMA row count. One *memory* warpgroup TMA-copies 64-key tiles of compressed keys into an SMEM
+  WGMMA row count. One *memory* warpgroup TMA-copies 128-key tiles of compressed keys into an SMEM
   ring that both compute warpgroups read: first the coarse tiles, then the fine ones, as far as the
   CTA's last token sees.
 - Pass 1 (coarse keys): ``S = Q K2^T`` and an online max / sum per row give the base-2 log-sum-exp
@@ -18,16 +18,19 @@ way ``sparse_attention_mgpu``'s forward tile phase is:
   group's heads is a second WGMMA, ``E^T P``, with a constant 0/1 matrix ``E^T`` (row ``i`` adds the
   16 rows of token ``i``; rows 4.. are zero) and ``P`` in SMEM in bf16, as the Triton kernel's
   ``"mma"`` group sum rounds it.
-- Pooling without moving data between threads: ``permute_fine_keys`` reorders every 64-key tile so
-  that kernel ``pool * c + i`` sits at row ``i * 64 / pool + c``. Block ``c``'s kernels are then
-  columns ``c, c + 64 / pool, ...`` of the group-summed tile, its max is the elementwise max of
+- Pooling without moving data between threads: ``permute_fine_keys`` reorders every 128-key tile so
+  that kernel ``pool * c + i`` sits at row ``i * 128 / pool + c``. Block ``c``'s kernels are then
+  columns ``c, c + 128 / pool, ...`` of the group-summed tile, its max is the elementwise max of
   ``pool`` column slices, and its last kernel (the next block's halo) is the last slice.
 - Rows 0..3 of the pooled tiles (the 4 tokens) go to HBM by TMA from double-buffered SMEM. A TMA store
   whose start in the minor dimension is not 16-byte aligned traps on the H200 (illegal instruction;
   a one-column halo offset did), hence ``HALO_SHIFT``.
 
+128-key steps rather than 64: the per-step costs (two SMEM fences, two MMA waits, two TMA stores)
+then cover twice the scores.
+
 Only bf16/fp16 inputs, head dims 64/128, groups of at most 16 heads and ``block_size / kernel_stride``
-in {2, 4, 8} (``supported_mosaic_scoring``).
+in {4, 8} (``supported_mosaic_scoring``).
 """
 
 import dataclasses
@@ -57,7 +60,7 @@ _WG_TOKENS = 4
 _ROWS = _WG_TOKENS * GROUP_ROWS
 _COMPUTE_WGS = 2
 # Compressed keys per ring slot and per step.
-KEY_TILE = 64
+KEY_TILE = 128
 _SUPPORTED_HEAD_DIMS = (64, 128)
 # Column offset of the halo outputs: block j's last kernel is stored at column j + HALO_SHIFT, a whole
 # 64 bytes past its block (TMA stores need 16-byte aligned starts).
@@ -74,7 +77,7 @@ class MosaicScore:
         warpgroups (``setmaxnreg``).
     """
 
-    stages: int = 3
+    stages: int = 2
     compute_registers: int = 232
     memory_registers: int = 40
 
@@ -91,9 +94,9 @@ def supported_mosaic_scoring(dtype, head_dim: int, group: int, pool: int) -> str
         return f"head dim {head_dim} (supported: {_SUPPORTED_HEAD_DIMS})"
     if group > GROUP_ROWS:
         return f"GQA group {group} > {GROUP_ROWS}"
-    if pool not in (2, 4, 8):
-        # Pool 1 would need 64-column output buffers: more SMEM than an SM has at head dim 128.
-        return f"block_size / kernel_stride = {pool} (supported: 2, 4, 8)"
+    if pool not in (4, 8):
+        # Smaller pools need 64- or 128-column output buffers: more SMEM than an SM has.
+        return f"block_size / kernel_stride = {pool} (supported: 4, 8)"
     return None
 
 
@@ -107,10 +110,10 @@ def _cdiv(a, b):
 
 
 def permute_fine_keys(k1: jax.Array, pool: int) -> jax.Array:
-    """Reorders every 64-key tile so that kernel ``pool * c + i`` lands at row ``i * (64 / pool) + c``.
+    """Reorders every 128-key tile so that kernel ``pool * c + i`` lands at row ``i * (128 / pool) + c``.
 
     Args:
-      k1: ``[B, H, n_pad, D]`` fine compressed keys, ``n_pad`` a multiple of 64.
+      k1: ``[B, H, n_pad, D]`` fine compressed keys, ``n_pad`` a multiple of 128.
 
     Returns:
       The same keys, permuted inside each tile.
@@ -161,7 +164,9 @@ def _kernel(
         row = plgpu.broadcasted_iota(jnp.int32, (_ROWS, KEY_TILE), 0, layout=layout)
         col = plgpu.broadcasted_iota(jnp.int32, (_ROWS, KEY_TILE), 1, layout=layout)
         # E^T: output row i sums the 16 query rows of token i.
-        my_et[...] = (col // GROUP_ROWS == row).astype(my_et.dtype)
+        et_row = plgpu.broadcasted_iota(jnp.int32, (_ROWS, _ROWS), 0, layout=layout)
+        et_col = plgpu.broadcasted_iota(jnp.int32, (_ROWS, _ROWS), 1, layout=layout)
+        my_et[...] = (et_col // GROUP_ROWS == et_row).astype(my_et.dtype)
         plgpu.commit_smem()
         t_first = jnp.minimum(pos_ref[0] + tok0, t_end)
         t_row = jnp.minimum(pos_ref[0] + tok0 + row // GROUP_ROWS, t_end)
@@ -294,7 +299,7 @@ def score_tiles_mgpu(
       q_rows: ``[B, Hkv, C * 16, D]`` bf16/fp16 chunk queries, row ``t * 16 + g`` (heads ``g >= group``
         are zero padding); ``C`` a multiple of 8.
       k1: ``[B, Hkv, n1_pad, D]`` fine compressed keys in ``permute_fine_keys`` order, zero rows past
-        ``n1``; ``k2``: ``[B, Hkv, n2_pad, D]`` coarse ones; both paddings multiples of 64.
+        ``n1``; ``k2``: ``[B, Hkv, n2_pad, D]`` coarse ones; both paddings multiples of 128.
       n1, n2: numbers of fine / coarse kernels; stride: the fine kernel stride (coarse: 4x).
       group: query heads per KV head; pool: fine kernels per block (``block_size / stride``).
       width: columns of the outputs (at least ``nb_pad + HALO_SHIFT``, a multiple of 4).
@@ -322,7 +327,7 @@ def score_tiles_mgpu(
             plgpu.SMEM((_COMPUTE_WGS, _ROWS, d), q_rows.dtype, transforms=swizzled),
             plgpu.SMEM((stages, KEY_TILE, d), q_rows.dtype, transforms=swizzled),
             plgpu.SMEM((_COMPUTE_WGS, _ROWS, KEY_TILE), jnp.bfloat16, transforms=swizzled),
-            plgpu.SMEM((_COMPUTE_WGS, _ROWS, KEY_TILE), jnp.bfloat16, transforms=swizzled),
+            plgpu.SMEM((_COMPUTE_WGS, _ROWS, _ROWS), jnp.bfloat16, transforms=swizzled),
             # Per warpgroup two buffers (alternate steps) of pooled maxima and halos.
             plgpu.SMEM((_COMPUTE_WGS, 2, 2, _ROWS, per_tile), jnp.float32),
         ),
