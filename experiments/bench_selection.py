@@ -2,15 +2,19 @@
 
 Rows (ANCHORS.md "How to report"), all measured in one run on one device:
 
-- ``select``: block selection alone (key compression, fused scoring/pooling, top-k), Pallas and, at
-  the shortest selection length, the XLA reference (that row also records how often the two
-  selections agree: bf16 near-ties may order differently). Paper anchor (A100, 16 blocks, LSE
-  approximation): 3.93 / 14.07 / 32.44 / 56.59 ms at 32K / 64K / 96K / 128K.
+- ``select``: block selection alone (key compression, fused scoring/pooling, top-k), Pallas with the
+  default tiling (the Mosaic GPU scoring kernel on Hopper) and, where that is not Triton, with the
+  Triton scoring kernel (``pallas_triton``), and at the shortest selection length the XLA reference
+  (that row also records how often the two selections agree: bf16 near-ties may order differently).
+  Paper anchor (A100, 16 blocks, LSE approximation): 3.93 / 14.07 / 32.44 / 56.59 ms at 32K / 64K /
+  96K / 128K.
 - ``prefill``: the whole sparse attention forward, ``infllmv2_attention(..., implementation="pallas")``
   (selection + block-sparse attention), and the dense baseline
   ``jax.nn.dot_product_attention(implementation="cudnn", is_causal=True)``.
-- ``select`` rows (``"sweep": true``) for other kernel tilings at 32K, to guide tuning; they stop
+- ``select`` rows (``"sweep": true``) for other Triton tilings at 32K, to guide tuning; they stop
   once the run has used 120 s (``--no-sweep`` skips them).
+- ``--profile-lens``: those lengths' Pallas rows also record ``kernels``, the device time per call of
+  the slowest GPU kernels (profiler). ``--select-lens`` / ``--prefill-lens`` choose the lengths.
 
 Inputs (``--inputs``, every row says which in ``"inputs"``): ``random`` draws q and k i.i.d. normal,
 so neighbouring tokens select unrelated blocks, the worst case for the sparse kernel's tiling (it
@@ -28,7 +32,7 @@ the call needs at its peak; inputs count on both sides.
 
 Usage::
 
-    PYTHONPATH=. python3 experiments/bench_selection.py --out experiments/results   # GPU, < 3 min
+    PYTHONPATH=. python3 experiments/bench_selection.py --out experiments/results   # GPU, ~3 min
     PYTHONPATH=. python3 experiments/bench_selection.py --smoke --out /tmp/bench    # CPU, interpret mode
 """
 
