@@ -341,6 +341,48 @@ def _topk_kernel(
     pltriton.store(idx_ref, jnp.full((tq, kp), -1, jnp.int32), mask=out_slot >= n_keep)
 
 
+def _triton_score_call(
+    *, tq, g, gp, dp, n1, n2, stride, pool, qk_scale, exact, shapes, block_sizes, interpret
+):
+    """The Triton ``_score_kernel`` over one chunk: ``(pos, q rows, k1, k2) -> (body, halo)``.
+
+    ``shapes`` is ``(B, Hkv, C, width, n1_pad, n2_pad)``; the other arguments as in ``_score_kernel``.
+    """
+    b, hkv, chunk, width, n1_pad, n2_pad = shapes
+    bs = block_sizes
+    out = jax.ShapeDtypeStruct((b, hkv, chunk, width), jnp.float32)
+    out_spec = pl.BlockSpec((None, None, tq, width), lambda i, bi, h: (bi, h, i, 0))
+    return pl.pallas_call(
+        functools.partial(
+            _score_kernel,
+            tq=tq,
+            g=g,
+            gp=gp,
+            n1=n1,
+            n2=n2,
+            stride=stride,
+            pool=pool,
+            block_k1=bs.block_k1,
+            block_k2=bs.block_k2,
+            qk_scale=qk_scale,
+            exact=exact,
+            group_sum=bs.group_sum,
+        ),
+        grid=(chunk // tq, b, hkv),
+        in_specs=[
+            pl.BlockSpec((2,), lambda i, bi, h: (0,)),
+            pl.BlockSpec((None, None, tq * gp, dp), lambda i, bi, h: (bi, h, i, 0)),
+            pl.BlockSpec((None, None, n1_pad, dp), lambda i, bi, h: (bi, h, 0, 0)),
+            pl.BlockSpec((None, None, n2_pad, dp), lambda i, bi, h: (bi, h, 0, 0)),
+        ],
+        out_specs=[out_spec, out_spec],
+        out_shape=[out, out],
+        compiler_params=triton_params(bs.score_warps, bs.score_stages),
+        interpret=interpret,
+        name="infllmv2_select_scores",
+    )
+
+
 def _check_supported(q, k, block_size, kernel_size, kernel_stride, block_sizes):
     if q.dtype not in (jnp.float32, jnp.bfloat16, jnp.float16) or k.dtype != q.dtype:
         raise NotImplementedError(
@@ -489,41 +531,35 @@ def select_blocks(
     chunk = max(min(chunk, bs.max_chunk, _next_pow2(t)), tq, tq_b)
     n_chunks = -(-t // chunk)
 
-    score_call = pl.pallas_call(
-        functools.partial(
-            _score_kernel,
+    # (pos, q rows, k1, k2) -> (body, halo) of one chunk.
+    if mosaic:
+        score_call = functools.partial(
+            score_tiles_mgpu,
+            n1=n1,
+            n2=n2,
+            stride=kernel_stride,
+            group=g,
+            pool=pool,
+            width=width,
+            config=bs.mosaic,
+            interpret=interpret,
+        )
+    else:
+        score_call = _triton_score_call(
             tq=tq,
             g=g,
             gp=gp,
+            dp=dp,
             n1=n1,
             n2=n2,
             stride=kernel_stride,
             pool=pool,
-            block_k1=bs.block_k1,
-            block_k2=bs.block_k2,
             qk_scale=d**-0.5 * _LOG2E,
             exact=exact,
-            group_sum=bs.group_sum,
-        ),
-        grid=(chunk // tq, b, hkv),
-        in_specs=[
-            pl.BlockSpec((2,), lambda i, bi, h: (0,)),
-            pl.BlockSpec((None, None, tq * gp, dp), lambda i, bi, h: (bi, h, i, 0)),
-            pl.BlockSpec((None, None, k1.shape[2], dp), lambda i, bi, h: (bi, h, 0, 0)),
-            pl.BlockSpec((None, None, k2.shape[2], dp), lambda i, bi, h: (bi, h, 0, 0)),
-        ],
-        out_specs=[
-            pl.BlockSpec((None, None, tq, width), lambda i, bi, h: (bi, h, i, 0)),
-            pl.BlockSpec((None, None, tq, width), lambda i, bi, h: (bi, h, i, 0)),
-        ],
-        out_shape=[
-            jax.ShapeDtypeStruct((b, hkv, chunk, width), jnp.float32),
-            jax.ShapeDtypeStruct((b, hkv, chunk, width), jnp.float32),
-        ],
-        compiler_params=triton_params(bs.score_warps, bs.score_stages),
-        interpret=interpret,
-        name="infllmv2_select_scores",
-    )
+            shapes=(b, hkv, chunk, width, k1.shape[2], k2.shape[2]),
+            block_sizes=bs,
+            interpret=interpret,
+        )
     topk_call = pl.pallas_call(
         functools.partial(
             _topk_kernel,
@@ -558,23 +594,7 @@ def select_blocks(
         q_c = jnp.pad(q_c, ((0, 0), (0, 0), (0, 0), (0, gp - g), (0, dp - d)))
         q_c = q_c.transpose(0, 2, 1, 3, 4).reshape(b, hkv, chunk * gp, dp)
         pos = jnp.stack([start + q_offset, t - 1 + q_offset]).astype(jnp.int32)
-        if mosaic:
-            body, halo = score_tiles_mgpu(
-                pos,
-                q_c,
-                k1,
-                k2,
-                n1=n1,
-                n2=n2,
-                stride=kernel_stride,
-                group=g,
-                pool=pool,
-                width=width,
-                config=bs.mosaic,
-                interpret=interpret,
-            )
-        else:
-            body, halo = score_call(pos, q_c, k1, k2)
+        body, halo = score_call(pos, q_c, k1, k2)
         return topk_call(pos, body, halo)  # [B, Hkv, C, Kp]
 
     idx = lax.map(one_chunk, jnp.arange(n_chunks, dtype=jnp.int32) * chunk)  # [n_chunks, B, Hkv, C, Kp]
