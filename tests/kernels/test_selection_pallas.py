@@ -265,6 +265,19 @@ def test_mosaic_query_slice_at_a_traced_offset_matches_the_full_selection():
 
 
 @pytest.mark.parametrize("pool", [4, 8])
+def test_permute_fine_keys_puts_each_blocks_kernels_in_one_column_of_each_slice(pool):
+    """Row ``i * (KEY_TILE / pool) + c`` of a key tile holds kernel ``pool * c + i``: block ``c``'s kernels
+    are column ``c`` of the ``pool`` column slices the kernel max-pools."""
+    from pallas_kernels.selection_mgpu import KEY_TILE, permute_fine_keys
+
+    tiles, per_tile = 2, KEY_TILE // pool
+    kernels = jnp.arange(tiles * KEY_TILE, dtype=jnp.float32).reshape(1, 1, -1, 1)
+    got = np.asarray(permute_fine_keys(kernels, pool)).reshape(tiles, pool, per_tile)
+    tile, i, c = np.meshgrid(np.arange(tiles), np.arange(pool), np.arange(per_tile), indexing="ij")
+    np.testing.assert_array_equal(got, tile * KEY_TILE + pool * c + i)
+
+
+@pytest.mark.parametrize("pool", [4, 8])
 @pytest.mark.parametrize("d", [64, 128])
 def test_mosaic_scoring_lowers_for_cuda(d, pool):
     """The compiled path (real Mosaic lowering and layout inference, SMEM budget), which the
