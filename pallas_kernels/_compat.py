@@ -1,9 +1,9 @@
 """Version-dependent Pallas imports in one place (jax 0.11.x).
 
 Most kernels use the Triton-lowered Pallas GPU backend, deprecated since jax 0.11.0 but present in
-0.11.2 and 0.12 (KERNELS.md §2.1); the attention's forward and dQ tile phases and its dK/dV also
-have Mosaic GPU versions (``plgpu``). Keeping the imports here lets the kernels move to
-``jax_triton`` or Mosaic GPU by editing one module.
+0.11.2 and 0.12 (KERNELS.md §2.1); the attention's forward and dQ tile phases, its dK/dV and the
+selection's scoring also have Mosaic GPU versions (``plgpu``). Keeping the imports here lets the
+kernels move to ``jax_triton`` or Mosaic GPU by editing one module.
 """
 
 import warnings
@@ -12,7 +12,11 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 from jax.experimental.pallas import triton as pltriton
 
-__all__ = ["dot", "pl", "plgpu", "pltriton", "silence_triton_deprecation", "triton_params"]
+__all__ = ["SWIZZLED_128B", "dot", "pl", "plgpu", "pltriton", "silence_triton_deprecation", "triton_params"]
+
+# SMEM layout of the Mosaic kernels' WGMMA operand tiles: 8-row x 64-column (128-byte at 16 bits) tiles,
+# 128-byte swizzle.
+SWIZZLED_128B = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
 
 # 2-D tensor-core dot with optional transposes (``pl.dot`` moved to the Triton module in 0.10.2).
 dot = pltriton.dot

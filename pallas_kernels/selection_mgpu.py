@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels._compat import pl, plgpu
+from pallas_kernels._compat import SWIZZLED_128B, pl, plgpu
 from pallas_kernels.tiling import DEFAULT_MASK_VALUE, GROUP_ROWS, LOG2E
 
 __all__ = [
@@ -319,15 +319,14 @@ def score_tiles_mgpu(
             f"q_rows {q_rows.shape} needs whole {TILE_TOKENS}-token tiles of {GROUP_ROWS} rows and the "
             f"keys {k1.shape}, {k2.shape} whole {KEY_TILE}-key tiles"
         )
-    swizzled = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
     stages = config.stages
     per_tile = KEY_TILE // pool
     scratch = (
         (
-            plgpu.SMEM((_COMPUTE_WGS, _ROWS, d), q_rows.dtype, transforms=swizzled),
-            plgpu.SMEM((stages, KEY_TILE, d), q_rows.dtype, transforms=swizzled),
-            plgpu.SMEM((_COMPUTE_WGS, _ROWS, KEY_TILE), jnp.bfloat16, transforms=swizzled),
-            plgpu.SMEM((_COMPUTE_WGS, _ROWS, _ROWS), jnp.bfloat16, transforms=swizzled),
+            plgpu.SMEM((_COMPUTE_WGS, _ROWS, d), q_rows.dtype, transforms=SWIZZLED_128B),
+            plgpu.SMEM((stages, KEY_TILE, d), q_rows.dtype, transforms=SWIZZLED_128B),
+            plgpu.SMEM((_COMPUTE_WGS, _ROWS, KEY_TILE), jnp.bfloat16, transforms=SWIZZLED_128B),
+            plgpu.SMEM((_COMPUTE_WGS, _ROWS, _ROWS), jnp.bfloat16, transforms=SWIZZLED_128B),
             # Per warpgroup two buffers (alternate steps) of pooled maxima and halos.
             plgpu.SMEM((_COMPUTE_WGS, 2, 2, _ROWS, per_tile), jnp.float32),
         ),

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels._compat import pl, plgpu
+from pallas_kernels._compat import SWIZZLED_128B, pl, plgpu
 from pallas_kernels.tiling import DEFAULT_MASK_VALUE, GROUP_ROWS, LOG2E, MosaicTile
 
 __all__ = ["TILE_TOKENS", "list_entry", "pack_tile_lists", "stream_blocks", "tile_phase_mgpu"]
@@ -312,19 +312,22 @@ def tile_phase_mgpu(
             f"q5 {q5.shape} must be [B, Tp, Hkv, {GROUP_ROWS}, D] and [{start}, {start + length}) a "
             f"range of whole {TILE_TOKENS}-token tiles inside it"
         )
-    swizzled = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
     in_dtype = q5.dtype
     list_rows = packed_lists.shape[-2]
     stages = config.stages
     scratch = (
         (
-            plgpu.SMEM((_COMPUTE_WGS, _ROWS, d), in_dtype, transforms=swizzled),
-            plgpu.SMEM((stages, _BLOCK, d), in_dtype, transforms=swizzled),
-            plgpu.SMEM((stages, _BLOCK, d), in_dtype, transforms=swizzled),
+            plgpu.SMEM((_COMPUTE_WGS, _ROWS, d), in_dtype, transforms=SWIZZLED_128B),
+            plgpu.SMEM((stages, _BLOCK, d), in_dtype, transforms=SWIZZLED_128B),
+            plgpu.SMEM((stages, _BLOCK, d), in_dtype, transforms=SWIZZLED_128B),
             plgpu.SMEM((list_rows, _LIST_COLS), jnp.int32),
             plgpu.SMEM((_COMPUTE_WGS, _ROWS, d), out_dtype),
             plgpu.SMEM((_COMPUTE_WGS, _ROWS), jnp.float32),
-            plgpu.SMEM((_COMPUTE_WGS, _ROWS, _BLOCK), in_dtype, transforms=swizzled) if interpret else None,
+            (
+                plgpu.SMEM((_COMPUTE_WGS, _ROWS, _BLOCK), in_dtype, transforms=SWIZZLED_128B)
+                if interpret
+                else None
+            ),
         ),
         (
             plgpu.Barrier(num_barriers=(_COMPUTE_WGS, _WG_TOKENS)),

@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels._compat import pl, plgpu
+from pallas_kernels._compat import SWIZZLED_128B, pl, plgpu
 from pallas_kernels.sparse_attention_mgpu import TILE_TOKENS, list_entry, stream_blocks
 from pallas_kernels.tiling import GROUP_ROWS, LOG2E, MosaicDkdv, MosaicTile
 
@@ -337,20 +337,19 @@ def dkdv_mgpu(
             f"q5 {q5.shape} must be [B, Tp, Hkv, {GROUP_ROWS}, D], k {k.shape} whole {_BLOCK}-key blocks "
             f"and info {info.shape} [B, Hkv, blocks, 4]"
         )
-    swizzled = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
     dtype = q5.dtype
     stages = config.stages
     ring = (_COMPUTE_WGS, stages)
     scratch = (
         (
-            plgpu.SMEM((_BLOCK, d), dtype, transforms=swizzled),
-            plgpu.SMEM((_BLOCK, d), dtype, transforms=swizzled),
-            plgpu.SMEM((*ring, _ROWS, d), dtype, transforms=swizzled),
-            plgpu.SMEM((*ring, _ROWS, d), dtype, transforms=swizzled),
+            plgpu.SMEM((_BLOCK, d), dtype, transforms=SWIZZLED_128B),
+            plgpu.SMEM((_BLOCK, d), dtype, transforms=SWIZZLED_128B),
+            plgpu.SMEM((*ring, _ROWS, d), dtype, transforms=SWIZZLED_128B),
+            plgpu.SMEM((*ring, _ROWS, d), dtype, transforms=SWIZZLED_128B),
             plgpu.SMEM((*ring, 2, _ROWS), jnp.float32),
             plgpu.SMEM((2, LIST_CHUNK), jnp.int32),
             plgpu.SMEM((_BLOCK, d), jnp.float32),
-            plgpu.SMEM((_COMPUTE_WGS, _BLOCK, _ROWS), dtype, transforms=swizzled) if interpret else None,
+            plgpu.SMEM((_COMPUTE_WGS, _BLOCK, _ROWS), dtype, transforms=SWIZZLED_128B) if interpret else None,
         ),
         (
             plgpu.Barrier(num_arrivals=2),
@@ -546,19 +545,18 @@ def dq_tile_mgpu(
             f"q5 {q5.shape} must be [B, Tp, Hkv, {GROUP_ROWS}, D] with Tp a multiple of {TILE_TOKENS}, "
             f"k {k.shape} whole {_BLOCK}-key blocks"
         )
-    swizzled = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
     dtype = q5.dtype
     stages = config.stages
     scratch = (
         (
-            plgpu.SMEM((_COMPUTE_WGS, _ROWS, d), dtype, transforms=swizzled),
-            plgpu.SMEM((_COMPUTE_WGS, _ROWS, d), dtype, transforms=swizzled),
-            plgpu.SMEM((stages, _BLOCK, d), dtype, transforms=swizzled),
-            plgpu.SMEM((stages, _BLOCK, d), dtype, transforms=swizzled),
+            plgpu.SMEM((_COMPUTE_WGS, _ROWS, d), dtype, transforms=SWIZZLED_128B),
+            plgpu.SMEM((_COMPUTE_WGS, _ROWS, d), dtype, transforms=SWIZZLED_128B),
+            plgpu.SMEM((stages, _BLOCK, d), dtype, transforms=SWIZZLED_128B),
+            plgpu.SMEM((stages, _BLOCK, d), dtype, transforms=SWIZZLED_128B),
             plgpu.SMEM(packed_lists.shape[-2:], jnp.int32),
             plgpu.SMEM((_COMPUTE_WGS, 2, _ROWS), jnp.float32),
             plgpu.SMEM((_COMPUTE_WGS, _ROWS, d), out_dtype),
-            plgpu.SMEM((_COMPUTE_WGS, _ROWS, _BLOCK), dtype, transforms=swizzled) if interpret else None,
+            plgpu.SMEM((_COMPUTE_WGS, _ROWS, _BLOCK), dtype, transforms=SWIZZLED_128B) if interpret else None,
         ),
         (
             plgpu.Barrier(num_arrivals=2 * _STEP_TOKENS + 2, num_barriers=_COMPUTE_WGS),
