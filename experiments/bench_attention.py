@@ -55,10 +55,12 @@ warnings.filterwarnings("ignore", category=DeprecationWarning)
 silence_triton_deprecation()
 
 BLOCK = 64
-# The per_token_random table config: blocks shared by >= 3 of 8 tokens, FA3 ping-pong.
+# Session 2-4's per_token_random table config: blocks shared by >= 3 of 8 tokens, FA3 ping-pong.
 MOSAIC_SHARE3_PP = dataclasses.replace(
     MOSAIC_BLOCK_SIZES, min_share=3, mosaic=MosaicTile(stages=3, pingpong=True, unmasked_path=False)
 )
+# Sessions 2-4's default forward tile phase: 64-key steps, no ping-pong.
+MOSAIC_64KEY = dataclasses.replace(MOSAIC_BLOCK_SIZES, mosaic=MosaicTile())
 # Tiling variants: name -> BlockSizes. "token_*" is the plain per-token kernel (the ANCHORS naive
 # kernel is token_w2_s2); "tileN_shareM" runs blocks shared by >= M of N tokens on N * 16-row tiles;
 # "_sK" = num_stages K, "_w8" = 8 warps. The default BlockSizes() is "tile4_share2_s3_nosplit".
@@ -73,13 +75,16 @@ VARIANTS = {
     "tile8_share2_s3": BlockSizes(tile_tokens=8, min_share=2, tile_warps=8, num_stages=3, mask_split=True),
     "tile8_share3_s3": BlockSizes(tile_tokens=8, min_share=3, tile_warps=8, num_stages=3, mask_split=True),
     "tile8_union_s3": BlockSizes(tile_tokens=8, min_share=1, tile_warps=8, num_stages=3, mask_split=True),
-    # Mosaic GPU kernels (8-token tiles, two compute warpgroups of 4 tokens): "mosaic8" is the
-    # default on Hopper (MOSAIC_BLOCK_SIZES: 2-slot ring, no ping-pong, skip + unmasked paths, Mosaic
-    # dQ tile phase and dK/dV); "_pp" = FA3 ping-pong with a 3-slot ring and masks everywhere;
+    # Mosaic GPU kernels (8-token tiles, two compute warpgroups of 4 tokens): "mosaic8_share2" is the
+    # default on Hopper (MOSAIC_BLOCK_SIZES; since session 5 its forward takes 128-key steps with
+    # ping-pong, 2-slot ring, skip + unmasked paths; Mosaic dQ tile phase and dK/dV);
+    # "_64key" = the sessions 2-4 default forward (64-key steps, no ping-pong); each JSON's "config"
+    # field records the full tiling a name ran; "_pp" = FA3 ping-pong with a 3-slot ring and masks everywhere;
     # "_triton_dkdv" = the whole backward on the Triton kernels (the session-2 default); "_dq" names
-    # (what the table of bench_attention_h200.json ran) are the same configs as the defaults now;
+    # (what the table of bench_attention_h200_session3.json ran) are the same configs as the defaults;
     # "_dkdv_r232": the dK/dV kernel's compute warpgroups get 232 registers, its memory warpgroup 40.
     "mosaic8_share2": MOSAIC_BLOCK_SIZES,
+    "mosaic8_share2_64key": MOSAIC_64KEY,
     "mosaic8_share2_dq": MOSAIC_BLOCK_SIZES,
     "mosaic8_share2_triton_dkdv": dataclasses.replace(MOSAIC_BLOCK_SIZES, mosaic_dkdv=None, mosaic_dq=None),
     "mosaic8_share2_st3": dataclasses.replace(MOSAIC_BLOCK_SIZES, mosaic=MosaicTile(stages=3)),
@@ -91,6 +96,14 @@ VARIANTS = {
     "mosaic8_share3_pp_triton_dkdv": dataclasses.replace(MOSAIC_SHARE3_PP, mosaic_dkdv=None, mosaic_dq=None),
     "mosaic8_share2_dkdv_r232": dataclasses.replace(
         MOSAIC_BLOCK_SIZES, mosaic_dkdv=MosaicDkdv(compute_registers=232, memory_registers=40)
+    ),
+    # "_pairs": the forward tile phase takes two list entries (128 keys) per step.
+    "mosaic8_share2_pairs": dataclasses.replace(MOSAIC_BLOCK_SIZES, mosaic=MosaicTile(blocks_per_step=2)),
+    "mosaic8_share2_pairs_pp": dataclasses.replace(
+        MOSAIC_BLOCK_SIZES, mosaic=MosaicTile(blocks_per_step=2, pingpong=True)
+    ),
+    "mosaic8_share3_pairs_pp": dataclasses.replace(
+        MOSAIC_SHARE3_PP, mosaic=MosaicTile(blocks_per_step=2, pingpong=True, unmasked_path=False)
     ),
 }
 

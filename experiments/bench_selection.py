@@ -75,6 +75,18 @@ SWEEP = (
 )
 
 
+# Named selection tilings for --select-variants (rows "pallas_<name>"), e.g. Mosaic scoring options.
+def _mosaic_scoring(**options):
+    mosaic = dataclasses.replace(pallas_selection.MOSAIC_SELECTION.mosaic, **options)
+    return dataclasses.replace(pallas_selection.MOSAIC_SELECTION, mosaic=mosaic)
+
+
+SELECT_VARIANTS = {
+    # Session 4's default: a 2-slot ring, two store buffers per warpgroup.
+    "mosaic_st2": _mosaic_scoring(stages=2, store_buffers=2),
+}
+
+
 @dataclasses.dataclass(frozen=True)
 class Shape:
     batch: int
@@ -208,6 +220,7 @@ def run(
     corr: int = DEFAULT_CORR,
     noise: float = DEFAULT_NOISE,
     profile_lens=(),
+    extra_select=(),
     log=print,
     on_row=None,
 ) -> list[dict]:
@@ -227,6 +240,8 @@ def run(
       corr, noise: parameters of the ``smooth`` inputs (``smooth_process``).
       profile_lens: lengths whose Pallas prefill and select rows also get ``kernels``: device time per
         call of the 12 slowest GPU kernels (ms, from a profiler trace).
+      extra_select: names in ``SELECT_VARIANTS`` also timed at every select length
+        (``implementation`` ``pallas_<name>``).
       log: progress printer.
       on_row: called with the rows so far after each new row (the caller saves them, so that a run
         cut short keeps what it measured).
@@ -285,6 +300,7 @@ def run(
     select_variants = {"pallas": default_tiling}
     if default_tiling.mosaic is not None:
         select_variants["pallas_triton"] = pallas_selection.BlockSizes()
+    select_variants |= {f"pallas_{name}": SELECT_VARIANTS[name] for name in extra_select}
     for t in sorted(set(select_lens) | set(prefill_lens)):
         for kind in input_kinds:
             q, k, v = _inputs(t, shape, dtype, kind, corr, noise)
@@ -416,12 +432,12 @@ def summary(rows: list[dict]) -> str:
     def cell(row, key, spec):
         return format(row[key], spec) if row is not None and key in row else "-"
 
-    head = f"{'pass':>14} {'T':>7} {'dense ms':>10}" + "".join(
+    head = f"{'pass':>22} {'T':>7} {'dense ms':>10}" + "".join(
         f" | {kind + ' ms':>12} {'x dense':>7}" for kind in kinds
     )
     lines = [head, "-" * len(head)]
     for pass_, t in sorted({(p, t) for p, t, _ in pallas}, key=lambda pt: (pt[0] != "prefill", pt[1])):
-        line = f"{pass_:>14} {t:>7} {cell(dense.get(t), 'median_ms', '10.2f'):>10}"
+        line = f"{pass_:>22} {t:>7} {cell(dense.get(t), 'median_ms', '10.2f'):>10}"
         for kind in kinds:
             row = pallas.get((pass_, t, kind))
             speedup = cell(row, "speedup_vs_cudnn_dense", "7.2f")
@@ -530,6 +546,13 @@ def main(argv=None) -> None:
         default=[],
         help="lengths whose Pallas rows also record per-kernel device times (profiler)",
     )
+    parser.add_argument(
+        "--select-variants",
+        nargs="*",
+        choices=sorted(SELECT_VARIANTS),
+        default=[],
+        help="selection tilings also timed at every select length (rows pallas_<name>)",
+    )
     parser.add_argument("--corr", type=int, default=DEFAULT_CORR, help="smooth: tokens between anchors")
     parser.add_argument("--noise", type=float, default=DEFAULT_NOISE, help="smooth: white-noise amplitude")
     args = parser.parse_args(argv)
@@ -538,6 +561,7 @@ def main(argv=None) -> None:
         corr=args.corr,
         noise=args.noise,
         profile_lens=tuple(args.profile_lens),
+        extra_select=tuple(args.select_variants),
     )
 
     if args.smoke:

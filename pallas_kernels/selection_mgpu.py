@@ -22,12 +22,14 @@ way ``sparse_attention_mgpu``'s forward tile phase is:
   that kernel ``pool * c + i`` sits at row ``i * 128 / pool + c``. Block ``c``'s kernels are then
   columns ``c, c + 128 / pool, ...`` of the group-summed tile, its max is the elementwise max of
   ``pool`` column slices, and its last kernel (the next block's halo) is the last slice.
-- Rows 0..3 of the pooled tiles (the 4 tokens) go to HBM by TMA from double-buffered SMEM. A TMA store
+- Rows 0..3 of the pooled tiles (the 4 tokens) go to HBM by TMA from SMEM. A TMA store
   whose start in the minor dimension is not 16-byte aligned traps on the H200 (illegal instruction;
   a one-column halo offset did), hence ``HALO_SHIFT``.
 
 128-key steps rather than 64: the per-step costs (two SMEM fences, two MMA waits, two TMA stores)
-then cover twice the scores.
+then cover twice the scores. Three ring slots with one store buffer per warpgroup beat two slots
+with two buffers (the store a step waits for was issued a whole step earlier). A FlashAttention-3
+ping-pong between the two compute warpgroups was slower with either ring (session-5 notes).
 
 Only bf16/fp16 inputs, head dims 64/128, groups of at most 16 heads and ``block_size / kernel_stride``
 in {4, 8} (``supported_mosaic_scoring``).
@@ -73,17 +75,24 @@ class MosaicScore:
 
     Attributes:
       stages: key tiles in flight in the SMEM ring.
+      store_buffers: SMEM buffers per warpgroup for the pooled outputs' TMA stores (2: a step's
+        stores may still be in flight while the next step fills the other buffer; 1: a step first
+        waits for the previous step's stores, which frees the 32 KB that a third ring slot needs at
+        head dim 128).
       compute_registers, memory_registers: per-thread register budgets of the compute and memory
         warpgroups (``setmaxnreg``).
     """
 
-    stages: int = 2
+    stages: int = 3
+    store_buffers: int = 1
     compute_registers: int = 232
     memory_registers: int = 40
 
     def __post_init__(self):
         if self.stages < 1:
             raise ValueError(f"MosaicScore.stages must be >= 1, got {self.stages}")
+        if self.store_buffers not in (1, 2):
+            raise ValueError(f"MosaicScore.store_buffers must be 1 or 2, got {self.store_buffers}")
 
 
 def supported_mosaic_scoring(dtype, head_dim: int, group: int, pool: int) -> str | None:
@@ -225,10 +234,11 @@ def _kernel(
 
             sums = pl.run_scoped(group_sum, plgpu.ACC((_ROWS, KEY_TILE), jnp.float32))
             parts = [sums[:, i * per_tile : (i + 1) * per_tile] for i in range(pool)]
-            buf = out_smem.at[wg, lax.rem(jt, 2)]
-            # The stores that last read this buffer (two steps ago) must be done; the previous
-            # step's two may still be in flight.
-            plgpu.wait_smem_to_gmem(2, wait_read_only=True)
+            buffers = config.store_buffers
+            buf = out_smem.at[wg, lax.rem(jt, buffers)]
+            # The stores that last read this buffer (``buffers`` steps ago) must be done; with two
+            # buffers the previous step's two may still be in flight.
+            plgpu.wait_smem_to_gmem(2 * (buffers - 1), wait_read_only=True)
             buf.at[0][...] = functools.reduce(jnp.maximum, parts)
             buf.at[1][...] = parts[-1]
             plgpu.commit_smem()
@@ -327,8 +337,8 @@ def score_tiles_mgpu(
             plgpu.SMEM((stages, KEY_TILE, d), q_rows.dtype, transforms=SWIZZLED_128B),
             plgpu.SMEM((_COMPUTE_WGS, _ROWS, KEY_TILE), jnp.bfloat16, transforms=SWIZZLED_128B),
             plgpu.SMEM((_COMPUTE_WGS, _ROWS, _ROWS), jnp.bfloat16, transforms=SWIZZLED_128B),
-            # Per warpgroup two buffers (alternate steps) of pooled maxima and halos.
-            plgpu.SMEM((_COMPUTE_WGS, 2, 2, _ROWS, per_tile), jnp.float32),
+            # Per warpgroup ``store_buffers`` buffers (alternate steps) of pooled maxima and halos.
+            plgpu.SMEM((_COMPUTE_WGS, config.store_buffers, 2, _ROWS, per_tile), jnp.float32),
         ),
         (
             plgpu.Barrier(num_barriers=_COMPUTE_WGS),

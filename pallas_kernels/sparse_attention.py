@@ -512,14 +512,15 @@ def _attention_jit(q, k, v, block_idx, q_offset, *, block_size, config, interpre
     return _attention(q, k, v, lax.stop_gradient(block_idx), q_offset, block_size, config, interpret)
 
 
-# The tiling on Hopper GPUs: 8-token tiles whose forward and dQ tile phases run Mosaic GPU kernels,
-# and the Mosaic GPU dK/dV kernel; the token phases stay Triton (experiments/results/
-# bench_attention_h200.json compares this with the Triton backward).
+# The tiling on Hopper GPUs: 8-token tiles whose forward and dQ tile phases run Mosaic GPU kernels
+# (the forward with 128-key steps and the ping-pong schedule), and the Mosaic GPU dK/dV kernel; the
+# token phases stay Triton (experiments/results/bench_attention_h200.json compares the forward
+# variants and the Triton backward).
 MOSAIC_BLOCK_SIZES = BlockSizes(
     tile_tokens=8,
     min_share=2,
     tile_warps=8,
-    mosaic=MosaicTile(),
+    mosaic=MosaicTile(blocks_per_step=2, pingpong=True),
     mosaic_dkdv=MosaicDkdv(),
     mosaic_dq=MosaicTile(),
 )

@@ -18,6 +18,13 @@ FlashAttention-3 is: one CTA has two *compute* warpgroups and one *memory* warpg
   slot's barriers, so both warpgroups stay in step with the ring.
 - Optionally (``pingpong``) the two compute warpgroups alternate on the tensor cores through a
   shared barrier, so that one's softmax overlaps the other's matmuls (FlashAttention-3's schedule).
+- Optionally (``blocks_per_step=2``) a step takes two consecutive list entries: a ring slot holds
+  both blocks (128 keys, two TMA copies) and the step runs one 64x128 softmax round and 128-key
+  WGMMAs, so the per-step costs (barrier waits, MMA waits, row reductions) cover twice the keys. An
+  odd list's last step pairs its block with the list padding (block 0, no token bits: masked).
+- The output staging buffer shares SMEM with the K ring (both warpgroups are done with the ring
+  once they pass the epilogue barrier), which leaves room for two 128-key slots at head dim 128
+  with an fp32 output.
 
 Only bf16/fp16 inputs, head dims 64/128, 64-key blocks (``sparse_attention.supported_mosaic`` says why not).
 """
@@ -68,18 +75,26 @@ def list_entry(list_smem, j):
     return lax.shift_right_logical(packed, _BITS_SHIFT), packed & ((1 << _BITS_SHIFT) - 1)
 
 
+def _steps(count, per_step: int):
+    """Ring steps that cover ``count`` list entries, ``per_step`` entries per step."""
+    return lax.div(count + per_step - 1, per_step)
+
+
 def _kernel(
     off_ref, q_ref, k_ref, v_ref, list_ref, cnt_ref, o_ref, lse_ref, *, scratch, first, config: MosaicTile
 ):
     """One CTA: warpgroups 0 and 1 compute tokens ``4w .. 4w + 3`` of tile ``first + tile``, warpgroup 2
     feeds them (refs and shapes as in ``tile_phase_mgpu``; ``p_smem`` exists only in interpret mode)."""
-    (q_smem, k_smem, v_smem, list_smem, o_smem, lse_smem, p_smem), barriers = scratch
-    q_bar, k_bar, v_bar, list_bar, k_free, v_free, sched = barriers
+    (q_smem, k_and_out, v_smem, list_smem, lse_smem, p_smem), barriers = scratch
+    k_smem, o_smem = k_and_out
+    q_bar, k_bar, v_bar, list_bar, k_free, v_free, sched, ring_done = barriers
     local, b, h = lax.axis_index("tile"), lax.axis_index("batch"), lax.axis_index("kv")
     tile = first + local  # among all local query tiles (lists and q5 rows)
     wg = lax.axis_index("wg")
     stages = config.stages
     head_dim = q_smem.shape[-1]
+    keys = k_smem.shape[1]  # keys per step
+    per_step = keys // _BLOCK  # list entries per step
     count = cnt_ref[b, h, tile, 0]
 
     def schedule_barrier():
@@ -106,8 +121,8 @@ def _kernel(
         plgpu.barrier_wait(list_bar)
 
         wgmma_layout = plgpu.Layout.WGMMA
-        row = plgpu.broadcasted_iota(jnp.int32, (_ROWS, _BLOCK), 0, layout=wgmma_layout)
-        col = plgpu.broadcasted_iota(jnp.int32, (_ROWS, _BLOCK), 1, layout=wgmma_layout)
+        row = plgpu.broadcasted_iota(jnp.int32, (_ROWS, keys), 0, layout=wgmma_layout)
+        col = plgpu.broadcasted_iota(jnp.int32, (_ROWS, keys), 1, layout=wgmma_layout)
         tok_row = row // GROUP_ROWS
         t_row = t0 + tok_row
         bit_shift = tok_row + wg * _WG_TOKENS
@@ -120,7 +135,7 @@ def _kernel(
 
         pl.when(wg == 1)(sync_point)
 
-        def attend(carry, slot, blk, bits, masked):
+        def attend(carry, slot, entries, masked):
             acc, m, l = carry
             plgpu.barrier_wait(k_bar.at[slot])
 
@@ -129,11 +144,18 @@ def _kernel(
                 sync_point()
                 return acc_ref[...]
 
-            s = pl.run_scoped(qk, plgpu.ACC((_ROWS, _BLOCK), jnp.float32))
+            s = pl.run_scoped(qk, plgpu.ACC((_ROWS, keys), jnp.float32))
             plgpu.barrier_arrive(k_free.at[slot])
             s = s * qk_scale
             if masked:
-                valid = (col + blk * _BLOCK <= t_row) & ((lax.shift_right_logical(bits, bit_shift) & 1) == 1)
+                # Column c holds key c % 64 of entry c // 64: its position is c + key_base.
+                blk, bits = entries[0]
+                key_base, col_bits = blk * _BLOCK, bits
+                for i, (blk, bits) in enumerate(entries[1:], 1):
+                    later = col >= i * _BLOCK
+                    key_base = jnp.where(later, (blk - i) * _BLOCK, key_base)
+                    col_bits = jnp.where(later, bits, col_bits)
+                valid = (col + key_base <= t_row) & ((lax.shift_right_logical(col_bits, bit_shift) & 1) == 1)
                 s = jnp.where(valid, s, DEFAULT_MASK_VALUE)
             m_new = jnp.maximum(m, s.max(axis=1))
             alpha = jnp.exp2(m - m_new)
@@ -162,7 +184,7 @@ def _kernel(
             plgpu.barrier_arrive(v_free.at[slot])
             return acc * lax.broadcast_in_dim(alpha, acc.shape, [0]) + pv_out, m_new, l
 
-        def pass_slot(carry, slot, blk, bits):
+        def pass_slot(carry, slot, entries):
             # None of this warpgroup's tokens selected the block: the same barrier traffic as
             # ``attend`` (phases stay in step with the other warpgroups), no math.
             plgpu.barrier_wait(k_bar.at[slot])
@@ -180,26 +202,32 @@ def _kernel(
 
         def step(j, carry):
             slot = lax.rem(j, stages)
-            blk, bits = list_entry(list_smem, j)
+            entries = [list_entry(list_smem, j * per_step + i) for i in range(per_step)]
             branches = [functools.partial(attend, masked=True)]
             if config.skip_unselected:
                 branches.insert(0, pass_slot)
             if config.unmasked_path:
                 branches.insert(1 if config.skip_unselected else 0, functools.partial(attend, masked=False))
             if len(branches) == 1:
-                return branches[0](carry, slot, blk, bits)
-            mine = bits & my_bits_mask
-            # Every token of this warpgroup selected the block and sees all of its keys.
-            whole = (mine == my_bits_mask) & (blk * _BLOCK + _BLOCK - 1 <= t0)
+                return branches[0](carry, slot, entries)
+            any_bits = functools.reduce(lambda x, y: x | y, [bits for _, bits in entries])
+            all_bits = functools.reduce(lambda x, y: x & y, [bits for _, bits in entries])
+            last_blk = functools.reduce(jnp.maximum, [blk for blk, _ in entries])
+            # Every token of this warpgroup selected the step's blocks and sees all of their keys
+            # (list padding has no bits, so a padded step is never whole).
+            whole = (all_bits & my_bits_mask == my_bits_mask) & (last_blk * _BLOCK + _BLOCK - 1 <= t0)
             index = jnp.where(whole, 1, 2) if config.unmasked_path else jnp.int32(1)
             if config.skip_unselected:
-                index = jnp.where(mine == 0, 0, index)
+                index = jnp.where(any_bits & my_bits_mask == 0, 0, index)
             else:
                 index = index - 1
-            return lax.switch(index, branches, carry, slot, blk, bits)
+            return lax.switch(index, branches, carry, slot, entries)
 
-        acc, m, l = lax.fori_loop(0, count, step, (acc, m, l))
+        acc, m, l = lax.fori_loop(0, _steps(count, per_step), step, (acc, m, l))
         pl.when(wg == 0)(sync_point)
+        # The output staging buffer is the K ring's memory: wait until both warpgroups are done with it.
+        plgpu.barrier_arrive(ring_done)
+        plgpu.barrier_wait(ring_done)
 
         # Rows that never saw a key (m still at the mask value) output 0 with lse = -inf.
         seen = m > 0.5 * DEFAULT_MASK_VALUE
@@ -231,13 +259,15 @@ def _kernel(
 def stream_blocks(gmem, smem, bars, *, index, count, registers):
     """The memory warpgroup of a tile kernel (forward or dQ).
 
-    Copies tile ``tile``'s packed list into SMEM, then each listed 64-key block of K and V into ring
-    slot ``j % stages`` once the compute warpgroups released the block that held it.
+    Copies tile ``tile``'s packed list into SMEM, then the listed 64-key blocks of K and V, ``per_step``
+    consecutive entries per ring slot (``k_ring.shape[1] / 64``), step ``j`` into slot ``j % stages``
+    once the compute warpgroups released the step that held it.
 
     Args:
       gmem: ``(k, v, lists)``: ``[B, Tk, Hkv, D]`` keys and values, ``pack_tile_lists`` output.
-      smem: ``(list, k_ring, v_ring)`` SMEM refs; the ring depth is ``k_ring.shape[0]``.
-      bars: the list barrier, the ring's K and V arrival barriers and its K and V release barriers.
+      smem: ``(list, k_ring, v_ring)`` SMEM refs ``[stages, 64 * per_step, D]``.
+      bars: the list barrier, the ring's K and V arrival barriers (``per_step`` arrivals each) and its
+        K and V release barriers.
       index: ``(b, h, tile)``.
       count: number of list entries.
       registers: the memory warpgroup's register budget.
@@ -248,28 +278,37 @@ def stream_blocks(gmem, smem, bars, *, index, count, registers):
     b, h, tile = index
     k_ref, v_ref = k_ref.at[b, :, h], v_ref.at[b, :, h]
     stages = k_smem.shape[0]
+    per_step = k_smem.shape[1] // _BLOCK
+    steps = _steps(count, per_step)
     plgpu.copy_gmem_to_smem(list_ref.at[b, h, tile], list_smem, list_bar)
     plgpu.barrier_wait(list_bar)
 
-    @pl.loop(0, count)
+    def copy_step(src, dst, bar, j):
+        # Entry j * per_step + i goes to keys [64 i, 64 i + 64) of the slot; each copy is one of the
+        # barrier's per_step arrivals.
+        for i in range(per_step):
+            blk = list_entry(list_smem, j * per_step + i)[0]
+            keys = pl.ds(pl.multiple_of(blk * _BLOCK, _BLOCK), _BLOCK)
+            plgpu.copy_gmem_to_smem(src.at[keys], dst.at[pl.ds(i * _BLOCK, _BLOCK)], bar)
+
+    @pl.loop(0, steps)
     def _(j):
         slot = lax.rem(j, stages)
-        keys = pl.ds(pl.multiple_of(list_entry(list_smem, j)[0] * _BLOCK, _BLOCK), _BLOCK)
 
         @pl.when(j >= stages)
         def _():
             plgpu.barrier_wait(k_free.at[slot])
 
-        plgpu.copy_gmem_to_smem(k_ref.at[keys], k_smem.at[slot], k_bar.at[slot])
+        copy_step(k_ref, k_smem.at[slot], k_bar.at[slot], j)
 
         @pl.when(j >= stages)
         def _():
             plgpu.barrier_wait(v_free.at[slot])
 
-        plgpu.copy_gmem_to_smem(v_ref.at[keys], v_smem.at[slot], v_bar.at[slot])
+        copy_step(v_ref, v_smem.at[slot], v_bar.at[slot], j)
 
     # Wait for the last releases too, so that every barrier phase is consumed before the CTA exits.
-    @pl.loop(jnp.maximum(count - stages, 0), count)
+    @pl.loop(jnp.maximum(steps - stages, 0), steps)
     def _(j):
         slot = lax.rem(j, stages)
         plgpu.barrier_wait(k_free.at[slot])
@@ -314,28 +353,32 @@ def tile_phase_mgpu(
         )
     in_dtype = q5.dtype
     list_rows = packed_lists.shape[-2]
-    stages = config.stages
+    stages, per_step = config.stages, config.blocks_per_step
+    keys = per_step * _BLOCK
     scratch = (
         (
             plgpu.SMEM((_COMPUTE_WGS, _ROWS, d), in_dtype, transforms=SWIZZLED_128B),
-            plgpu.SMEM((stages, _BLOCK, d), in_dtype, transforms=SWIZZLED_128B),
-            plgpu.SMEM((stages, _BLOCK, d), in_dtype, transforms=SWIZZLED_128B),
+            plgpu.RefUnion(
+                plgpu.SMEM((stages, keys, d), in_dtype, transforms=SWIZZLED_128B),
+                plgpu.SMEM((_COMPUTE_WGS, _ROWS, d), out_dtype),
+            ),
+            plgpu.SMEM((stages, keys, d), in_dtype, transforms=SWIZZLED_128B),
             plgpu.SMEM((list_rows, _LIST_COLS), jnp.int32),
-            plgpu.SMEM((_COMPUTE_WGS, _ROWS, d), out_dtype),
             plgpu.SMEM((_COMPUTE_WGS, _ROWS), jnp.float32),
             (
-                plgpu.SMEM((_COMPUTE_WGS, _ROWS, _BLOCK), in_dtype, transforms=SWIZZLED_128B)
+                plgpu.SMEM((_COMPUTE_WGS, _ROWS, keys), in_dtype, transforms=SWIZZLED_128B)
                 if interpret
                 else None
             ),
         ),
         (
             plgpu.Barrier(num_barriers=(_COMPUTE_WGS, _WG_TOKENS)),
-            plgpu.Barrier(num_barriers=stages),
-            plgpu.Barrier(num_barriers=stages),
+            plgpu.Barrier(num_arrivals=per_step, num_barriers=stages),
+            plgpu.Barrier(num_arrivals=per_step, num_barriers=stages),
             plgpu.Barrier(),
             plgpu.Barrier(num_arrivals=_COMPUTE_WGS, num_barriers=stages),
             plgpu.Barrier(num_arrivals=_COMPUTE_WGS, num_barriers=stages),
+            plgpu.Barrier(num_arrivals=_COMPUTE_WGS),
             plgpu.Barrier(num_arrivals=_COMPUTE_WGS),
         ),
     )

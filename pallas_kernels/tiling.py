@@ -52,6 +52,8 @@ class MosaicTile:
       skip_unselected: a warpgroup skips the math of blocks none of its 4 tokens selected.
       unmasked_path: blocks that all 4 tokens of a warpgroup selected and see entirely run without
         the per-row mask.
+      blocks_per_step: list entries per ring slot and softmax round: 1 (64-key steps) or 2 (128-key
+        steps; forward only).
       compute_registers, memory_registers: per-thread register budgets of the compute and memory
         warpgroups (``setmaxnreg``).
     """
@@ -60,12 +62,15 @@ class MosaicTile:
     pingpong: bool = False
     skip_unselected: bool = True
     unmasked_path: bool = True
+    blocks_per_step: int = 1
     compute_registers: int = 232
     memory_registers: int = 40
 
     def __post_init__(self):
         if self.stages < 1:
             raise ValueError(f"stages must be >= 1, got {self.stages}")
+        if self.blocks_per_step not in (1, 2):
+            raise ValueError(f"blocks_per_step must be 1 or 2, got {self.blocks_per_step}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
@@ -142,6 +147,11 @@ class BlockSizes:
             raise ValueError(f"the Mosaic tile phases run 8-token tiles, got tile_tokens={self.tile_tokens}")
         if self.mosaic_dq is not None and self.mosaic_dq.pingpong:
             raise ValueError("the Mosaic dQ tile phase has no ping-pong schedule (mosaic_dq.pingpong=True)")
+        if self.mosaic_dq is not None and self.mosaic_dq.blocks_per_step != 1:
+            raise ValueError(
+                "the Mosaic dQ tile phase takes one block per step "
+                f"(mosaic_dq.blocks_per_step={self.mosaic_dq.blocks_per_step})"
+            )
         if self.tile_tokens not in (0, 1, 2, 4, 8, 16):
             raise ValueError(f"tile_tokens must be 0 or a power of two <= 16, got {self.tile_tokens}")
         if self.min_share < 1:

@@ -34,6 +34,7 @@ from infllm_jax import SparseConfig, ops
 from infllm_jax.ops import attention, pallas_backend
 from infllm_jax.ops.selection import _pool_and_force, _stage1_chunk
 from pallas_kernels import selection as pallas_selection
+from pallas_kernels.selection_mgpu import MosaicScore
 
 INTERPRET = jax.default_backend() == "cpu"
 SMALL = SparseConfig(
@@ -207,6 +208,8 @@ def test_bf16_selection_is_a_valid_topk(cfg, t, hq, hkv, d, chunk, group_sum):
 
 
 MOSAIC = pallas_selection.MOSAIC_SELECTION
+# Session 4's scoring layout: a 2-slot ring and two store buffers per warpgroup.
+MOSAIC_TWO_STORE_BUFFERS = dataclasses.replace(MOSAIC, mosaic=MosaicScore(stages=2, store_buffers=2))
 POOL8 = SparseConfig(block_size=32, kernel_size=8, kernel_stride=4, window_size=32, topk=3, dense_len=-1)
 STRIDE1 = SparseConfig(block_size=4, kernel_size=2, kernel_stride=1, window_size=8, topk=4, dense_len=-1)
 
@@ -233,16 +236,28 @@ STRIDE1 = SparseConfig(block_size=4, kernel_size=2, kernel_stride=1, window_size
         pytest.param(POOL8, 300, 8, 2, 64, None, jnp.bfloat16, id="pool8-G4-T300"),
     ],
 )
-def test_mosaic_scoring_is_a_valid_topk(cfg, t, hq, hkv, d, chunk, dtype):
+def test_mosaic_scoring_is_a_valid_topk(cfg, t, hq, hkv, d, chunk, dtype, block_sizes=MOSAIC):
     """The Mosaic GPU scoring kernel (``selection_mgpu``; the Triton top-k) against the float32
     reference: exact structure, valid top-k within the bf16 bound (its group sum is an MMA on bf16
     ``p``, as the Triton ``"mma"`` path's)."""
     q, k = qk(3 * t + hq, 1, t, hq, hkv, d, dtype)
-    got = np.asarray(pallas_select(q, k, cfg, query_chunk=chunk, block_sizes=MOSAIC))
+    got = np.asarray(pallas_select(q, k, cfg, query_chunk=chunk, block_sizes=block_sizes))
     tokens = np.arange(t)
     check_structure(got, tokens, cfg)
     scores = np.asarray(block_scores(q.astype(jnp.float32), k.astype(jnp.float32), cfg), np.float64)
     assert_valid_topk(got, scores, tokens, cfg, bf16_score_tolerance(q, k, cfg, "mma"))
+
+
+@pytest.mark.parametrize(
+    "mosaic",
+    [MOSAIC_TWO_STORE_BUFFERS.mosaic, MosaicScore(stages=1, store_buffers=1)],
+    ids=["st2-two-store-buffers", "st1-one-store-buffer"],
+)
+def test_mosaic_scoring_options_are_a_valid_topk(mosaic):
+    """Other ring depths and store buffers than the default (3 slots, one store buffer) over two
+    coarse and five fine key tiles."""
+    block_sizes = dataclasses.replace(MOSAIC, mosaic=mosaic)
+    test_mosaic_scoring_is_a_valid_topk(STRIDE1, 600, 16, 1, 64, 256, jnp.bfloat16, block_sizes=block_sizes)
 
 
 def test_mosaic_query_slice_at_a_traced_offset_matches_the_full_selection():
@@ -277,9 +292,12 @@ def test_permute_fine_keys_puts_each_blocks_kernels_in_one_column_of_each_slice(
     np.testing.assert_array_equal(got, tile * KEY_TILE + pool * c + i)
 
 
+@pytest.mark.parametrize(
+    "block_sizes", [MOSAIC, MOSAIC_TWO_STORE_BUFFERS], ids=["default", "st2-two-store-buffers"]
+)
 @pytest.mark.parametrize("pool", [4, 8])
 @pytest.mark.parametrize("d", [64, 128])
-def test_mosaic_scoring_lowers_for_cuda(d, pool):
+def test_mosaic_scoring_lowers_for_cuda(d, pool, block_sizes):
     """The compiled path (real Mosaic lowering and layout inference, SMEM budget), which the
     interpreter does not take, lowers for a CUDA target without a GPU."""
     from pallas_kernels.selection_mgpu import score_tiles_mgpu
@@ -296,7 +314,7 @@ def test_mosaic_scoring_lowers_for_cuda(d, pool):
 
     def score(*a):
         return score_tiles_mgpu(
-            *a, n1=500, n2=120, stride=16, group=16, pool=pool, width=528, config=MOSAIC.mosaic
+            *a, n1=500, n2=120, stride=16, group=16, pool=pool, width=528, config=block_sizes.mosaic
         )
 
     text = jax.jit(score).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
@@ -409,7 +427,9 @@ def reference_scores_at(q, k, cfg, tokens):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize(
-    "block_sizes", [None, pallas_selection.BlockSizes()], ids=["default-tiling", "triton-scoring"]
+    "block_sizes",
+    [None, pallas_selection.BlockSizes(), MOSAIC_TWO_STORE_BUFFERS],
+    ids=["default-tiling", "triton-scoring", "mosaic-st2-two-store-buffers"],
 )
 def test_gpu_shipped_config_32k_bf16_is_a_valid_topk(block_sizes):
     # The default tiling on an H100/H200 scores with the Mosaic GPU kernel; the Triton one elsewhere.

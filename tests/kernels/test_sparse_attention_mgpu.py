@@ -46,6 +46,12 @@ PINGPONG_UNION = BlockSizes(
 # Mosaic dQ tile phase and dK/dV).
 TRITON_BWD = dataclasses.replace(MOSAIC_BLOCK_SIZES, mosaic_dkdv=None, mosaic_dq=None)
 MOSAIC_DKDV = dataclasses.replace(MOSAIC_BLOCK_SIZES, mosaic_dq=None)
+# 128-key forward steps (two list entries per ring slot); with the pure union and ping-pong too.
+PAIRS = dataclasses.replace(MOSAIC_BLOCK_SIZES, mosaic=MosaicTile(blocks_per_step=2))
+PAIRS_PINGPONG_UNION = dataclasses.replace(
+    PINGPONG_UNION,
+    mosaic=MosaicTile(blocks_per_step=2, pingpong=True, skip_unselected=False, unmasked_path=False),
+)
 CASES = [
     Case(g=16, d=64, t=192, hkv=1, block_size=64, k=4, dtype=jnp.bfloat16, config=TRITON_BWD),
     # Block 0's list (~150 tokens) spans two 128-token chunks of the dK/dV kernel's list stream.
@@ -65,6 +71,9 @@ CASES = [
         config=MOSAIC_BLOCK_SIZES,
         traced=True,
     ),
+    # Lists of odd and even lengths: the last step of an odd list pairs its block with padding.
+    Case(g=16, d=64, t=200, hkv=1, block_size=64, k=3, dtype=jnp.bfloat16, config=PAIRS),
+    Case(g=3, d=128, t=130, hkv=1, block_size=64, k=3, dtype=jnp.float16, config=PAIRS_PINGPONG_UNION),
 ]
 GPU_CASES = [
     Case(g=16, d=128, t=8192 + 37, block_size=64, k=24, dtype=jnp.bfloat16, config=TRITON_BWD),
@@ -73,12 +82,15 @@ GPU_CASES = [
     Case(g=16, d=128, t=8192 + 37, block_size=64, k=24, dtype=jnp.bfloat16, config=MOSAIC_DKDV),
     Case(g=4, d=128, t=16384 + 5, hkv=1, block_size=64, k=40, dtype=jnp.bfloat16, config=MOSAIC_BLOCK_SIZES),
     Case(g=16, d=64, t=4096 + 11, b=2, block_size=64, k=24, dtype=jnp.float16, config=MOSAIC_BLOCK_SIZES),
+    Case(g=16, d=128, t=8192 + 37, block_size=64, k=25, dtype=jnp.bfloat16, config=PAIRS),
+    Case(g=4, d=64, t=4096 + 5, b=2, block_size=64, k=15, dtype=jnp.bfloat16, config=PAIRS_PINGPONG_UNION),
 ]
 
 
 def _ids(case):
     bwd = "".join(f"-{name}" for name in ("dkdv", "dq") if getattr(case.config, f"mosaic_{name}") is not None)
-    return f"{case}-mosaic-{'union' if case.config.min_share == 1 else 'share2'}{bwd}"
+    pairs = "-pairs" if case.config.mosaic.blocks_per_step == 2 else ""
+    return f"{case}-mosaic-{'union' if case.config.min_share == 1 else 'share2'}{pairs}{bwd}"
 
 
 @pytest.mark.parametrize("case", CASES, ids=_ids)
@@ -105,6 +117,10 @@ def test_config_needs_8_token_tiles():
         BlockSizes(tile_tokens=4, mosaic_dq=MosaicTile())
     with pytest.raises(ValueError, match="no ping-pong"):
         BlockSizes(tile_tokens=8, mosaic_dq=MosaicTile(pingpong=True))
+    with pytest.raises(ValueError, match="one block per step"):
+        BlockSizes(tile_tokens=8, mosaic_dq=MosaicTile(blocks_per_step=2))
+    with pytest.raises(ValueError, match="blocks_per_step must be 1 or 2"):
+        MosaicTile(blocks_per_step=3)
 
 
 @pytest.mark.parametrize(("dtype", "block_size"), [(jnp.float32, 64), (jnp.bfloat16, 32)], ids=str)
@@ -153,8 +169,14 @@ def _assert_lowers_for_cuda(fn, *args):
 
 @pytest.mark.parametrize(
     "mosaic",
-    [MOSAIC_BLOCK_SIZES.mosaic, PINGPONG_UNION.mosaic, MosaicTile(stages=3, pingpong=True)],
-    ids=["default", "pingpong-union", "pingpong-skip-unmasked"],
+    [
+        MOSAIC_BLOCK_SIZES.mosaic,
+        PINGPONG_UNION.mosaic,
+        MosaicTile(stages=3, pingpong=True),
+        PAIRS.mosaic,
+        PAIRS_PINGPONG_UNION.mosaic,
+    ],
+    ids=["default", "pingpong-union", "pingpong-skip-unmasked", "pairs", "pairs-pingpong-union"],
 )
 def test_lowers_for_cuda(mosaic):
     """The compiled path (register P operand, real Mosaic lowering and layout inference), which the
