@@ -42,9 +42,9 @@ PINGPONG_UNION = BlockSizes(
     mosaic_dkdv=MosaicDkdv(stages=1),
     mosaic_dq=MosaicTile(stages=1, skip_unselected=False, unmasked_path=False),
 )
-# The Mosaic forward with the Triton backward, and with only the Mosaic dK/dV (the default has the
-# Mosaic dQ tile phase and dK/dV).
-TRITON_BWD = dataclasses.replace(MOSAIC_BLOCK_SIZES, mosaic_dkdv=None, mosaic_dq=None)
+# The session-2 default: the 64-key Mosaic forward (skip + unmasked paths) with the Triton backward;
+# and the default with only the Mosaic dK/dV (the default has the Mosaic dQ tile phase and dK/dV).
+TRITON_BWD = dataclasses.replace(MOSAIC_BLOCK_SIZES, mosaic=MosaicTile(), mosaic_dkdv=None, mosaic_dq=None)
 MOSAIC_DKDV = dataclasses.replace(MOSAIC_BLOCK_SIZES, mosaic_dq=None)
 # 128-key forward steps (two list entries per ring slot); with the pure union and ping-pong too.
 PAIRS = dataclasses.replace(MOSAIC_BLOCK_SIZES, mosaic=MosaicTile(blocks_per_step=2))
