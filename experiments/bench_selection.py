@@ -57,6 +57,7 @@ from bench_attention import kernel_times, smooth_process
 from infllm_jax import SparseConfig, ops
 from infllm_jax.ops.pallas_backend import selection_kwargs
 from pallas_kernels import selection as pallas_selection
+from pallas_kernels.selection_mgpu import MosaicScore
 
 warnings.filterwarnings(
     "ignore", message=".*Pallas Triton backend is deprecated.*", category=DeprecationWarning
@@ -76,14 +77,11 @@ SWEEP = (
 
 
 # Named selection tilings for --select-variants (rows "pallas_<name>"), e.g. Mosaic scoring options.
-def _mosaic_scoring(**options):
-    mosaic = dataclasses.replace(pallas_selection.MOSAIC_SELECTION.mosaic, **options)
-    return dataclasses.replace(pallas_selection.MOSAIC_SELECTION, mosaic=mosaic)
-
-
 SELECT_VARIANTS = {
     # Session 4's default: a 2-slot ring, two store buffers per warpgroup.
-    "mosaic_st2": _mosaic_scoring(stages=2, store_buffers=2),
+    "mosaic_st2": dataclasses.replace(
+        pallas_selection.MOSAIC_SELECTION, mosaic=MosaicScore(stages=2, store_buffers=2)
+    ),
     # The default with a top-k search that settles 2 or 4 bits of the k-th key per pass.
     "mosaic_topk_radix2": dataclasses.replace(pallas_selection.MOSAIC_SELECTION, topk_radix_bits=2),
     "mosaic_topk_radix4": dataclasses.replace(pallas_selection.MOSAIC_SELECTION, topk_radix_bits=4),
