@@ -79,7 +79,7 @@ VARIANTS = {
     # default on Hopper (MOSAIC_BLOCK_SIZES; since session 5 its forward takes 128-key steps with
     # ping-pong, 2-slot ring, skip + unmasked paths; Mosaic dQ tile phase and dK/dV);
     # "_64key" = the sessions 2-4 default forward (64-key steps, no ping-pong); each JSON's "config"
-    # field records the full tiling a name ran; "_pp" = FA3 ping-pong with a 3-slot ring and masks everywhere;
+    # field records the full tiling a name ran; "_pp" = FA3 ping-pong with a 3-slot ring, no unmasked path;
     # "_triton_dkdv" = the whole backward on the Triton kernels (the session-2 default); "_dq" names
     # (what the table of bench_attention_h200_session3.json ran) are the same configs as the defaults;
     # "_dkdv_r232": the dK/dV kernel's compute warpgroups get 232 registers, its memory warpgroup 40.
@@ -105,6 +105,23 @@ VARIANTS = {
     ),
     "mosaic8_share3_pairs_pp": dataclasses.replace(
         MOSAIC_SHARE3_PP, mosaic=MosaicTile(blocks_per_step=2, pingpong=True, unmasked_path=False)
+    ),
+    # "_scoremasks": row_masks=False in the forward and dQ tile phases (every block that is not whole
+    # masks per score: the session-5 configs); "_nounmasked": whole blocks take the row-mask path too.
+    "mosaic8_share2_scoremasks": dataclasses.replace(
+        MOSAIC_BLOCK_SIZES,
+        mosaic=MosaicTile(blocks_per_step=2, pingpong=True, row_masks=False),
+        mosaic_dq=MosaicTile(row_masks=False),
+    ),
+    "mosaic8_share2_nounmasked": dataclasses.replace(
+        MOSAIC_BLOCK_SIZES,
+        mosaic=MosaicTile(blocks_per_step=2, pingpong=True, unmasked_path=False),
+        mosaic_dq=MosaicTile(unmasked_path=False),
+    ),
+    "mosaic8_share3_pairs_pp_scoremasks": dataclasses.replace(
+        MOSAIC_SHARE3_PP,
+        mosaic=MosaicTile(blocks_per_step=2, pingpong=True, unmasked_path=False, row_masks=False),
+        mosaic_dq=MosaicTile(row_masks=False),
     ),
     # "_chunk1g": the default with 1 GiB of tile -> token state per forward chunk (2 chunks at 128K
     # instead of 8-9: fewer kernel launches and tails, ~0.75 GiB more peak memory).
@@ -168,7 +185,11 @@ def kernel_times(fn, *args, calls=2):
             totals[kernel] = totals.get(kernel, 0.0) + ms
     if not totals:
         log(f"  (no GPU kernel events; lines: {list(per_line)[:8]})")
-    return {k: round(v, 3) for k, v in sorted(totals.items(), key=lambda kv: -kv[1])[:12]}
+    ranked = sorted(totals.items(), key=lambda kv: -kv[1])
+    top = {k: round(v, 3) for k, v in ranked[:12]}
+    if len(ranked) > 12:
+        top[f"({len(ranked) - 12} other kernels)"] = round(sum(v for _, v in ranked[12:]), 3)
+    return top
 
 
 def random_selection(key, t, hkv, n_random=62, local=33, chunk=4096):

@@ -16,6 +16,10 @@ FlashAttention-3 is: one CTA has two *compute* warpgroups and one *memory* warpg
 - A warpgroup skips the math of a block none of its 4 tokens selected (``skip_unselected``) and drops
   the mask for a block all 4 selected and see entirely (``unmasked_path``); it still takes part in the
   slot's barriers, so both warpgroups stay in step with the ring.
+- Blocks wholly before the warpgroup's tokens but not selected by all of them (``row_masks``): a row
+  then sees all 64 keys of an entry or none, so the mask acts on the row maxima and the exponentials'
+  shifts (an unselected entry's shift is infinite), not on every score. Only the steps that hold
+  one of the warpgroup's own blocks mask per score (causal).
 - Optionally (``pingpong``) the two compute warpgroups alternate on the tensor cores through a
   shared barrier, so that one's softmax overlaps the other's matmuls (FlashAttention-3's schedule).
 - Optionally (``blocks_per_step=2``) a step takes two consecutive list entries: a ring slot holds
@@ -38,7 +42,7 @@ from jax import lax
 from pallas_kernels._compat import SWIZZLED_128B, pl, plgpu
 from pallas_kernels.tiling import DEFAULT_MASK_VALUE, GROUP_ROWS, LOG2E, MosaicTile
 
-__all__ = ["TILE_TOKENS", "list_entry", "pack_tile_lists", "stream_blocks", "tile_phase_mgpu"]
+__all__ = ["TILE_TOKENS", "list_entry", "pack_tile_lists", "run_first", "stream_blocks", "tile_phase_mgpu"]
 
 # Tokens per CTA: two compute warpgroups of 4 tokens x 16 rows each.
 TILE_TOKENS = 8
@@ -135,7 +139,9 @@ def _kernel(
 
         pl.when(wg == 1)(sync_point)
 
-        def attend(carry, slot, entries, masked):
+        def attend(carry, slot, entries, mask):
+            """One step; ``mask``: "none" (every row sees every key), "rows" (every key is before
+            the warpgroup's tokens, so a row sees a whole entry or none of it) or "scores"."""
             acc, m, l = carry
             plgpu.barrier_wait(k_bar.at[slot])
 
@@ -146,21 +152,47 @@ def _kernel(
 
             s = pl.run_scoped(qk, plgpu.ACC((_ROWS, keys), jnp.float32))
             plgpu.barrier_arrive(k_free.at[slot])
-            s = s * qk_scale
-            if masked:
-                # Column c holds key c % 64 of entry c // 64: its position is c + key_base.
-                blk, bits = entries[0]
-                key_base, col_bits = blk * _BLOCK, bits
-                for i, (blk, bits) in enumerate(entries[1:], 1):
-                    later = col >= i * _BLOCK
-                    key_base = jnp.where(later, (blk - i) * _BLOCK, key_base)
-                    col_bits = jnp.where(later, bits, col_bits)
-                valid = (col + key_base <= t_row) & ((lax.shift_right_logical(col_bits, bit_shift) & 1) == 1)
-                s = jnp.where(valid, s, DEFAULT_MASK_VALUE)
-            m_new = jnp.maximum(m, s.max(axis=1))
+            if mask == "rows":
+                # The mask is constant over an entry's 64 columns of a row, so it acts on row
+                # statistics only: an unselected entry leaves the row maximum alone and its
+                # exponentials get an infinite shift (exactly 0). No per-score work, unlike "scores".
+                parts = [s[:, i * _BLOCK : (i + 1) * _BLOCK] for i in range(per_step)]
+                row_tok = plgpu.broadcasted_iota(jnp.int32, (_ROWS,), 0, layout=row_layout) // GROUP_ROWS
+                row_bit = row_tok + wg * _WG_TOKENS
+                selected = [(lax.shift_right_logical(bits, row_bit) & 1) == 1 for _, bits in entries]
+                part_max = [
+                    jnp.where(sel, part.max(axis=1) * qk_scale, DEFAULT_MASK_VALUE)
+                    for sel, part in zip(selected, parts, strict=True)
+                ]
+                m_new = functools.reduce(jnp.maximum, part_max, m)
+                p_parts = [
+                    jnp.exp2(
+                        part * qk_scale
+                        - lax.broadcast_in_dim(jnp.where(sel, m_new, jnp.inf), part.shape, [0])
+                    )
+                    for sel, part in zip(selected, parts, strict=True)
+                ]
+                row_sum = functools.reduce(jnp.add, [part.sum(axis=1) for part in p_parts])
+                p = p_parts[0] if per_step == 1 else jnp.concatenate(p_parts, axis=1)
+            else:
+                s = s * qk_scale
+                if mask == "scores":
+                    # Column c holds key c % 64 of entry c // 64: its position is c + key_base.
+                    blk, bits = entries[0]
+                    key_base, col_bits = blk * _BLOCK, bits
+                    for i, (blk, bits) in enumerate(entries[1:], 1):
+                        later = col >= i * _BLOCK
+                        key_base = jnp.where(later, (blk - i) * _BLOCK, key_base)
+                        col_bits = jnp.where(later, bits, col_bits)
+                    valid = (col + key_base <= t_row) & (
+                        (lax.shift_right_logical(col_bits, bit_shift) & 1) == 1
+                    )
+                    s = jnp.where(valid, s, DEFAULT_MASK_VALUE)
+                m_new = jnp.maximum(m, s.max(axis=1))
+                p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
+                row_sum = p.sum(axis=1)
             alpha = jnp.exp2(m - m_new)
-            p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
-            l = l * alpha + p.sum(axis=1)
+            l = l * alpha + row_sum
             p16 = p.astype(k_smem.dtype)
             if config.pingpong:
                 plgpu.barrier_arrive(sched)
@@ -203,25 +235,21 @@ def _kernel(
         def step(j, carry):
             slot = lax.rem(j, stages)
             entries = [list_entry(list_smem, j * per_step + i) for i in range(per_step)]
-            branches = [functools.partial(attend, masked=True)]
-            if config.skip_unselected:
-                branches.insert(0, pass_slot)
-            if config.unmasked_path:
-                branches.insert(1 if config.skip_unselected else 0, functools.partial(attend, masked=False))
-            if len(branches) == 1:
-                return branches[0](carry, slot, entries)
             any_bits = functools.reduce(lambda x, y: x | y, [bits for _, bits in entries])
             all_bits = functools.reduce(lambda x, y: x & y, [bits for _, bits in entries])
             last_blk = functools.reduce(jnp.maximum, [blk for blk, _ in entries])
-            # Every token of this warpgroup selected the step's blocks and sees all of their keys
-            # (list padding has no bits, so a padded step is never whole).
-            whole = (all_bits & my_bits_mask == my_bits_mask) & (last_blk * _BLOCK + _BLOCK - 1 <= t0)
-            index = jnp.where(whole, 1, 2) if config.unmasked_path else jnp.int32(1)
-            if config.skip_unselected:
-                index = jnp.where(any_bits & my_bits_mask == 0, 0, index)
-            else:
-                index = index - 1
-            return lax.switch(index, branches, carry, slot, entries)
+            # Every key of the step is before all of this warpgroup's tokens (list padding, block 0
+            # with no bits, is too: it is simply unselected).
+            before = last_blk * _BLOCK + _BLOCK - 1 <= t0
+            # Every token of this warpgroup selected the step's blocks (padding has no bits).
+            whole = before & (all_bits & my_bits_mask == my_bits_mask)
+            paths = [
+                (pass_slot, config.skip_unselected and any_bits & my_bits_mask == 0),
+                (functools.partial(attend, mask="none"), config.unmasked_path and whole),
+                (functools.partial(attend, mask="rows"), config.row_masks and before),
+                (functools.partial(attend, mask="scores"), True),
+            ]
+            return run_first(paths, carry, slot, entries)
 
         acc, m, l = lax.fori_loop(0, _steps(count, per_step), step, (acc, m, l))
         pl.when(wg == 0)(sync_point)
@@ -254,6 +282,19 @@ def _kernel(
             registers=config.memory_registers,
         )
     )
+
+
+def run_first(paths, *args):
+    """Runs the first branch of ``paths`` (``(branch, condition)`` pairs, the last one's condition
+    ``True``) whose condition holds; a condition that is ``False`` in Python drops its branch from
+    the kernel."""
+    paths = [(branch, cond) for branch, cond in paths if cond is not False]
+    if len(paths) == 1:
+        return paths[0][0](*args)
+    index = jnp.int32(len(paths) - 1)
+    for i in reversed(range(len(paths) - 1)):
+        index = jnp.where(paths[i][1], i, index)
+    return lax.switch(index, [branch for branch, _ in paths], *args)
 
 
 def stream_blocks(gmem, smem, bars, *, index, count, registers):

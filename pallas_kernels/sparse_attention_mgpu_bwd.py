@@ -37,7 +37,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from pallas_kernels._compat import SWIZZLED_128B, pl, plgpu
-from pallas_kernels.sparse_attention_mgpu import TILE_TOKENS, list_entry, stream_blocks
+from pallas_kernels.sparse_attention_mgpu import TILE_TOKENS, list_entry, run_first, stream_blocks
 from pallas_kernels.tiling import GROUP_ROWS, LOG2E, MosaicDkdv, MosaicTile
 
 __all__ = ["LIST_CHUNK", "dkdv_mgpu", "dq_tile_mgpu", "step_lists"]
@@ -433,7 +433,8 @@ def _dq_kernel(
         operand = functools.partial(_mma_operand, staging=None if op_smem is None else op_smem.at[wg])
         accumulate = functools.partial(_mma_accumulate, interpret=op_smem is not None)
 
-        def attend(dq, slot, blk, bits, masked):
+        def attend(dq, slot, blk, bits, mask):
+            """One block; ``mask`` as in the forward's ``attend``: "none", "rows" or "scores"."""
             plgpu.barrier_wait(k_bar.at[slot])
 
             def scores(acc_ref):
@@ -441,8 +442,14 @@ def _dq_kernel(
                 return acc_ref[...]
 
             s = pl.run_scoped(scores, plgpu.ACC((_ROWS, _BLOCK), jnp.float32))
-            p = jnp.exp2(s * qk_scale - lax.broadcast_in_dim(lse, s.shape, [0]))
-            if masked:
+            shift = lse
+            if mask == "rows":
+                # A row sees the whole block or none of it: an infinite shift makes its p exactly 0.
+                row_tok = plgpu.broadcasted_iota(jnp.int32, (_ROWS,), 0, layout=row_layout) // GROUP_ROWS
+                row_bit = row_tok + wg * _STEP_TOKENS
+                shift = jnp.where((lax.shift_right_logical(bits, row_bit) & 1) == 1, lse, jnp.inf)
+            p = jnp.exp2(s * qk_scale - lax.broadcast_in_dim(shift, s.shape, [0]))
+            if mask == "scores":
                 # A select, not a masked score: rows without any visible key have lse = -inf.
                 selected = (lax.shift_right_logical(bits, bit_shift) & 1) == 1
                 p = jnp.where(selected & (col + blk * _BLOCK <= t0 + tok_row), p, 0.0)
@@ -473,18 +480,17 @@ def _dq_kernel(
             slot = lax.rem(j, config.stages)
             blk, bits = list_entry(list_smem, j)
             mine = bits & my_bits_mask
-            # Branch 0: skip; 1: every token of the warpgroup selected the block and sees all of it;
-            # 2: masked.
-            whole = (mine == my_bits_mask) & (blk * _BLOCK + _BLOCK - 1 <= t0)
-            index = jnp.where(whole, 1, 2) if config.unmasked_path else jnp.int32(2)
-            if config.skip_unselected:
-                index = jnp.where(mine == 0, 0, index)
-            branches = [
-                pass_slot,
-                functools.partial(attend, masked=False),
-                functools.partial(attend, masked=True),
+            before = blk * _BLOCK + _BLOCK - 1 <= t0  # every key is before all 4 tokens
+            paths = [
+                (pass_slot, config.skip_unselected and mine == 0),
+                (
+                    functools.partial(attend, mask="none"),
+                    config.unmasked_path and before & (mine == my_bits_mask),
+                ),
+                (functools.partial(attend, mask="rows"), config.row_masks and before),
+                (functools.partial(attend, mask="scores"), True),
             ]
-            return lax.switch(index, branches, dq, slot, blk, bits)
+            return run_first(paths, dq, slot, blk, bits)
 
         dq = plgpu.layout_cast(jnp.zeros((_ROWS, head_dim), jnp.float32), wgmma_layout)
         dq = lax.fori_loop(0, count, step, dq)

@@ -51,7 +51,10 @@ class MosaicTile:
         forward only).
       skip_unselected: a warpgroup skips the math of blocks none of its 4 tokens selected.
       unmasked_path: blocks that all 4 tokens of a warpgroup selected and see entirely run without
-        the per-row mask.
+        any mask.
+      row_masks: blocks whose keys all 4 tokens of a warpgroup see (the others, apart from each
+        token's own block) mask whole rows through the row statistics: a row sees all of an entry's
+        keys or none, so no score needs a mask. Off: such blocks mask every score.
       blocks_per_step: list entries per ring slot and softmax round: 1 (64-key steps) or 2 (128-key
         steps; forward only).
       compute_registers, memory_registers: per-thread register budgets of the compute and memory
@@ -62,6 +65,7 @@ class MosaicTile:
     pingpong: bool = False
     skip_unselected: bool = True
     unmasked_path: bool = True
+    row_masks: bool = True
     blocks_per_step: int = 1
     compute_registers: int = 232
     memory_registers: int = 40

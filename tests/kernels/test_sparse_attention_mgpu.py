@@ -33,24 +33,30 @@ from tests.kernels.test_sparse_attention_pallas import (
     random_block_idx,
 )
 
-# Every Mosaic option: FA3 ping-pong, 3-slot ring, no skipping, and the pure union (no token phase);
-# the Mosaic dK/dV kernel with a one-slot ring.
+# Every Mosaic option: FA3 ping-pong, 3-slot ring, every block masked per score (no skipping, no
+# unmasked or row-mask paths), and the pure union (no token phase); the Mosaic dK/dV kernel with a
+# one-slot ring.
+SCORE_MASKS = MosaicTile(skip_unselected=False, unmasked_path=False, row_masks=False)
 PINGPONG_UNION = BlockSizes(
     tile_tokens=8,
     min_share=1,
-    mosaic=MosaicTile(stages=3, pingpong=True, skip_unselected=False, unmasked_path=False),
+    mosaic=dataclasses.replace(SCORE_MASKS, stages=3, pingpong=True),
     mosaic_dkdv=MosaicDkdv(stages=1),
-    mosaic_dq=MosaicTile(stages=1, skip_unselected=False, unmasked_path=False),
+    mosaic_dq=dataclasses.replace(SCORE_MASKS, stages=1),
 )
 # The session-2 default: the 64-key Mosaic forward (skip + unmasked paths) with the Triton backward;
 # and the default with only the Mosaic dK/dV (the default has the Mosaic dQ tile phase and dK/dV).
 TRITON_BWD = dataclasses.replace(MOSAIC_BLOCK_SIZES, mosaic=MosaicTile(), mosaic_dkdv=None, mosaic_dq=None)
 MOSAIC_DKDV = dataclasses.replace(MOSAIC_BLOCK_SIZES, mosaic_dq=None)
-# 128-key forward steps (two list entries per ring slot); with the pure union and ping-pong too.
+# 128-key forward steps (two list entries per ring slot); with the pure union and ping-pong too, where
+# every block before the warpgroup's tokens takes the row-mask path (forward and dQ: no skipping, no
+# unmasked path), list padding included.
 PAIRS = dataclasses.replace(MOSAIC_BLOCK_SIZES, mosaic=MosaicTile(blocks_per_step=2))
+ROW_MASKS = MosaicTile(skip_unselected=False, unmasked_path=False)
 PAIRS_PINGPONG_UNION = dataclasses.replace(
     PINGPONG_UNION,
-    mosaic=MosaicTile(blocks_per_step=2, pingpong=True, skip_unselected=False, unmasked_path=False),
+    mosaic=dataclasses.replace(ROW_MASKS, blocks_per_step=2, pingpong=True),
+    mosaic_dq=dataclasses.replace(ROW_MASKS, stages=1),
 )
 CASES = [
     Case(g=16, d=64, t=192, hkv=1, block_size=64, k=4, dtype=jnp.bfloat16, config=TRITON_BWD),
@@ -175,8 +181,16 @@ def _assert_lowers_for_cuda(fn, *args):
         MosaicTile(stages=3, pingpong=True),
         PAIRS.mosaic,
         PAIRS_PINGPONG_UNION.mosaic,
+        dataclasses.replace(MOSAIC_BLOCK_SIZES.mosaic, row_masks=False),
     ],
-    ids=["default", "pingpong-union", "pingpong-skip-unmasked", "pairs", "pairs-pingpong-union"],
+    ids=[
+        "default",
+        "pingpong-union",
+        "pingpong-skip-unmasked",
+        "pairs",
+        "pairs-pingpong-union",
+        "default-score-masks",
+    ],
 )
 def test_lowers_for_cuda(mosaic):
     """The compiled path (register P operand, real Mosaic lowering and layout inference), which the
@@ -204,7 +218,9 @@ def test_dkdv_lowers_for_cuda(dkdv, d):
 
 
 @pytest.mark.parametrize(
-    "dq", [MosaicTile(), MosaicTile(stages=1, skip_unselected=False)], ids=["default", "no-skip"]
+    "dq",
+    [MosaicTile(), MosaicTile(stages=1, skip_unselected=False), ROW_MASKS, SCORE_MASKS],
+    ids=["default", "no-skip", "row-masks", "score-masks"],
 )
 def test_dq_lowers_for_cuda(dq):
     """The compiled dQ tile phase (register dS operand, accumulator kept across blocks) lowers for CUDA."""
