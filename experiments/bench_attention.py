@@ -98,7 +98,8 @@ VARIANTS = {
         MOSAIC_BLOCK_SIZES, mosaic_dkdv=MosaicDkdv(compute_registers=232, memory_registers=40)
     ),
     # "_pairs": the forward tile phase takes two list entries (128 keys) per step; "_pairs_pp" is the
-    # same tiling as today's default, kept so that bench_attention_sweep_h200_pairs.json's command re-runs.
+    # session-5 default (with the unmasked path; row masks since session 6), kept so that
+    # bench_attention_sweep_h200_pairs.json's command re-runs.
     "mosaic8_share2_pairs": dataclasses.replace(MOSAIC_BLOCK_SIZES, mosaic=MosaicTile(blocks_per_step=2)),
     "mosaic8_share2_pairs_pp": dataclasses.replace(
         MOSAIC_BLOCK_SIZES, mosaic=MosaicTile(blocks_per_step=2, pingpong=True)
@@ -107,7 +108,8 @@ VARIANTS = {
         MOSAIC_SHARE3_PP, mosaic=MosaicTile(blocks_per_step=2, pingpong=True, unmasked_path=False)
     ),
     # "_scoremasks": row_masks=False in the forward and dQ tile phases (every block that is not whole
-    # masks per score: the session-5 configs); "_nounmasked": whole blocks take the row-mask path too.
+    # masks per score: the session-5 configs); "_nounmasked": whole blocks take the row-mask path in
+    # the dQ tile phase too (the forward's default since session 6).
     "mosaic8_share2_scoremasks": dataclasses.replace(
         MOSAIC_BLOCK_SIZES,
         mosaic=MosaicTile(blocks_per_step=2, pingpong=True, row_masks=False),

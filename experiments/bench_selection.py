@@ -82,9 +82,6 @@ SELECT_VARIANTS = {
     "mosaic_st2": dataclasses.replace(
         pallas_selection.MOSAIC_SELECTION, mosaic=MosaicScore(stages=2, store_buffers=2)
     ),
-    # The default with a top-k search that settles 2 or 4 bits of the k-th key per pass.
-    "mosaic_topk_radix2": dataclasses.replace(pallas_selection.MOSAIC_SELECTION, topk_radix_bits=2),
-    "mosaic_topk_radix4": dataclasses.replace(pallas_selection.MOSAIC_SELECTION, topk_radix_bits=4),
 }
 
 

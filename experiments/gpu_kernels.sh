@@ -8,7 +8,7 @@
 #   2. then, alone on the GPU, the selection + prefill benchmark at 8K-128K with a 128K profile
 #      (bench_selection.py; OUT_DIR/bench_selection_h200.json and .png).
 #   bash experiments/gpu_kernels.sh OUT_DIR [TAG [BENCH_SELECTION_ARG ...]]
-# e.g. the extra arguments "--select-variants mosaic_topk_radix4" time a tiling next to the default.
+# e.g. the extra arguments "--select-variants mosaic_st2" time a tiling next to the default.
 set -uo pipefail
 out=${1:?usage: gpu_kernels.sh OUT_DIR [TAG [BENCH_SELECTION_ARG ...]]}
 tag=${2:-}

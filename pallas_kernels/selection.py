@@ -21,11 +21,11 @@ chunk (``lax.map`` over chunks of ``C`` tokens, so only one chunk's intermediate
    (``[tq_b, nb_pad]``, held in registers) and forms the reference's block scores: ``max(body, halo)``
    where a kernel of the part is visible to the token, 0 where the kernels exist but are invisible,
    ``-inf`` for blocks without any kernel, ``+inf`` for the forced init/local blocks. The top-k is
-   exact: scores map to order-preserving int32 keys, a bitwise search (32 one-bit steps, or
-   ``32 / topk_radix_bits`` steps of several bits) finds the k-th largest key per row, the keys above
-   it plus the lowest-index ties at it are selected (``lax.top_k``'s tie rule), ids past the token's
-   block are dropped, and an inclusive cumsum gives each kept id its ascending output slot; ids are
-   scattered there and the other slots get -1.
+   exact: scores map to order-preserving int32 keys, a 32-step bitwise search finds the k-th largest
+   key per row, the keys above it plus the lowest-index ties at it are selected (``lax.top_k``'s tie
+   rule), ids past the token's block are dropped, and an inclusive cumsum gives each kept id its
+   ascending output slot; ids are scattered there and the other slots get -1. (Settling 2 or 4 bits
+   per pass, 16 or 8 passes of 3 or 15 counts each, was slower on the H200: NOTES, session 6.)
 
 Memory: besides the inputs, one chunk of ``body``/``halo`` (``2 * B * Hkv * C * (nb_pad + 32) * 4``
 bytes, at most ``BlockSizes.chunk_bytes``; 260 MiB with C = 8K tokens at 128K and Hkv = 2), a copy of
@@ -84,10 +84,6 @@ class BlockSizes:
       score_warps, score_stages: Triton launch parameters of the scoring kernel.
       topk_elems: block scores per top-k program (rows x padded blocks), kept in registers.
       topk_warps: Triton warps of the top-k kernel.
-      topk_radix_bits: bits of the k-th-largest key the top-k search settles per pass over the row
-        (1, 2 or 4): ``32 / bits`` passes, each counting ``2**bits - 1`` thresholds. Every setting
-        finds the same key, so the selection is bit-identical; fewer passes trade sequential row
-        reductions for independent ones.
       chunk_bytes: budget for one query chunk's pooled scores (``body`` + ``halo``, float32).
       max_chunk: most tokens per query chunk (bounds the chunk's copy of the queries: 64 MiB at
         8K tokens x 32 heads x 128 dims in bf16); 8K tokens x 2 KV heads still fill the GPU.
@@ -106,7 +102,6 @@ class BlockSizes:
     score_stages: int = 2
     topk_elems: int = 4096
     topk_warps: int = 4
-    topk_radix_bits: int = 1
     chunk_bytes: int = 512 * 2**20
     max_chunk: int = 8192
     group_sum: str = "mma"
@@ -115,8 +110,6 @@ class BlockSizes:
     def __post_init__(self):
         if self.group_sum not in ("mma", "reshape"):
             raise ValueError(f"BlockSizes.group_sum must be 'mma' or 'reshape', got {self.group_sum!r}")
-        if self.topk_radix_bits not in (1, 2, 4):
-            raise ValueError(f"BlockSizes.topk_radix_bits must be 1, 2 or 4, got {self.topk_radix_bits}")
         for name in ("score_rows", "block_k1", "block_k2", "topk_elems", "max_chunk"):
             value = getattr(self, name)
             if value < 16 or value & (value - 1):
@@ -293,7 +286,6 @@ def _topk_kernel(
     init_blocks: int,
     local_blocks: int,
     k_sel: int,
-    radix_bits: int,
 ):
     """Forcing, exact top-k, sort and -1 padding for ``tq`` tokens.
 
@@ -326,19 +318,13 @@ def _topk_kernel(
     key = jnp.where(j < nb, key, _INT32_MIN)
 
     # Largest threshold thr (in unsigned order, key ^ INT32_MIN) with count(key >= thr) >= k_sel,
-    # built radix_bits at a time from the top: it equals the k_sel-th largest key. The counts fall
-    # as the next digit v grows, so the digit is the number of candidates v >= 1 that still reach k_sel.
+    # built bit by bit from the top: it equals the k_sel-th largest key.
     def search_step(i, thr):
-        shift = 32 - radix_bits * (i + 1)
-        digit = jnp.zeros_like(thr)
-        for v in range(1, 1 << radix_bits):
-            cand = thr | lax.shift_left(jnp.int32(v), shift)
-            count = jnp.sum((key >= (cand ^ _INT32_MIN)).astype(jnp.int32), axis=1, keepdims=True)
-            digit += (count >= k_sel).astype(jnp.int32)
-        return thr | lax.shift_left(digit, shift)
+        cand = thr | lax.shift_left(jnp.int32(1), 31 - i)
+        count = jnp.sum((key >= (cand ^ _INT32_MIN)).astype(jnp.int32), axis=1, keepdims=True)
+        return jnp.where(count >= k_sel, cand, thr)
 
-    passes = 32 // radix_bits
-    kth = lax.fori_loop(0, passes, search_step, jnp.zeros((tq, 1), jnp.int32)) ^ _INT32_MIN
+    kth = lax.fori_loop(0, 32, search_step, jnp.zeros((tq, 1), jnp.int32)) ^ _INT32_MIN
     above = key > kth
     n_above = jnp.sum(above.astype(jnp.int32), axis=1, keepdims=True)
     tie = key == kth
@@ -588,7 +574,6 @@ def select_blocks(
             init_blocks=init_blocks,
             local_blocks=local_blocks,
             k_sel=k_sel,
-            radix_bits=bs.topk_radix_bits,
         ),
         grid=(chunk // tq_b, b, hkv),
         in_specs=[

@@ -342,22 +342,7 @@ def test_exact_ties_go_to_the_lowest_block_ids(dtype):
     np.testing.assert_array_equal(pallas_select(q, k, SMALL), want)
 
 
-@pytest.mark.parametrize("radix_bits", [2, 4])
-@pytest.mark.parametrize("ties", [False, True], ids=["random", "all-tied"])
-def test_topk_radix_search_is_bit_identical(radix_bits, ties):
-    """Settling 2 or 4 bits of the k-th largest key per pass finds the same key as the 1-bit search."""
-    q, k = qk(23, 1, 150, 16, 2, 16)
-    if ties:
-        k = jnp.broadcast_to(k[:, :1], k.shape)
-    cfg = dataclasses.replace(SMALL, topk=5)
-    want = np.asarray(pallas_select(q, k, cfg))
-    got = pallas_select(q, k, cfg, block_sizes=pallas_selection.BlockSizes(topk_radix_bits=radix_bits))
-    np.testing.assert_array_equal(got, want)
-
-
 def test_block_size_options_are_validated():
-    with pytest.raises(ValueError, match="topk_radix_bits must be 1, 2 or 4"):
-        pallas_selection.BlockSizes(topk_radix_bits=3)
     with pytest.raises(ValueError, match="group_sum"):
         pallas_selection.BlockSizes(group_sum="sum")
     with pytest.raises(ValueError, match="power of two"):
