@@ -521,9 +521,10 @@ def _attention_jit(q, k, v, block_idx, q_offset, *, block_size, config, interpre
 
 # The tiling on Hopper GPUs: 8-token tiles whose forward and dQ tile phases run Mosaic GPU kernels
 # (the forward with 128-key steps, the ping-pong schedule and row masks for every block before the
-# warpgroup's tokens: without a separate unmasked path it ran 1.7 ms faster at 128K), and the Mosaic
-# GPU dK/dV kernel; the token phases stay Triton (experiments/results/bench_attention_sweep_h200_rows.json
-# and bench_attention_h200.json compare the variants).
+# warpgroup's tokens; without a separate unmasked path its tile kernel ran 1.7 ms faster at 128K),
+# and the Mosaic GPU dK/dV kernel; the token phases stay Triton
+# (experiments/results/bench_attention_sweep_h200_rows.json and bench_attention_h200.json compare
+# the variants).
 MOSAIC_BLOCK_SIZES = BlockSizes(
     tile_tokens=8,
     min_share=2,

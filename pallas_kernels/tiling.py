@@ -52,9 +52,10 @@ class MosaicTile:
       skip_unselected: a warpgroup skips the math of blocks none of its 4 tokens selected.
       unmasked_path: blocks that all 4 tokens of a warpgroup selected and see entirely run without
         any mask.
-      row_masks: blocks whose keys all 4 tokens of a warpgroup see (the others, apart from each
-        token's own block) mask whole rows through the row statistics: a row sees all of an entry's
-        keys or none, so no score needs a mask. Off: such blocks mask every score.
+      row_masks: a block wholly before the warpgroup's 4 tokens (any block but their own) hides
+        itself from the rows of the tokens that did not select it through the softmax's row
+        statistics: such a row sees all of the block's keys or none, so no score needs a mask. Off:
+        these blocks mask every score.
       blocks_per_step: list entries per ring slot and softmax round: 1 (64-key steps) or 2 (128-key
         steps; forward only).
       compute_registers, memory_registers: per-thread register budgets of the compute and memory
