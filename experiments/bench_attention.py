@@ -77,7 +77,8 @@ VARIANTS = {
     "tile8_union_s3": BlockSizes(tile_tokens=8, min_share=1, tile_warps=8, num_stages=3, mask_split=True),
     # Mosaic GPU kernels (8-token tiles, two compute warpgroups of 4 tokens): "mosaic8_share2" is the
     # default on Hopper (MOSAIC_BLOCK_SIZES; since session 5 its forward takes 128-key steps with
-    # ping-pong, 2-slot ring, skip + unmasked paths; Mosaic dQ tile phase and dK/dV);
+    # ping-pong, 2-slot ring, skip path; since session 6 row masks and no unmasked path; Mosaic dQ
+    # tile phase and dK/dV);
     # "_64key" = the sessions 2-4 default forward (64-key steps, no ping-pong); each JSON's "config"
     # field records the full tiling a name ran; "_pp" = FA3 ping-pong with a 3-slot ring, no unmasked path;
     # "_triton_dkdv" = the whole backward on the Triton kernels (the session-2 default); "_dq" names

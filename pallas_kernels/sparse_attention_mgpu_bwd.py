@@ -2,7 +2,7 @@
 
 **dQ tile phase** (``dq_tile_mgpu``): the forward tile kernel's structure (``sparse_attention_mgpu``:
 8-token tiles, two compute warpgroups of 4 tokens x 16 heads, one memory warpgroup streaming the tile's
-listed K/V blocks into a shared ring, the same skip and unmasked paths) with ``S = Q K^T``,
+listed K/V blocks into a shared ring, the same skip, unmasked and row-mask paths) with ``S = Q K^T``,
 ``dP = dO V^T``, ``dS = P (dP - delta)``, ``dQ += dS K``; the token phase (Triton) adds each token's
 remaining blocks onto its fp32 result.
 
