@@ -84,6 +84,10 @@ class BlockSizes:
       score_warps, score_stages: Triton launch parameters of the scoring kernel.
       topk_elems: block scores per top-k program (rows x padded blocks), kept in registers.
       topk_warps: Triton warps of the top-k kernel.
+      topk_early_exit: stop the top-k's bitwise search once, in every row of the program, exactly
+        ``k`` keys reach the threshold built so far: those keys are then the selection, so the result is
+        identical, in fewer than 32 passes unless a row has ties at its k-th score. Off by default
+        until timed on the GPU.
       chunk_bytes: budget for one query chunk's pooled scores (``body`` + ``halo``, float32).
       max_chunk: most tokens per query chunk (bounds the chunk's copy of the queries: 64 MiB at
         8K tokens x 32 heads x 128 dims in bf16); 8K tokens x 2 KV heads still fill the GPU.
@@ -102,6 +106,7 @@ class BlockSizes:
     score_stages: int = 2
     topk_elems: int = 4096
     topk_warps: int = 4
+    topk_early_exit: bool = False
     chunk_bytes: int = 512 * 2**20
     max_chunk: int = 8192
     group_sum: str = "mma"
@@ -286,6 +291,7 @@ def _topk_kernel(
     init_blocks: int,
     local_blocks: int,
     k_sel: int,
+    early_exit: bool,
 ):
     """Forcing, exact top-k, sort and -1 padding for ``tq`` tokens.
 
@@ -318,13 +324,36 @@ def _topk_kernel(
     key = jnp.where(j < nb, key, _INT32_MIN)
 
     # Largest threshold thr (in unsigned order, key ^ INT32_MIN) with count(key >= thr) >= k_sel,
-    # built bit by bit from the top: it equals the k_sel-th largest key.
+    # built bit by bit from the top: it equals the k_sel-th largest key. With early_exit the search
+    # stops once count(key >= thr) == k_sel in every row: ``thr`` may then lie below the k-th key, but
+    # the keys above or at it are exactly the k_sel largest, which is what the tie rule below selects.
     def search_step(i, thr):
         cand = thr | lax.shift_left(jnp.int32(1), 31 - i)
         count = jnp.sum((key >= (cand ^ _INT32_MIN)).astype(jnp.int32), axis=1, keepdims=True)
-        return jnp.where(count >= k_sel, cand, thr)
+        take = count >= k_sel
+        return jnp.where(take, cand, thr), jnp.where(take, count, -1)
 
-    kth = lax.fori_loop(0, 32, search_step, jnp.zeros((tq, 1), jnp.int32)) ^ _INT32_MIN
+    thr = jnp.zeros((tq, 1), jnp.int32)
+    if early_exit:
+
+        def searching(state):
+            i, _, count_thr = state
+            # A max over one axis at a time, not jnp.any: Pallas' Triton lowering has no reduce_or,
+            # and it failed on a reduction over both axes at once (jax 0.11.2).
+            open_rows = jnp.max((count_thr != k_sel).astype(jnp.int32), axis=1)
+            return (i < 32) & (jnp.max(open_rows, axis=0) > 0)
+
+        def step(state):
+            i, thr, count_thr = state
+            thr, count = search_step(i, thr)
+            return i + 1, thr, jnp.where(count >= 0, count, count_thr)
+
+        # count(key >= thr) for thr = 0 (INT32_MIN as a signed key) counts every column.
+        state = (jnp.int32(0), thr, jnp.full((tq, 1), nb_pad, jnp.int32))
+        _, thr, _ = lax.while_loop(searching, step, state)
+    else:
+        thr = lax.fori_loop(0, 32, lambda i, thr: search_step(i, thr)[0], thr)
+    kth = thr ^ _INT32_MIN
     above = key > kth
     n_above = jnp.sum(above.astype(jnp.int32), axis=1, keepdims=True)
     tie = key == kth
@@ -574,6 +603,7 @@ def select_blocks(
             init_blocks=init_blocks,
             local_blocks=local_blocks,
             k_sel=k_sel,
+            early_exit=bs.topk_early_exit,
         ),
         grid=(chunk // tq_b, b, hkv),
         in_specs=[

@@ -342,6 +342,53 @@ def test_exact_ties_go_to_the_lowest_block_ids(dtype):
     np.testing.assert_array_equal(pallas_select(q, k, SMALL), want)
 
 
+@pytest.mark.parametrize("ties", [False, True], ids=["random", "all-tied"])
+def test_topk_early_exit_is_bit_identical(ties):
+    """Stopping the bitwise search once exactly k keys reach the threshold selects the same blocks
+    as the 32-pass search, on random scores and on rows that tie at their k-th score."""
+    q, k = qk(23, 1, 150, 16, 2, 16)
+    if ties:
+        k = jnp.broadcast_to(k[:, :1], k.shape)
+    cfg = dataclasses.replace(SMALL, topk=5)
+    want = np.asarray(pallas_select(q, k, cfg))
+    got = pallas_select(q, k, cfg, block_sizes=pallas_selection.BlockSizes(topk_early_exit=True))
+    np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("early_exit", [False, True], ids=["32-pass-search", "early-exit"])
+def test_triton_selection_lowers_for_cuda(early_exit):
+    """The Triton scoring and top-k kernels lower for a CUDA target without a GPU (Pallas -> Triton IR
+    for an H200, through an abstract mesh that names the device), which interpret mode does not check."""
+    mesh = jax.sharding.AbstractMesh(
+        (1,),
+        ("x",),
+        (jax.sharding.AxisType.Explicit,),
+        abstract_device=jax.sharding.AbstractDevice(
+            device_kind="NVIDIA H200", num_cores=None, platform="gpu"
+        ),
+    )
+    q = jax.ShapeDtypeStruct((1, 4096, 32, 128), jnp.bfloat16)
+    k = jax.ShapeDtypeStruct((1, 4096, 2, 128), jnp.bfloat16)
+    block_sizes = pallas_selection.BlockSizes(topk_early_exit=early_exit)
+
+    def select(q, k):
+        return pallas_selection.select_blocks(
+            q,
+            k,
+            block_size=64,
+            kernel_size=32,
+            kernel_stride=16,
+            init_blocks=1,
+            local_blocks=32,
+            num_selected=64,
+            block_sizes=block_sizes,
+        )
+
+    with jax.sharding.use_abstract_mesh(mesh):
+        text = jax.jit(select).trace(q, k).lower(lowering_platforms=("cuda",)).as_text()
+    assert "infllmv2_select_topk" in text
+
+
 def test_block_size_options_are_validated():
     with pytest.raises(ValueError, match="group_sum"):
         pallas_selection.BlockSizes(group_sum="sum")
