@@ -372,17 +372,8 @@ def test_triton_selection_lowers_for_cuda(early_exit):
     block_sizes = pallas_selection.BlockSizes(topk_early_exit=early_exit)
 
     def select(q, k):
-        return pallas_selection.select_blocks(
-            q,
-            k,
-            block_size=64,
-            kernel_size=32,
-            kernel_stride=16,
-            init_blocks=1,
-            local_blocks=32,
-            num_selected=64,
-            block_sizes=block_sizes,
-        )
+        kwargs = pallas_backend.selection_kwargs(SparseConfig())  # the shipped MiniCPM4 config
+        return pallas_selection.select_blocks(q, k, **kwargs, block_sizes=block_sizes)
 
     with jax.sharding.use_abstract_mesh(mesh):
         text = jax.jit(select).trace(q, k).lower(lowering_platforms=("cuda",)).as_text()

@@ -44,7 +44,8 @@ PINGPONG_UNION = BlockSizes(
     mosaic_dkdv=MosaicDkdv(stages=1),
     mosaic_dq=dataclasses.replace(SCORE_MASKS, stages=1),
 )
-# The session-2 default: the 64-key Mosaic forward (skip + unmasked paths) with the Triton backward;
+# The session-2 default: the 64-key Mosaic forward (skip and unmasked paths; row masks since session 6)
+# with the Triton backward;
 # and the default with only the Mosaic dK/dV (the default has the Mosaic dQ tile phase and dK/dV).
 TRITON_BWD = dataclasses.replace(MOSAIC_BLOCK_SIZES, mosaic=MosaicTile(), mosaic_dkdv=None, mosaic_dq=None)
 MOSAIC_DKDV = dataclasses.replace(MOSAIC_BLOCK_SIZES, mosaic_dq=None)
