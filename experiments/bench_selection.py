@@ -239,7 +239,7 @@ def run(
         rows and the sweep run on the first one.
       corr, noise: parameters of the ``smooth`` inputs (``smooth_process``).
       profile_lens: lengths whose Pallas prefill and select rows also get ``kernels``: device time per
-        call of the 12 slowest GPU kernels (ms, from a profiler trace).
+        call of the 12 slowest GPU kernels and the sum of the others (ms, from a profiler trace).
       extra_select: names in ``SELECT_VARIANTS`` also timed at every select length
         (``implementation`` ``pallas_<name>``).
       log: progress printer.

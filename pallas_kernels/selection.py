@@ -328,10 +328,11 @@ def _topk_kernel(
     # stops once count(key >= thr) == k_sel in every row: ``thr`` may then lie below the k-th key, but
     # the keys above or at it are exactly the k_sel largest, which is what the tie rule below selects.
     def search_step(i, thr):
+        """The next threshold, whether each row raised it, and count(key >= candidate)."""
         cand = thr | lax.shift_left(jnp.int32(1), 31 - i)
         count = jnp.sum((key >= (cand ^ _INT32_MIN)).astype(jnp.int32), axis=1, keepdims=True)
         take = count >= k_sel
-        return jnp.where(take, cand, thr), jnp.where(take, count, -1)
+        return jnp.where(take, cand, thr), take, count
 
     thr = jnp.zeros((tq, 1), jnp.int32)
     if early_exit:
@@ -345,8 +346,8 @@ def _topk_kernel(
 
         def step(state):
             i, thr, count_thr = state
-            thr, count = search_step(i, thr)
-            return i + 1, thr, jnp.where(count >= 0, count, count_thr)
+            thr, take, count = search_step(i, thr)
+            return i + 1, thr, jnp.where(take, count, count_thr)
 
         # count(key >= thr) for thr = 0 (INT32_MIN as a signed key) counts every column.
         state = (jnp.int32(0), thr, jnp.full((tq, 1), nb_pad, jnp.int32))

@@ -42,7 +42,15 @@ from jax import lax
 from pallas_kernels._compat import SWIZZLED_128B, pl, plgpu
 from pallas_kernels.tiling import DEFAULT_MASK_VALUE, GROUP_ROWS, LOG2E, MosaicTile
 
-__all__ = ["TILE_TOKENS", "list_entry", "pack_tile_lists", "run_first", "stream_blocks", "tile_phase_mgpu"]
+__all__ = [
+    "TILE_TOKENS",
+    "list_entry",
+    "pack_tile_lists",
+    "rows_selecting",
+    "run_first",
+    "stream_blocks",
+    "tile_phase_mgpu",
+]
 
 # Tokens per CTA: two compute warpgroups of 4 tokens x 16 rows each.
 TILE_TOKENS = 8
@@ -77,6 +85,13 @@ def list_entry(list_smem, j):
     """Block id and token bitmask of entry ``j`` of a packed list in SMEM (``pack_tile_lists``)."""
     packed = list_smem[lax.div(j, _LIST_COLS), lax.rem(j, _LIST_COLS)]
     return lax.shift_right_logical(packed, _BITS_SHIFT), packed & ((1 << _BITS_SHIFT) - 1)
+
+
+def rows_selecting(bits, wg, layout):
+    """``[64]`` bool in ``layout``: row ``r`` of compute warpgroup ``wg`` (token ``4 wg + r // 16`` of
+    the tile) selected the list entry whose token bitmask is ``bits``."""
+    row_token = plgpu.broadcasted_iota(jnp.int32, (_ROWS,), 0, layout=layout) // GROUP_ROWS
+    return (lax.shift_right_logical(bits, row_token + wg * _WG_TOKENS) & 1) == 1
 
 
 def _steps(count, per_step: int):
@@ -157,9 +172,7 @@ def _kernel(
                 # statistics only: an unselected entry leaves the row maximum alone and its
                 # exponentials get an infinite shift (exactly 0). No per-score work, unlike "scores".
                 parts = [s[:, i * _BLOCK : (i + 1) * _BLOCK] for i in range(per_step)]
-                row_tok = plgpu.broadcasted_iota(jnp.int32, (_ROWS,), 0, layout=row_layout) // GROUP_ROWS
-                row_bit = row_tok + wg * _WG_TOKENS
-                selected = [(lax.shift_right_logical(bits, row_bit) & 1) == 1 for _, bits in entries]
+                selected = [rows_selecting(bits, wg, row_layout) for _, bits in entries]
                 part_max = [
                     jnp.where(sel, part.max(axis=1) * qk_scale, DEFAULT_MASK_VALUE)
                     for sel, part in zip(selected, parts, strict=True)

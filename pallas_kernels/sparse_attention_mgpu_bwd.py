@@ -37,7 +37,13 @@ import jax.numpy as jnp
 from jax import lax
 
 from pallas_kernels._compat import SWIZZLED_128B, pl, plgpu
-from pallas_kernels.sparse_attention_mgpu import TILE_TOKENS, list_entry, run_first, stream_blocks
+from pallas_kernels.sparse_attention_mgpu import (
+    TILE_TOKENS,
+    list_entry,
+    rows_selecting,
+    run_first,
+    stream_blocks,
+)
 from pallas_kernels.tiling import GROUP_ROWS, LOG2E, MosaicDkdv, MosaicTile
 
 __all__ = ["LIST_CHUNK", "dkdv_mgpu", "dq_tile_mgpu", "step_lists"]
@@ -445,9 +451,7 @@ def _dq_kernel(
             shift = lse
             if mask == "rows":
                 # A row sees the whole block or none of it: an infinite shift makes its p exactly 0.
-                row_tok = plgpu.broadcasted_iota(jnp.int32, (_ROWS,), 0, layout=row_layout) // GROUP_ROWS
-                row_bit = row_tok + wg * _STEP_TOKENS
-                shift = jnp.where((lax.shift_right_logical(bits, row_bit) & 1) == 1, lse, jnp.inf)
+                shift = jnp.where(rows_selecting(bits, wg, row_layout), lse, jnp.inf)
             p = jnp.exp2(s * qk_scale - lax.broadcast_in_dim(shift, s.shape, [0]))
             if mask == "scores":
                 # A select, not a masked score: rows without any visible key have lse = -inf.
