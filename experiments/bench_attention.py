@@ -160,8 +160,9 @@ def timed(fn, *args, reps):
     return statistics.median(times) * 1e3, compile_s
 
 
-def kernel_times(fn, *args, calls=2):
-    """Device time per call of each GPU kernel (ms), from a profiler trace; {} where unavailable."""
+def kernel_times(fn, *args, calls=2, top=12):
+    """Device time per call of the ``top`` slowest GPU kernels and the sum of the others (ms), from a
+    profiler trace; {} where unavailable."""
     with tempfile.TemporaryDirectory() as tmp:
         try:
             jax.profiler.start_trace(tmp)
@@ -189,10 +190,10 @@ def kernel_times(fn, *args, calls=2):
     if not totals:
         log(f"  (no GPU kernel events; lines: {list(per_line)[:8]})")
     ranked = sorted(totals.items(), key=lambda kv: -kv[1])
-    top = {k: round(v, 3) for k, v in ranked[:12]}
-    if len(ranked) > 12:
-        top[f"({len(ranked) - 12} other kernels)"] = round(sum(v for _, v in ranked[12:]), 3)
-    return top
+    kept = {k: round(v, 3) for k, v in ranked[:top]}
+    if len(ranked) > top:
+        kept[f"({len(ranked) - top} other kernels)"] = round(sum(v for _, v in ranked[top:]), 3)
+    return kept
 
 
 def random_selection(key, t, hkv, n_random=62, local=33, chunk=4096):

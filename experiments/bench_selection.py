@@ -220,6 +220,7 @@ def run(
     corr: int = DEFAULT_CORR,
     noise: float = DEFAULT_NOISE,
     profile_lens=(),
+    profile_top: int = 12,
     extra_select=(),
     log=print,
     on_row=None,
@@ -239,7 +240,8 @@ def run(
         rows and the sweep run on the first one.
       corr, noise: parameters of the ``smooth`` inputs (``smooth_process``).
       profile_lens: lengths whose Pallas prefill and select rows also get ``kernels``: device time per
-        call of the 12 slowest GPU kernels and the sum of the others (ms, from a profiler trace).
+        call of the ``profile_top`` slowest GPU kernels and the sum of the others (ms, from a profiler
+        trace).
       extra_select: names in ``SELECT_VARIANTS`` also timed at every select length
         (``implementation`` ``pallas_<name>``).
       log: progress printer.
@@ -283,7 +285,7 @@ def run(
         if t in dense_ms and "median_ms" in row:
             row["speedup_vs_cudnn_dense"] = dense_ms[t] / row["median_ms"]
         if compiled is not None and impl.startswith("pallas") and t in profile_lens:
-            row["kernels"] = kernel_times(compiled, *args)
+            row["kernels"] = kernel_times(compiled, *args, top=profile_top)
             log("    kernels (ms/call): " + ", ".join(f"{k} {v}" for k, v in row["kernels"].items()))
         if pass_ == "select" and t in PAPER_A100_SELECT_MS:
             row["paper_a100_select_ms"] = PAPER_A100_SELECT_MS[t]
@@ -547,6 +549,9 @@ def main(argv=None) -> None:
         help="lengths whose Pallas rows also record per-kernel device times (profiler)",
     )
     parser.add_argument(
+        "--profile-top", type=int, default=12, help="kernels listed by name in each profile (the rest summed)"
+    )
+    parser.add_argument(
         "--select-variants",
         nargs="*",
         choices=sorted(SELECT_VARIANTS),
@@ -561,6 +566,7 @@ def main(argv=None) -> None:
         corr=args.corr,
         noise=args.noise,
         profile_lens=tuple(args.profile_lens),
+        profile_top=args.profile_top,
         extra_select=tuple(args.select_variants),
     )
 

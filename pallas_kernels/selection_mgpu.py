@@ -147,6 +147,7 @@ def _kernel(
     group: int,
     pool: int,
     config: MosaicScore,
+    in_place: bool,
 ):
     """One CTA: warpgroups 0 and 1 score tokens ``4w .. 4w + 3`` of tile ``tile``, warpgroup 2 streams
     the keys (refs and shapes as in ``score_tiles_mgpu``)."""
@@ -167,7 +168,20 @@ def _kernel(
         plgpu.set_max_registers(config.compute_registers, action="increase")
         tok0 = tile * TILE_TOKENS + wg * _WG_TOKENS  # first chunk token of this warpgroup
         my_q, my_p, my_et = q_smem.at[wg], p_smem.at[wg], et_smem.at[wg]
-        plgpu.copy_gmem_to_smem(q_ref.at[b, h, pl.ds(tok0 * GROUP_ROWS, _ROWS)], my_q, q_bar.at[wg])
+        if in_place:
+            # The whole query [B, T, Hkv * 16, D]: each token's group is 16 consecutive heads; tokens
+            # past the last one repeat it.
+            q_bars = [q_bar.at[wg * _WG_TOKENS + i] for i in range(_WG_TOKENS)]
+            for i, bar in enumerate(q_bars):
+                token = jnp.minimum(pos_ref[2] + tok0 + i, pos_ref[3])
+                plgpu.copy_gmem_to_smem(
+                    q_ref.at[b, token, pl.ds(h * GROUP_ROWS, GROUP_ROWS)],
+                    my_q.at[pl.ds(i * GROUP_ROWS, GROUP_ROWS)],
+                    bar,
+                )
+        else:
+            q_bars = [q_bar.at[wg]]
+            plgpu.copy_gmem_to_smem(q_ref.at[b, h, pl.ds(tok0 * GROUP_ROWS, _ROWS)], my_q, q_bars[0])
 
         layout = plgpu.Layout.WGMMA
         row = plgpu.broadcasted_iota(jnp.int32, (_ROWS, KEY_TILE), 0, layout=layout)
@@ -182,7 +196,8 @@ def _kernel(
         row_layout = layout.reduce(1)
         head = plgpu.broadcasted_iota(jnp.int32, (_ROWS,), 0, layout=row_layout) % GROUP_ROWS
         qk_scale = head_dim**-0.5 * LOG2E
-        plgpu.barrier_wait(q_bar.at[wg])
+        for bar in q_bars:
+            plgpu.barrier_wait(bar)
 
         def scores(j):
             slot = lax.rem(j, stages)
@@ -300,35 +315,49 @@ def score_tiles_mgpu(
     pool: int,
     width: int,
     config: MosaicScore,
+    chunk: int | None = None,
     interpret: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
     """Pooled stage-1 scores of one query chunk (``selection._score_kernel``'s outputs).
 
     Args:
-      pos: ``[2]`` int32: key position of the chunk's first query and of the sequence's last one.
+      pos: ``[2]`` int32: key position of the chunk's first query and of the sequence's last one;
+        with ``chunk``, ``[4]``: these, then the index in ``q_rows`` of the chunk's first token and of
+        the last token.
       q_rows: ``[B, Hkv, C * 16, D]`` bf16/fp16 chunk queries, row ``t * 16 + g`` (heads ``g >= group``
-        are zero padding); ``C`` a multiple of 8.
+        are zero padding); ``C`` a multiple of 8. With ``chunk``: the whole query ``[B, T, Hkv * 16,
+        D]`` (``group`` = 16), read in place, so no chunk copy is made; tokens past ``pos[3]`` repeat
+        it.
       k1: ``[B, Hkv, n1_pad, D]`` fine compressed keys in ``permute_fine_keys`` order, zero rows past
         ``n1``; ``k2``: ``[B, Hkv, n2_pad, D]`` coarse ones; both paddings multiples of 128.
       n1, n2: numbers of fine / coarse kernels; stride: the fine kernel stride (coarse: 4x).
       group: query heads per KV head; pool: fine kernels per block (``block_size / stride``).
       width: columns of the outputs (at least ``nb_pad + HALO_SHIFT``, a multiple of 4).
       config: launch parameters.
+      chunk: ``C`` (a multiple of 8) when ``q_rows`` is the whole query.
       interpret: run in the Mosaic GPU interpreter (CPU tests).
 
     Returns:
       ``body, halo [B, Hkv, C, width]`` float32; columns of blocks the token cannot see are unspecified.
     """
-    b, hkv, rows, d = q_rows.shape
-    chunk = rows // GROUP_ROWS
+    in_place = chunk is not None
+    d = q_rows.shape[-1]
+    b, hkv = k1.shape[:2]
+    if in_place:
+        if q_rows.shape[2] != hkv * GROUP_ROWS or group != GROUP_ROWS or pos.shape != (4,):
+            raise ValueError(
+                f"in place, q_rows {q_rows.shape} needs {hkv} groups of exactly {GROUP_ROWS} heads "
+                f"(group={group}) and pos [4], got {pos.shape}"
+            )
+    else:
+        chunk = q_rows.shape[2] // GROUP_ROWS
     reason = supported_mosaic_scoring(q_rows.dtype, d, group, pool)
     if reason is not None:
         raise NotImplementedError(f"Mosaic GPU scoring does not support {reason}")
-    if rows % (GROUP_ROWS * TILE_TOKENS) or k1.shape[2] % KEY_TILE or k2.shape[2] % KEY_TILE:
-        raise ValueError(
-            f"q_rows {q_rows.shape} needs whole {TILE_TOKENS}-token tiles of {GROUP_ROWS} rows and the "
-            f"keys {k1.shape}, {k2.shape} whole {KEY_TILE}-key tiles"
-        )
+    if chunk % TILE_TOKENS or (not in_place and q_rows.shape[2] % GROUP_ROWS):
+        raise ValueError(f"q_rows {q_rows.shape} needs whole {TILE_TOKENS}-token tiles of {GROUP_ROWS} rows")
+    if k1.shape[2] % KEY_TILE or k2.shape[2] % KEY_TILE:
+        raise ValueError(f"the keys {k1.shape}, {k2.shape} need whole {KEY_TILE}-key tiles")
     stages = config.stages
     per_tile = KEY_TILE // pool
     scratch = (
@@ -341,12 +370,15 @@ def score_tiles_mgpu(
             plgpu.SMEM((_COMPUTE_WGS, config.store_buffers, 2, _ROWS, per_tile), jnp.float32),
         ),
         (
-            plgpu.Barrier(num_barriers=_COMPUTE_WGS),
+            # The queries: one copy per warpgroup, or one per token in place.
+            plgpu.Barrier(num_barriers=_COMPUTE_WGS * (_WG_TOKENS if in_place else 1)),
             plgpu.Barrier(num_barriers=stages),
             plgpu.Barrier(num_arrivals=_COMPUTE_WGS, num_barriers=stages),
         ),
     )
-    kernel = functools.partial(_kernel, n1=n1, n2=n2, stride=stride, group=group, pool=pool, config=config)
+    kernel = functools.partial(
+        _kernel, n1=n1, n2=n2, stride=stride, group=group, pool=pool, config=config, in_place=in_place
+    )
 
     # The profiler names the kernel after this function.
     def infllmv2_select_scores_mgpu(*refs):

@@ -403,7 +403,7 @@ def _forward(q, k, v, block_idx, q_offset, block_size, config, interpret):
     kp, vp = pad_keys(k, block_size), pad_keys(v, block_size)
     kb, vb = block_view(kp, block_size), block_view(vp, block_size)
     ids, _ = canonical_blocks(block_idx, padded_len=tp, block_size=block_size, q_offset=q_offset[0])
-    lists = tile_lists(ids, config, block_size, q_offset[0])
+    lists = tile_lists(ids, config, block_size, q_offset[0], num_key_blocks=kb.shape[1])
     packed = None
     if any(x is not None for x in (config.mosaic, config.mosaic_dkdv, config.mosaic_dq)):
         reason = supported_mosaic(q.dtype, d, block_size)

@@ -4,7 +4,7 @@
 blocks between the tile phase (blocks shared by several tokens of a tile, on ``tile_tokens * 16``
 rows) and the token phase (each token's remaining blocks, 16 rows). ``canonical_blocks`` and
 ``tile_lists`` build that split in XLA, outside the kernels: one row-wise sort of each tile's
-(block, token) pairs, then prefix-sum compactions instead of further sorts.
+(block, token) pairs, and prefix-sum compactions instead of further sorts.
 """
 
 import dataclasses
@@ -212,7 +212,7 @@ def canonical_blocks(
     keys, so dropping them changes nothing and keeps every id in range.
 
     Args:
-      block_idx: int ``[B, Hkv, T, K]``, ascending, ``-1`` padded.
+      block_idx: int ``[B, Hkv, T, K]``, ascending, ``-1`` padded (unsorted ids are not reordered).
       padded_len: ``Tp >= T``; tokens ``>= T`` get no block.
       block_size: tokens per key block.
       q_offset: key position of local token 0 (int32 scalar, may be traced).
@@ -226,7 +226,9 @@ def canonical_blocks(
     prev = jnp.concatenate([jnp.full_like(ids[..., :1], -1), ids[..., :-1]], axis=-1)
     own = ((q_offset + jnp.arange(padded_len, dtype=jnp.int32)) // block_size)[None, None, :, None]
     keep = (ids >= 0) & (ids != prev) & (ids <= own)
-    ids = jnp.sort(jnp.where(keep, ids, EMPTY_BLOCK), axis=-1)
+    # The kept ids are ascending already (the input's contract), so a compaction orders them: cheaper
+    # than a sort on the GPU.
+    (ids,) = _stable_partition((keep,), (ids,), fill=(EMPTY_BLOCK,))
     return ids, keep.sum(axis=-1, dtype=jnp.int32)
 
 
@@ -239,7 +241,12 @@ def _token_counts(ids, block_size, mask_split, q_offset):
 
 
 def tile_lists(
-    ids: jax.Array, config: BlockSizes, block_size: int, q_offset: int | jax.Array = 0
+    ids: jax.Array,
+    config: BlockSizes,
+    block_size: int,
+    q_offset: int | jax.Array = 0,
+    *,
+    num_key_blocks: int | None = None,
 ) -> TileLists:
     """Splits canonical per-token lists into tile-phase and token-phase lists.
 
@@ -254,6 +261,8 @@ def tile_lists(
       block_size: tokens per key block.
       q_offset: key position of local token 0 (int32 scalar, may be traced); only the mask-free
         split depends on it.
+      num_key_blocks: a bound on the block ids (``ids < num_key_blocks`` or ``EMPTY_BLOCK``); with it,
+        the sort runs on one packed int32 key when that fits. ``None``: an unbounded three-array sort.
 
     Returns:
       ``TileLists``.
@@ -264,11 +273,10 @@ def tile_lists(
     b, h, tp, k = ids.shape
     n = tq * k
     x = ids.reshape(b, h, tp // tq, n)
-    tok = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32) // k, x.shape)
-    pos = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), x.shape)
     # Sort the tile's (block, token) pairs by block: each block becomes a run, one entry per token.
     # The only sort: the lists below are compactions of this order or of the tokens' own lists.
-    x, tok, pos = lax.sort((x, tok, pos), dimension=3, num_keys=1)
+    x, pos = _sort_by_block(x, num_key_blocks)
+    tok = pos // k
     bit = jnp.left_shift(1, tok)
     first = x != jnp.concatenate([jnp.full_like(x[..., :1], -1), x[..., :-1]], axis=-1)
     last = x != jnp.concatenate([x[..., 1:], jnp.full_like(x[..., :1], -1)], axis=-1)
@@ -301,6 +309,24 @@ def tile_lists(
         token_ids,
         _token_counts(token_ids, block_size, config.mask_split, q_offset),
     )
+
+
+def _sort_by_block(x: jax.Array, num_key_blocks: int | None) -> tuple[jax.Array, jax.Array]:
+    """Sorts each row of ``x [..., n]`` (block ids or ``EMPTY_BLOCK``); returns the sorted ids and the
+    position each came from.
+
+    With ``num_key_blocks`` and ``(num_key_blocks + 1) * n <= 2**31``, it sorts one int32 key
+    ``id * n + position`` (``EMPTY_BLOCK`` as ``num_key_blocks``): one array instead of three through
+    the GPU sort's shared memory; ties (one block, several tokens) come out in position order.
+    """
+    n = x.shape[-1]
+    pos = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), x.shape)
+    if num_key_blocks is None or (num_key_blocks + 1) * n > 2**31:
+        x, pos = lax.sort((x, pos), dimension=x.ndim - 1, num_keys=1)
+        return x, pos
+    key = lax.sort(jnp.minimum(x, num_key_blocks) * n + pos, dimension=x.ndim - 1)
+    blocks = key // n
+    return jnp.where(blocks == num_key_blocks, EMPTY_BLOCK, blocks), key % n
 
 
 def _stable_partition(groups, values, fill):

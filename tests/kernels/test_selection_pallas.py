@@ -292,29 +292,40 @@ def test_permute_fine_keys_puts_each_blocks_kernels_in_one_column_of_each_slice(
     np.testing.assert_array_equal(got, tile * KEY_TILE + pool * c + i)
 
 
+@pytest.mark.parametrize("in_place", [False, True], ids=["chunk-rows", "q-in-place"])
 @pytest.mark.parametrize(
     "block_sizes", [MOSAIC, MOSAIC_TWO_STORE_BUFFERS], ids=["default", "st2-two-store-buffers"]
 )
 @pytest.mark.parametrize("pool", [4, 8])
 @pytest.mark.parametrize("d", [64, 128])
-def test_mosaic_scoring_lowers_for_cuda(d, pool, block_sizes):
+def test_mosaic_scoring_lowers_for_cuda(d, pool, block_sizes, in_place):
     """The compiled path (real Mosaic lowering and layout inference, SMEM budget), which the
-    interpreter does not take, lowers for a CUDA target without a GPU."""
+    interpreter does not take, lowers for a CUDA target without a GPU; with the chunk's query rows
+    or the whole query read in place."""
     from pallas_kernels.selection_mgpu import score_tiles_mgpu
 
     def abstract(shape, dtype):
         return jax.ShapeDtypeStruct(shape, dtype)
 
+    chunk = 64
     args = (
-        abstract((2,), jnp.int32),
-        abstract((1, 2, 64 * 16, d), jnp.bfloat16),
+        abstract((4 if in_place else 2,), jnp.int32),
+        abstract((1, 100, 32, d) if in_place else (1, 2, chunk * 16, d), jnp.bfloat16),
         abstract((1, 2, 512, d), jnp.bfloat16),
         abstract((1, 2, 128, d), jnp.bfloat16),
     )
 
     def score(*a):
         return score_tiles_mgpu(
-            *a, n1=500, n2=120, stride=16, group=16, pool=pool, width=528, config=block_sizes.mosaic
+            *a,
+            n1=500,
+            n2=120,
+            stride=16,
+            group=16,
+            pool=pool,
+            width=528,
+            config=block_sizes.mosaic,
+            chunk=chunk if in_place else None,
         )
 
     text = jax.jit(score).trace(*args).lower(lowering_platforms=("cuda",)).as_text()

@@ -22,7 +22,7 @@ from infllm_jax.ops import attention
 from infllm_jax.ops.reference import sparse_attention_xla
 from pallas_kernels.sparse_attention import fwd_chunk_len, sparse_attention_pallas
 from pallas_kernels.sparse_attention_bwd import build_csr
-from pallas_kernels.tiling import BlockSizes, canonical_blocks, tile_lists
+from pallas_kernels.tiling import EMPTY_BLOCK, BlockSizes, TileLists, canonical_blocks, tile_lists
 
 warnings.filterwarnings(
     "ignore", message=".*Pallas Triton backend is deprecated.*", category=DeprecationWarning
@@ -338,6 +338,40 @@ def test_tile_lists_partition_each_selection(config):
                 assert all(blk * bs + bs - 1 > ti for blk in mine[free:]), (h, ti)
                 got += mine
             assert sorted(got) == want, (h, ti)
+
+
+def test_canonical_blocks_keep_valid_distinct_visible_ids_in_order():
+    """-1 slots (leading or trailing), repeats and ids past the token's own block are dropped; the
+    rest keep their ascending order, then EMPTY_BLOCK; padded tokens get nothing."""
+    rng = np.random.default_rng(4)
+    t, k, bs, offset, padded = 40, 7, 4, 6, 48
+    raw = rng.integers(-1, (offset + t) // bs + 3, size=(1, 2, t, k), dtype=np.int32)
+    last = np.sort(np.where(raw < 0, 1 << 20, raw), axis=-1)
+    # KV head 0: -1 slots first (a plain ascending sort); head 1: ascending ids, then the -1 slots.
+    idx = np.concatenate([np.sort(raw[:, :1], axis=-1), np.where(last == 1 << 20, -1, last)[:, 1:]], axis=1)
+    ids, cnt = canonical_blocks(jnp.asarray(idx), padded_len=padded, block_size=bs, q_offset=offset)
+    for h in range(2):
+        for ti in range(padded):
+            row = idx[0, h, ti] if ti < t else []
+            want = sorted({int(x) for x in row if 0 <= x <= (offset + ti) // bs})
+            assert cnt[0, h, ti] == len(want), (h, ti)
+            got = np.asarray(ids[0, h, ti])
+            assert got[: len(want)].tolist() == want and (got[len(want) :] == EMPTY_BLOCK).all(), (h, ti)
+
+
+@pytest.mark.parametrize("config", [SPLIT, UNION], ids=str)
+def test_tile_lists_do_not_depend_on_the_sort_key(config):
+    """The packed one-key sort (a block-id bound that fits int32), the three-array sort it falls back
+    to (no bound, or one too large to pack) give the same lists."""
+    rng = np.random.default_rng(3)
+    t, k, bs = 64, 6, 4
+    ids, _ = canonical_blocks(random_block_idx(rng, 1, 2, t, k, bs), padded_len=t, block_size=bs)
+    build = jax.jit(tile_lists, static_argnums=(1, 2), static_argnames="num_key_blocks")
+    want = jax.device_get(build(ids, config, bs))
+    for bound in (t // bs, 2**30):
+        got = jax.device_get(build(ids, config, bs, num_key_blocks=bound))
+        for name, w, g in zip(TileLists._fields, want, got, strict=True):
+            np.testing.assert_array_equal(g, w, err_msg=f"{name}, num_key_blocks={bound}")
 
 
 @pytest.mark.parametrize("pair_sort", [False, True])
