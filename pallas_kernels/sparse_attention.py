@@ -523,7 +523,7 @@ def _attention_jit(q, k, v, block_idx, q_offset, *, block_size, config, interpre
 # (the forward with 128-key steps, the ping-pong schedule and row masks for every block before the
 # warpgroup's tokens; without a separate unmasked path its tile kernel ran 1.7 ms faster at 128K),
 # and the Mosaic GPU dK/dV kernel; the token phases stay Triton
-# (experiments/results/bench_attention_sweep_h200_rows.json and bench_attention_h200.json compare
+# (experiments/results/bench_attention_sweep_h200_rows.json and bench_attention_h200_session6.json compare
 # the variants).
 MOSAIC_BLOCK_SIZES = BlockSizes(
     tile_tokens=8,
