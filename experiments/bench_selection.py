@@ -82,8 +82,8 @@ SELECT_VARIANTS = {
     "mosaic_st2": dataclasses.replace(
         pallas_selection.MOSAIC_SELECTION, mosaic=MosaicScore(stages=2, store_buffers=2)
     ),
-    # The default with the top-k search stopping once exactly k keys reach its threshold.
-    "mosaic_topk_early_exit": dataclasses.replace(pallas_selection.MOSAIC_SELECTION, topk_early_exit=True),
+    # Session 6's default: the top-k's bitwise search always takes all 32 passes.
+    "mosaic_topk_32_passes": dataclasses.replace(pallas_selection.MOSAIC_SELECTION, topk_early_exit=False),
 }
 
 

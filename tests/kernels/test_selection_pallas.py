@@ -361,8 +361,9 @@ def test_topk_early_exit_is_bit_identical(ties):
     if ties:
         k = jnp.broadcast_to(k[:, :1], k.shape)
     cfg = dataclasses.replace(SMALL, topk=5)
-    want = np.asarray(pallas_select(q, k, cfg))
-    got = pallas_select(q, k, cfg, block_sizes=pallas_selection.BlockSizes(topk_early_exit=True))
+    search = {exit_: pallas_selection.BlockSizes(topk_early_exit=exit_) for exit_ in (False, True)}
+    want = np.asarray(pallas_select(q, k, cfg, block_sizes=search[False]))
+    got = pallas_select(q, k, cfg, block_sizes=search[True])
     np.testing.assert_array_equal(got, want)
 
 
