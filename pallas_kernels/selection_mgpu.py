@@ -204,12 +204,14 @@ def _kernel(
         for bar in q_bars:
             plgpu.barrier_wait(bar)
 
-        def scores(j):
+        def scores(j, overlap=lambda: None):
+            """Key tile ``j``'s scaled scores; ``overlap()`` runs while its MMA is in flight."""
             slot = lax.rem(j, stages)
             plgpu.barrier_wait(k_bar.at[slot])
 
             def qk(acc_ref):
                 plgpu.wgmma(acc_ref, my_q, ring.at[slot].T)
+                overlap()
                 return acc_ref[...]
 
             s = pl.run_scoped(qk, plgpu.ACC((_ROWS, KEY_TILE), jnp.float32))
@@ -278,17 +280,7 @@ def _kernel(
         def fine_pipelined(jt, s, masked):
             # Issue tile jt + 1's QK, finish tile jt while it runs; the E-MMA's wait (all groups, in
             # order) also completes the QK, so tile jt + 1's scores are ready when this returns.
-            slot = lax.rem(n2_tiles + jt + 1, stages)
-            plgpu.barrier_wait(k_bar.at[slot])
-
-            def overlapped(acc_ref):
-                plgpu.wgmma(acc_ref, my_q, ring.at[slot].T)
-                finish_fine(jt, s, masked)
-                return acc_ref[...]
-
-            s_next = pl.run_scoped(overlapped, plgpu.ACC((_ROWS, KEY_TILE), jnp.float32))
-            plgpu.barrier_arrive(k_free.at[slot])
-            return s_next * qk_scale
+            return scores(n2_tiles + jt + 1, overlap=lambda: finish_fine(jt, s, masked))
 
         n1_all = jnp.minimum(lax.div(visible_kernels(t_first, size1, stride, n1), KEY_TILE), n1_tiles)
         if config.pipeline_fine:

@@ -361,7 +361,7 @@ def test_canonical_blocks_keep_valid_distinct_visible_ids_in_order():
 
 @pytest.mark.parametrize("config", [SPLIT, UNION], ids=str)
 def test_tile_lists_do_not_depend_on_the_sort_key(config):
-    """The packed one-key sort (a block-id bound that fits int32), the three-array sort it falls back
+    """The packed one-key sort (a block-id bound that fits int32) and the two-array sort it falls back
     to (no bound, or one too large to pack) give the same lists."""
     rng = np.random.default_rng(3)
     t, k, bs = 64, 6, 4
