@@ -2,8 +2,11 @@
 
 A mesh has two axes: ``"data"`` shards the batch, ``"seq"`` shards the sequence (context parallelism).
 Everything outside attention is per token, so under ``jax.jit`` XLA partitions it along both axes
-with no communication. Attention needs every key: ``context_parallel_attention`` runs under
-``jax.shard_map``, all-gathers K and V along the sequence (the compressed keys of stage 1 are then
+with no communication. Attention runs under ``jax.shard_map`` on every mesh of more than one device,
+a data-only one included: XLA cannot partition a Pallas kernel (a custom call to it), so under plain
+``jax.jit`` it would all-gather the batch and run the whole batch's attention on every device. Inside
+the ``shard_map`` attention needs every key: ``context_parallel_attention`` all-gathers K and V along
+the sequence (the compressed keys of stage 1 are then
 computed locally from the gathered keys, which costs less than gathering them separately), and
 attends from the local query slice with ``q_offset`` = its first global position. Autodiff turns the
 all-gather into a reduce-scatter of dK/dV, so the backward needs nothing extra.
@@ -32,6 +35,7 @@ __all__ = [
     "batch_sharding",
     "context_parallel_attention",
     "make_mesh",
+    "mesh_device_count",
     "param_shardings",
     "seq_parallel_size",
     "train_shardings",
@@ -61,6 +65,14 @@ def seq_parallel_size(mesh=None) -> int:
     if mesh is None or mesh.empty or SEQ_AXIS not in mesh.axis_names:
         return 1
     return mesh.shape[SEQ_AXIS]
+
+
+def mesh_device_count(mesh=None) -> int:
+    """Devices of ``mesh`` (default: the mesh set with ``jax.set_mesh``), 1 if there is none."""
+    mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
+    if mesh is None or mesh.empty:
+        return 1
+    return mesh.size
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
@@ -96,7 +108,7 @@ class TrainShardings:
 
     Attributes:
       mesh: the ``("data", "seq")`` mesh; steps trace under ``jax.set_mesh(mesh)`` so that attention
-        layers see the ``"seq"`` axis and switch to ``context_parallel_attention``.
+        layers see it and switch to ``context_parallel_attention`` (per-shard attention).
       params, opt_state: pytrees of ``NamedSharding`` matching the parameters and optimizer state.
       batch: sharding of every ``[B, T]`` batch array.
     """
@@ -133,10 +145,11 @@ def context_parallel_attention(
     select_q: jax.Array | None = None,
     select_k: jax.Array | None = None,
 ) -> jax.Array:
-    """``infllmv2_attention`` with the sequence sharded over the mesh's ``"seq"`` axis.
+    """``infllmv2_attention`` with the batch sharded over ``"data"`` and the sequence over ``"seq"``.
 
     Call it inside ``jax.jit`` on global arrays; the shapes and results are those of
-    ``infllmv2_attention`` on the whole sequence.
+    ``infllmv2_attention`` on the whole sequence. With a ``"seq"`` size of 1 it is plain data
+    parallelism: each device attends over its own batch shard (the all-gathers are no-ops).
 
     Args:
       q: ``[B, T, Hq, D]``; k, v: ``[B, T, Hkv, D]``; ``T`` divisible by the ``"seq"`` size and ``B`` by

@@ -17,7 +17,7 @@ from flax import nnx
 
 from infllm_jax.config import SparseConfig
 from infllm_jax.ops import infllmv2_attention, select_blocks, valid_block_slots
-from infllm_jax.parallel import context_parallel_attention, seq_parallel_size
+from infllm_jax.parallel import context_parallel_attention, mesh_device_count
 
 __all__ = ["AttentionMode", "InfLLMv2Attention", "apply_rope", "visible_fraction"]
 
@@ -208,9 +208,10 @@ class InfLLMv2Attention(nnx.Module):
         # use_nope scores blocks with the un-rotated projections (SPEC.md §3); the attention itself
         # always uses the rotated ones.
         select = {"select_q": q_nope, "select_k": k_nope} if cfg.use_nope else {}
-        # Under a mesh with a "seq" axis (context parallelism) the sequence is sharded: attend from
-        # the local queries to all-gathered keys.
-        attend = context_parallel_attention if seq_parallel_size() > 1 else infllmv2_attention
+        # Under a mesh of several devices attention runs per shard (shard_map): XLA cannot partition
+        # the Pallas kernels and would replicate them. A "seq" axis (context parallelism) shards the
+        # sequence: the local queries attend to all-gathered keys.
+        attend = context_parallel_attention if mesh_device_count() > 1 else infllmv2_attention
         o_BTNH = attend(q_BTNH, k_BTKH, v_BTKH, cfg, implementation=self.implementation, **select)
         return self.o_proj(o_BTNH.reshape(b, t, self.num_heads * self.head_dim))
 

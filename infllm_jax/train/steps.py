@@ -171,7 +171,7 @@ def _forward(graphdef, params, batch):
 
 
 def _on_mesh(step: Callable, shardings: TrainShardings | None) -> Callable:
-    """Runs a jitted step under ``jax.set_mesh`` so attention layers see the mesh's ``"seq"`` axis."""
+    """Runs a jitted step under ``jax.set_mesh`` so attention layers see the mesh and run per shard."""
     if shardings is None:
         return step
 

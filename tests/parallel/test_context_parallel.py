@@ -6,8 +6,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
-from infllm_jax import SparseConfig, infllmv2_attention
+from infllm_jax import InfLLMv2Attention, SparseConfig, infllmv2_attention
 from infllm_jax.parallel import batch_sharding, context_parallel_attention, make_mesh, param_shardings
 
 SMALL = SparseConfig(
@@ -98,3 +99,17 @@ def test_fsdp_rule_shards_the_first_divisible_axis():
     assert shardings["b"].spec == jax.sharding.PartitionSpec()
     assert shardings["odd"].spec == jax.sharding.PartitionSpec()
     assert param_shardings(params, mesh)["w"].spec == jax.sharding.PartitionSpec()
+
+
+@needs_8
+@pytest.mark.parametrize("seq", [1, 2], ids=["data_only", "data_and_seq"])
+def test_attention_layer_runs_per_shard_on_any_multi_device_mesh(seq):
+    # XLA cannot partition a Pallas kernel (a custom call on GPU) and would replicate it over the batch,
+    # so the layer must wrap attention in shard_map on a data-only mesh too.
+    layer = InfLLMv2Attention(32, 4, 2, 8, sparse_config=SMALL, mode="sparse", rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.PRNGKey(0), (8 // seq, 64, 32))
+    mesh = make_mesh(seq=seq)
+    with jax.set_mesh(mesh):
+        jaxpr = str(jax.make_jaxpr(layer)(x))
+    assert "shard_map" in jaxpr
+    assert "shard_map" not in str(jax.make_jaxpr(layer)(x))
