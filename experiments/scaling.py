@@ -10,7 +10,12 @@ over more devices). Tokens are random: throughput does not depend on them.
     python experiments/scaling.py --preset small --seq-len 16384 --meshes 1x1 2x1 1x2 --out DIR
 
 Writes ``scaling_<preset>.json`` (rows: mesh, devices, tokens/step, median step ms, tokens/s, tokens/s
-per device, efficiency vs the 1x1 row) with the command, date, device and jax version.
+per device, efficiency vs the 1x1 row) with the command, date, device and jax version, and
+``scaling_<preset>.png``. ``--plot A.json B.json ...`` redraws one figure from several results files
+(e.g. two sequence lengths) without running anything:
+
+    python experiments/scaling.py --plot results/scaling_small.json results/scaling_small_64k.json \
+        --out experiments/results
 """
 
 import argparse
@@ -87,6 +92,63 @@ def time_mesh(
     }
 
 
+def _label(row: dict) -> str:
+    return row["mesh"] + (" fsdp" if row["fsdp"] else "")
+
+
+def plot(results: list[dict], path: Path) -> None:
+    """Speedup over one device per mesh (bars, one colour per sequence length) against the ideal N.
+
+    Rows of all files are grouped by sequence length; each group's baseline is its 1-device row, which
+    may come from another file (an ``--fsdp`` run, say, that timed no 1x1 mesh).
+
+    Args:
+      results: results dicts as written by ``main``.
+      path: where the PNG goes.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for res in results for r in res["rows"]]
+    meshes = list(dict.fromkeys(_label(r) for r in rows))
+    lengths = sorted({r["seq_len"] for r in rows})
+    width = 0.8 / len(lengths)
+    fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(meshes), 4.2))
+    for i, seq_len in enumerate(lengths):
+        group = {_label(r): r for r in rows if r["seq_len"] == seq_len}
+        base = next((r for r in group.values() if r["devices"] == 1), None)
+        if base is None:
+            continue
+        shown = [(j, group[m]) for j, m in enumerate(meshes) if m in group]
+        speedups = [r["tokens_per_s"] / base["tokens_per_s"] for _, r in shown]
+        xs = [j + (i - (len(lengths) - 1) / 2) * width for j, _ in shown]
+        bars = ax.bar(xs, speedups, width, label=f"T = {seq_len:,}")
+        efficiency = [sp / r["devices"] for sp, (_, r) in zip(speedups, shown, strict=True)]
+        ax.bar_label(bars, [f"{e:.0%}" for e in efficiency], fontsize=8)
+    for j, m in enumerate(meshes):
+        ax.hlines(mesh_devices(m), j - 0.45, j + 0.45, colors="k", linestyles=":", lw=1)
+    ax.set_xticks(range(len(meshes)), [f"{m}\n(data x seq)" for m in meshes])
+    ax.set_ylabel("training tokens/s vs 1 device")
+    first = results[0]
+    ax.set_title(
+        f"{first['preset']} preset, {first['device']} x{first['device_count']} "
+        "(labels: efficiency; dotted: ideal)",
+        fontsize=9,
+    )
+    ax.legend(fontsize=8, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def mesh_devices(mesh_label: str) -> int:
+    """Devices of a ``DATAxSEQ[ fsdp]`` mesh label."""
+    data, seq = _parse_mesh(mesh_label.split()[0])
+    return data * seq
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -98,7 +160,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--meshes", nargs="+", default=["1x1", "2x1", "1x2"], help="DATAxSEQ meshes")
     parser.add_argument("--fsdp", action="store_true", help="shard parameters and optimizer state over data")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    parser.add_argument(
+        "--plot", type=Path, nargs="+", metavar="JSON", help="only redraw a figure from these results files"
+    )
     args = parser.parse_args(argv)
+    if args.plot:
+        results = [json.loads(p.read_text()) for p in args.plot]
+        args.out.mkdir(parents=True, exist_ok=True)
+        path = args.out / f"scaling_{results[0]['preset']}.png"
+        plot(results, path)
+        print(f"wrote {path}")
+        return
     rows = []
     for text in args.meshes:
         data, seq = _parse_mesh(text)
@@ -135,7 +207,8 @@ def main(argv: list[str] | None = None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"scaling_{args.preset}.json"
     path.write_text(json.dumps(result, indent=1))
-    print(f"wrote {path}")
+    plot([result], path.with_suffix(".png"))
+    print(f"wrote {path} and {path.with_suffix('.png')}")
     for row in rows:
         if "speedup_vs_1x1" in row:
             print(
