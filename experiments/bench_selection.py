@@ -82,10 +82,6 @@ SELECT_VARIANTS = {
     "mosaic_st2": dataclasses.replace(
         pallas_selection.MOSAIC_SELECTION, mosaic=MosaicScore(stages=2, store_buffers=2)
     ),
-    # The fine pass issues the next key tile's QK before finishing the current one (not yet timed).
-    "mosaic_pipelined_fine": dataclasses.replace(
-        pallas_selection.MOSAIC_SELECTION, mosaic=MosaicScore(pipeline_fine=True)
-    ),
     # Session 6's default: the top-k's bitwise search always takes all 32 passes.
     "mosaic_topk_32_passes": dataclasses.replace(pallas_selection.MOSAIC_SELECTION, topk_early_exit=False),
 }

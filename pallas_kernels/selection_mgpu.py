@@ -81,17 +81,12 @@ class MosaicScore:
         head dim 128).
       compute_registers, memory_registers: per-thread register budgets of the compute and memory
         warpgroups (``setmaxnreg``).
-      pipeline_fine: in the fine pass, issue the next key tile's ``Q K^T`` before finishing the current
-        tile (its exponentials, ``P`` to SMEM, the E-MMA), so that the MMA overlaps the softmax inside
-        one warpgroup (FlashAttention-3's intra-warpgroup pipelining; one more 64 x 128 fp32
-        accumulator in registers). Not yet timed on the GPU, so off by default.
     """
 
     stages: int = 3
     store_buffers: int = 1
     compute_registers: int = 232
     memory_registers: int = 40
-    pipeline_fine: bool = False
 
     def __post_init__(self):
         if self.stages < 1:
@@ -204,14 +199,12 @@ def _kernel(
         for bar in q_bars:
             plgpu.barrier_wait(bar)
 
-        def scores(j, overlap=lambda: None):
-            """Key tile ``j``'s scaled scores; ``overlap()`` runs while its MMA is in flight."""
+        def scores(j):
             slot = lax.rem(j, stages)
             plgpu.barrier_wait(k_bar.at[slot])
 
             def qk(acc_ref):
                 plgpu.wgmma(acc_ref, my_q, ring.at[slot].T)
-                overlap()
                 return acc_ref[...]
 
             s = pl.run_scoped(qk, plgpu.ACC((_ROWS, KEY_TILE), jnp.float32))
@@ -241,8 +234,8 @@ def _kernel(
         # Pass 2: p over the fine keys, group sums by E^T P, pooled by column slices.
         kernel_in_tile = (col % per_tile) * pool + col // per_tile  # permute_fine_keys' order
 
-        def finish_fine(jt, s, masked):
-            """Tile ``jt``'s group sums, pooled and stored, from its scaled scores ``s``."""
+        def fine(jt, carry, masked):
+            s = scores(n2_tiles + jt)
             p = jnp.exp2(s - lax.broadcast_in_dim(lse, s.shape, [0]))
             if masked:
                 visible = (jt * KEY_TILE + kernel_in_tile) * stride + size1 <= t_row + 1
@@ -272,31 +265,11 @@ def _kernel(
                 buf.at[1, pl.ds(0, _WG_TOKENS)],
                 halo_ref.at[b, h, tokens, pl.ds(jt * per_tile + HALO_SHIFT, per_tile)],
             )
-
-        def fine(jt, carry, masked):
-            finish_fine(jt, scores(n2_tiles + jt), masked)
             return carry
 
-        def fine_pipelined(jt, s, masked):
-            # Issue tile jt + 1's QK, finish tile jt while it runs; the E-MMA's wait (all groups, in
-            # order) also completes the QK, so tile jt + 1's scores are ready when this returns.
-            return scores(n2_tiles + jt + 1, overlap=lambda: finish_fine(jt, s, masked))
-
         n1_all = jnp.minimum(lax.div(visible_kernels(t_first, size1, stride, n1), KEY_TILE), n1_tiles)
-        if config.pipeline_fine:
-
-            @pl.when(n1_tiles > 0)
-            def _():
-                last = n1_tiles - 1
-                mid = jnp.minimum(n1_all, last)
-                s = lax.fori_loop(0, mid, functools.partial(fine_pipelined, masked=False), scores(n2_tiles))
-                s = lax.fori_loop(mid, last, functools.partial(fine_pipelined, masked=True), s)
-                # The mask is exact on wholly visible tiles too.
-                finish_fine(last, s, masked=True)
-
-        else:
-            lax.fori_loop(0, n1_all, functools.partial(fine, masked=False), 0)
-            lax.fori_loop(n1_all, n1_tiles, functools.partial(fine, masked=True), 0)
+        lax.fori_loop(0, n1_all, functools.partial(fine, masked=False), 0)
+        lax.fori_loop(n1_all, n1_tiles, functools.partial(fine, masked=True), 0)
         plgpu.wait_smem_to_gmem(0)
 
     @pl.when(wg == _COMPUTE_WGS)

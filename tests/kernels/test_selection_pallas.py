@@ -210,7 +210,6 @@ def test_bf16_selection_is_a_valid_topk(cfg, t, hq, hkv, d, chunk, group_sum):
 MOSAIC = pallas_selection.MOSAIC_SELECTION
 # Session 4's scoring layout: a 2-slot ring and two store buffers per warpgroup.
 MOSAIC_TWO_STORE_BUFFERS = dataclasses.replace(MOSAIC, mosaic=MosaicScore(stages=2, store_buffers=2))
-MOSAIC_PIPELINED_FINE = dataclasses.replace(MOSAIC, mosaic=MosaicScore(pipeline_fine=True))
 POOL8 = SparseConfig(block_size=32, kernel_size=8, kernel_stride=4, window_size=32, topk=3, dense_len=-1)
 STRIDE1 = SparseConfig(block_size=4, kernel_size=2, kernel_stride=1, window_size=8, topk=4, dense_len=-1)
 
@@ -251,28 +250,14 @@ def test_mosaic_scoring_is_a_valid_topk(cfg, t, hq, hkv, d, chunk, dtype, block_
 
 @pytest.mark.parametrize(
     "mosaic",
-    [
-        MOSAIC_TWO_STORE_BUFFERS.mosaic,
-        MosaicScore(stages=1, store_buffers=1),
-        MOSAIC_PIPELINED_FINE.mosaic,
-        MosaicScore(stages=1, pipeline_fine=True),
-    ],
-    ids=["st2-two-store-buffers", "st1-one-store-buffer", "pipelined-fine", "st1-pipelined-fine"],
+    [MOSAIC_TWO_STORE_BUFFERS.mosaic, MosaicScore(stages=1, store_buffers=1)],
+    ids=["st2-two-store-buffers", "st1-one-store-buffer"],
 )
 def test_mosaic_scoring_options_are_a_valid_topk(mosaic):
-    """Other ring depths, store buffers and the pipelined fine pass than the default (3 slots, one
-    store buffer) over two coarse and five fine key tiles."""
+    """Other ring depths and store buffers than the default (3 slots, one store buffer) over two
+    coarse and five fine key tiles."""
     block_sizes = dataclasses.replace(MOSAIC, mosaic=mosaic)
     test_mosaic_scoring_is_a_valid_topk(STRIDE1, 600, 16, 1, 64, 256, jnp.bfloat16, block_sizes=block_sizes)
-
-
-def test_mosaic_pipelined_fine_pass_with_the_shipped_geometry():
-    """The pipelined fine pass where the first tiles' tokens see no fine kernel yet (no fine tile at
-    all), over several chunks (``test_mosaic_scoring_options_are_a_valid_topk`` covers tiles that
-    switch from unmasked to masked steps)."""
-    cfg = dataclasses.replace(SHIPPED, window_size=128, topk=4)
-    block_sizes = MOSAIC_PIPELINED_FINE
-    test_mosaic_scoring_is_a_valid_topk(cfg, 600, 16, 1, 64, 128, jnp.bfloat16, block_sizes=block_sizes)
 
 
 def test_mosaic_query_slice_at_a_traced_offset_matches_the_full_selection():
@@ -309,9 +294,7 @@ def test_permute_fine_keys_puts_each_blocks_kernels_in_one_column_of_each_slice(
 
 @pytest.mark.parametrize("in_place", [False, True], ids=["chunk-rows", "q-in-place"])
 @pytest.mark.parametrize(
-    "block_sizes",
-    [MOSAIC, MOSAIC_TWO_STORE_BUFFERS, MOSAIC_PIPELINED_FINE],
-    ids=["default", "st2-two-store-buffers", "pipelined-fine"],
+    "block_sizes", [MOSAIC, MOSAIC_TWO_STORE_BUFFERS], ids=["default", "st2-two-store-buffers"]
 )
 @pytest.mark.parametrize("pool", [4, 8])
 @pytest.mark.parametrize("d", [64, 128])
