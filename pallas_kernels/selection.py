@@ -26,6 +26,10 @@ chunk (``lax.map`` over chunks of ``C`` tokens, so only one chunk's intermediate
    rule), ids past the token's block are dropped, and an inclusive cumsum gives each kept id its
    ascending output slot; ids are scattered there and the other slots get -1. (Settling 2 or 4 bits
    per pass, 16 or 8 passes of 3 or 15 counts each, was slower on the H200: NOTES, session 6.)
+   With ``BlockSizes.topk_bands`` (and a static ``q_offset``) chunks are grouped into bands by the
+   blocks their last token sees, and each band's top-k covers only those columns (``nb_pad`` of the
+   band, a power of two): the dropped columns are blocks after every token's own, which score 0 or
+   ``-inf`` and lose every tie by index, so the result is the same at ~2/3 of the work at 128K.
 
 Memory: besides the inputs, one chunk of ``body``/``halo`` (``2 * B * Hkv * C * (nb_pad + 32) * 4``
 bytes, at most ``BlockSizes.chunk_bytes``; 260 MiB with C = 8K tokens at 128K and Hkv = 2), a copy of
@@ -90,6 +94,9 @@ class BlockSizes:
         ``k`` keys reach the threshold built so far: those keys are then the selection, so the result is
         identical, in fewer than 32 passes unless a row has ties at its k-th score (selection at 128K
         on the H200: 20.9 instead of 21.9 ms, ``bench_selection_h200_early_exit.json``).
+      topk_bands: give the top-k of each band of query chunks only the block columns its last token
+        sees, rounded up to a power of two, instead of all of them (needs a static ``q_offset``;
+        identical result, see the module docstring).
       chunk_bytes: budget for one query chunk's pooled scores (``body`` + ``halo``, float32).
       max_chunk: most tokens per query chunk (bounds the chunk's copy of the queries: 64 MiB at
         8K tokens x 32 heads x 128 dims in bf16); 8K tokens x 2 KV heads still fill the GPU.
@@ -109,6 +116,7 @@ class BlockSizes:
     topk_elems: int = 4096
     topk_warps: int = 4
     topk_early_exit: bool = True
+    topk_bands: bool = True
     chunk_bytes: int = 512 * 2**20
     max_chunk: int = 8192
     group_sum: str = "mma"
@@ -129,6 +137,42 @@ def _next_pow2(x: int) -> int:
 
 def _cdiv(a, b):
     return lax.div(a + b - 1, b)
+
+
+def _topk_rows(bs: BlockSizes, nb_cols: int) -> int:
+    """Token rows per top-k program over ``nb_cols`` block columns (``topk_elems`` in registers)."""
+    return max(1, min(bs.topk_elems // nb_cols, 64))
+
+
+def _topk_bands(
+    n_chunks: int,
+    chunk: int,
+    t: int,
+    q_offset,
+    *,
+    block_size: int,
+    nb: int,
+    nb_pad: int,
+    min_cols: int,
+    enable: bool,
+) -> list[tuple[int, int, int]]:
+    """``(first chunk, end chunk, block columns)`` runs of query chunks whose top-k can share a width.
+
+    A chunk needs the columns of the blocks its last token sees, rounded up to a power of two (at
+    least ``min_cols``, at most ``nb_pad``); consecutive chunks needing the same width form a band. One
+    band of ``nb_pad`` columns when disabled or when ``q_offset`` is traced (positions unknown).
+    """
+    if not enable or not isinstance(q_offset, int):
+        return [(0, n_chunks, nb_pad)]
+    bands = []
+    for c in range(n_chunks):
+        last = min((c + 1) * chunk, t) - 1 + q_offset
+        cols = min(max(_next_pow2(min(nb, last // block_size + 1)), min_cols), nb_pad)
+        if bands and bands[-1][2] == cols:
+            bands[-1] = (bands[-1][0], c + 1, cols)
+        else:
+            bands.append((c, c + 1, cols))
+    return bands
 
 
 def compress_keys(k: jax.Array, kernel_size: int, kernel_stride: int) -> jax.Array:
@@ -535,7 +579,6 @@ def select_blocks(
     # lands on column nb_pad - 1 + HALO_SHIFT; masked stores address the last one, past it). Multiples
     # of 16 keep rows 64-byte aligned.
     width = nb_pad + HALO_SHIFT + 16
-    tq_b = max(1, min(bs.topk_elems // nb_pad, 64))
     k_sel = min(num_selected, nb)
     kp = _next_pow2(num_selected + 1)  # one spare slot for the masked scatter
     exact = q.dtype == jnp.float32
@@ -561,7 +604,7 @@ def select_blocks(
         chunk = 1 << (max(1, bs.chunk_bytes // (b * hkv * (2 * width) * 4)).bit_length() - 1)
     else:
         chunk = _next_pow2(query_chunk)
-    chunk = max(min(chunk, bs.max_chunk, _next_pow2(t)), tq, tq_b)
+    chunk = max(min(chunk, bs.max_chunk, _next_pow2(t)), tq, _topk_rows(bs, nb_pad))
     n_chunks = -(-t // chunk)
 
     # (pos, q rows, k1, k2) -> (body, halo) of one chunk. The Mosaic kernel reads groups of 16 heads
@@ -596,47 +639,72 @@ def select_blocks(
             block_sizes=bs,
             interpret=interpret,
         )
-    topk_call = pl.pallas_call(
-        functools.partial(
-            _topk_kernel,
-            tq=tq_b,
-            n1=n1,
-            nb=nb,
-            nb_pad=nb_pad,
-            stride=kernel_stride,
-            pool=pool,
-            block_size=block_size,
-            init_blocks=init_blocks,
-            local_blocks=local_blocks,
-            k_sel=k_sel,
-            early_exit=bs.topk_early_exit,
-        ),
-        grid=(chunk // tq_b, b, hkv),
-        in_specs=[
-            pl.BlockSpec((2,), lambda i, bi, h: (0,)),
-            pl.BlockSpec((None, None, tq_b, width), lambda i, bi, h: (bi, h, i, 0)),
-            pl.BlockSpec((None, None, tq_b, width), lambda i, bi, h: (bi, h, i, 0)),
-        ],
-        out_specs=pl.BlockSpec((None, None, tq_b, kp), lambda i, bi, h: (bi, h, i, 0)),
-        out_shape=jax.ShapeDtypeStruct((b, hkv, chunk, kp), jnp.int32),
-        compiler_params=triton_params(bs.topk_warps, 1),
-        interpret=interpret,
-        name="infllmv2_select_topk",
-    )
 
-    def one_chunk(start):
+    def topk_call(nb_cols: int):
+        """The top-k over the first ``nb_cols`` block columns (a power of two <= nb_pad)."""
+        tq_b = min(_topk_rows(bs, nb_cols), chunk)
+        return pl.pallas_call(
+            functools.partial(
+                _topk_kernel,
+                tq=tq_b,
+                n1=n1,
+                nb=nb,
+                nb_pad=nb_cols,
+                stride=kernel_stride,
+                pool=pool,
+                block_size=block_size,
+                init_blocks=init_blocks,
+                local_blocks=local_blocks,
+                # Fewer columns than k: all of them are visible or after every token's block, and
+                # every visible block is kept either way.
+                k_sel=min(k_sel, nb_cols),
+                early_exit=bs.topk_early_exit,
+            ),
+            grid=(chunk // tq_b, b, hkv),
+            in_specs=[
+                pl.BlockSpec((2,), lambda i, bi, h: (0,)),
+                pl.BlockSpec((None, None, tq_b, width), lambda i, bi, h: (bi, h, i, 0)),
+                pl.BlockSpec((None, None, tq_b, width), lambda i, bi, h: (bi, h, i, 0)),
+            ],
+            out_specs=pl.BlockSpec((None, None, tq_b, kp), lambda i, bi, h: (bi, h, i, 0)),
+            out_shape=jax.ShapeDtypeStruct((b, hkv, chunk, kp), jnp.int32),
+            compiler_params=triton_params(bs.topk_warps, 1),
+            interpret=interpret,
+            name="infllmv2_select_topk",
+        )
+
+    def one_chunk(start, topk):
         pos = jnp.stack([start + q_offset, t - 1 + q_offset]).astype(jnp.int32)
         if in_place:
             body, halo = score_call(jnp.concatenate([pos, jnp.stack([start, t - 1])]), q, k1, k2)
-            return topk_call(pos, body, halo)
+            return topk(pos, body, halo)
         # Rows past T repeat token T - 1 (clipped gather) instead of padding all of q.
         rows = jnp.minimum(start + jnp.arange(chunk, dtype=jnp.int32), t - 1)
         q_c = jnp.take(q, rows, axis=1, mode="clip").reshape(b, chunk, hkv, g, d)
         q_c = jnp.pad(q_c, ((0, 0), (0, 0), (0, 0), (0, gp - g), (0, dp - d)))
         q_c = q_c.transpose(0, 2, 1, 3, 4).reshape(b, hkv, chunk * gp, dp)
         body, halo = score_call(pos, q_c, k1, k2)
-        return topk_call(pos, body, halo)  # [B, Hkv, C, Kp]
+        return topk(pos, body, halo)  # [B, Hkv, C, Kp]
 
-    idx = lax.map(one_chunk, jnp.arange(n_chunks, dtype=jnp.int32) * chunk)  # [n_chunks, B, Hkv, C, Kp]
+    bands = _topk_bands(
+        n_chunks,
+        chunk,
+        t,
+        q_offset,
+        block_size=block_size,
+        nb=nb,
+        nb_pad=nb_pad,
+        min_cols=nbt,
+        enable=bs.topk_bands,
+    )
+    idx = jnp.concatenate(
+        [
+            lax.map(
+                functools.partial(one_chunk, topk=topk_call(cols)),
+                jnp.arange(c0, c1, dtype=jnp.int32) * chunk,
+            )
+            for c0, c1, cols in bands
+        ]
+    )  # [n_chunks, B, Hkv, C, Kp]
     idx = idx.transpose(1, 2, 0, 3, 4).reshape(b, hkv, n_chunks * chunk, kp)
     return idx[:, :, :t, :num_selected]

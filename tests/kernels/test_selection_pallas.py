@@ -367,6 +367,32 @@ def test_topk_early_exit_is_bit_identical(ties):
     np.testing.assert_array_equal(got, want)
 
 
+@pytest.mark.parametrize("q_offset", [0, 200], ids=["whole", "static-slice"])
+def test_topk_bands_are_bit_identical(q_offset):
+    """Banded top-k widths (16, 32 and 64 block columns here, the first band narrower than k = 26)
+    select exactly what one band over all columns selects, also for a query slice."""
+    cfg = SparseConfig(block_size=16, kernel_size=8, kernel_stride=4, window_size=64, topk=20, dense_len=-1)
+    q, k = qk(29, 1, 600, 4, 2, 16)
+    q = q[:, q_offset:]
+    bands = {on: pallas_selection.BlockSizes(topk_bands=on) for on in (False, True)}
+    kwargs = {"q_offset": q_offset, "query_chunk": 64}
+    want = np.asarray(pallas_select(q, k, cfg, block_sizes=bands[False], **kwargs))
+    got = pallas_select(q, k, cfg, block_sizes=bands[True], **kwargs)
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(want, ops.select_blocks_reference(q, k, cfg, q_offset=q_offset))
+
+
+def test_topk_bands_follow_the_last_token_of_each_chunk():
+    # 128K tokens in 16 chunks of 8K (the H200 default): 128 blocks per chunk, widths rounded up.
+    bands = functools.partial(
+        pallas_selection._topk_bands, 16, 8192, 131072, block_size=64, nb=2048, nb_pad=2048, min_cols=16
+    )
+    assert bands(0, enable=True) == [(0, 1, 128), (1, 2, 256), (2, 4, 512), (4, 8, 1024), (8, 16, 2048)]
+    assert bands(0, enable=False) == [(0, 16, 2048)]
+    assert bands(jnp.int32(0), enable=True) == [(0, 16, 2048)]  # an array offset may be traced
+    assert bands(65536, enable=True) == [(0, 16, 2048)]  # a slice of the second half sees > 1024 blocks
+
+
 @pytest.mark.parametrize("early_exit", [False, True], ids=["32-pass-search", "early-exit"])
 def test_triton_selection_lowers_for_cuda(early_exit):
     """The Triton scoring and top-k kernels lower for a CUDA target without a GPU (Pallas -> Triton IR
