@@ -148,7 +148,7 @@ def _topk_bands(
     n_chunks: int,
     chunk: int,
     t: int,
-    q_offset,
+    q_offset: int | None,
     *,
     block_size: int,
     nb: int,
@@ -160,9 +160,9 @@ def _topk_bands(
 
     A chunk needs the columns of the blocks its last token sees, rounded up to a power of two (at
     least ``min_cols``, at most ``nb_pad``); consecutive chunks needing the same width form a band. One
-    band of ``nb_pad`` columns when disabled or when ``q_offset`` is traced (positions unknown).
+    band of ``nb_pad`` columns when disabled or when ``q_offset`` is None (traced: positions unknown).
     """
-    if not enable or not isinstance(q_offset, int):
+    if not enable or q_offset is None:
         return [(0, n_chunks, nb_pad)]
     bands = []
     for c in range(n_chunks):
@@ -506,20 +506,6 @@ def default_block_sizes(dtype, head_dim: int, group: int, pool: int, interpret: 
     return BlockSizes()
 
 
-@functools.partial(
-    jax.jit,
-    static_argnames=(
-        "block_size",
-        "kernel_size",
-        "kernel_stride",
-        "init_blocks",
-        "local_blocks",
-        "num_selected",
-        "query_chunk",
-        "block_sizes",
-        "interpret",
-    ),
-)
 def select_blocks(
     q: jax.Array,
     k: jax.Array,
@@ -558,6 +544,56 @@ def select_blocks(
     Raises:
       NotImplementedError: for inputs these kernels do not handle (the dispatcher falls back to XLA).
     """
+    return _select_blocks(
+        q,
+        k,
+        block_size=block_size,
+        kernel_size=kernel_size,
+        kernel_stride=kernel_stride,
+        init_blocks=init_blocks,
+        local_blocks=local_blocks,
+        num_selected=num_selected,
+        q_offset=q_offset,
+        static_offset=q_offset if isinstance(q_offset, int) else None,
+        query_chunk=query_chunk,
+        block_sizes=block_sizes,
+        interpret=interpret,
+    )
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=(
+        "block_size",
+        "kernel_size",
+        "kernel_stride",
+        "init_blocks",
+        "local_blocks",
+        "num_selected",
+        "query_chunk",
+        "block_sizes",
+        "interpret",
+        "static_offset",
+    ),
+)
+def _select_blocks(
+    q: jax.Array,
+    k: jax.Array,
+    *,
+    block_size: int,
+    kernel_size: int,
+    kernel_stride: int,
+    init_blocks: int,
+    local_blocks: int,
+    num_selected: int,
+    q_offset: int | jax.Array,
+    static_offset: int | None,
+    query_chunk: int | None,
+    block_sizes: BlockSizes | None,
+    interpret: bool,
+) -> jax.Array:
+    # q_offset is traced, so one executable serves every offset; static_offset (the same value when
+    # the caller's offset is a Python int, else None) only sizes the top-k bands.
     b, t, hq, d = q.shape
     t_keys, hkv = k.shape[1], k.shape[2]
     g = hq // hkv
@@ -690,7 +726,7 @@ def select_blocks(
         n_chunks,
         chunk,
         t,
-        q_offset,
+        static_offset,
         block_size=block_size,
         nb=nb,
         nb_pad=nb_pad,
