@@ -84,6 +84,8 @@ SELECT_VARIANTS = {
     ),
     # Session 6's default: the top-k's bitwise search always takes all 32 passes.
     "mosaic_topk_32_passes": dataclasses.replace(pallas_selection.MOSAIC_SELECTION, topk_early_exit=False),
+    # Session 7's default: one top-k width (all block columns) for every query chunk.
+    "mosaic_topk_one_band": dataclasses.replace(pallas_selection.MOSAIC_SELECTION, topk_bands=False),
 }
 
 
@@ -330,7 +332,7 @@ def run(
                 )
             if t in select_lens:
                 for impl, tiling in select_variants.items():
-                    _, compiled = record(
+                    variant_row, compiled = record(
                         impl,
                         "select",
                         t,
@@ -341,6 +343,12 @@ def run(
                     )
                     if impl == "pallas":
                         pallas_compiled = compiled
+                    elif compiled is not None and pallas_compiled is not None:
+                        # Variants that change only the schedule (top-k search, bands, rings) must
+                        # select bit-identically; other scoring kernels may order bf16 near-ties apart.
+                        agreement = _agreement(compiled(q, k), pallas_compiled(q, k))
+                        variant_row |= agreement
+                        log(f"    {impl} vs pallas selection ({kind}): {agreement}")
                 if t == min(select_lens):
                     # Per kind: how often bf16 near-ties order differently depends on the score values.
                     xla_row, xla_compiled = record(
