@@ -531,7 +531,8 @@ def select_blocks(
         ``SparseConfig`` fields/properties of the same names (``kernel_size == 2 * kernel_stride``;
         coarse keys are 4x both).
       q_offset: key position of ``q[:, 0]`` when ``q`` is the slice ``[q_offset, q_offset + Tq)`` of the
-        positions (context parallelism); may be traced.
+        positions (context parallelism); may be traced. A Python int also sizes the top-k bands
+        (``BlockSizes.topk_bands``) and compiles once per value; an array compiles once for all.
       query_chunk: tokens per chunk (rounded up to a power of two); default from
         ``block_sizes.chunk_bytes``.
       block_sizes: kernel tiling (default: ``default_block_sizes``).
@@ -593,8 +594,8 @@ def _select_blocks(
     block_sizes: BlockSizes | None,
     interpret: bool,
 ) -> jax.Array:
-    # q_offset is traced, so one executable serves every offset; static_offset (the same value when
-    # the caller's offset is a Python int, else None) only sizes the top-k bands.
+    # q_offset is traced; static_offset (the caller's offset when it is a Python int, else None) only
+    # sizes the top-k bands, and each value of it compiles its own executable.
     b, t, hq, d = q.shape
     t_keys, hkv = k.shape[1], k.shape[2]
     g = hq // hkv
