@@ -32,10 +32,10 @@ __all__ = [
     "DATA_AXIS",
     "SEQ_AXIS",
     "TrainShardings",
+    "attention_runs_per_shard",
     "batch_sharding",
     "context_parallel_attention",
     "make_mesh",
-    "mesh_device_count",
     "param_shardings",
     "seq_parallel_size",
     "train_shardings",
@@ -67,12 +67,17 @@ def seq_parallel_size(mesh=None) -> int:
     return mesh.shape[SEQ_AXIS]
 
 
-def mesh_device_count(mesh=None) -> int:
-    """Devices of ``mesh`` (default: the mesh set with ``jax.set_mesh``), 1 if there is none."""
+def attention_runs_per_shard(mesh=None) -> bool:
+    """Whether attention layers run under ``shard_map`` on ``mesh`` (default: the one set with
+    ``jax.set_mesh``): a mesh of ``make_mesh`` (axes ``"data"`` and ``"seq"``) with more than one device.
+
+    Meshes with other axis names keep plain ``jax.jit`` semantics (XLA then replicates the attention
+    kernels over the batch: correct, but without the speedup).
+    """
     mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
     if mesh is None or mesh.empty:
-        return 1
-    return mesh.size
+        return False
+    return {DATA_AXIS, SEQ_AXIS} <= set(mesh.axis_names) and mesh.size > 1
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -17,7 +17,7 @@ from flax import nnx
 
 from infllm_jax.config import SparseConfig
 from infllm_jax.ops import infllmv2_attention, select_blocks, valid_block_slots
-from infllm_jax.parallel import context_parallel_attention, mesh_device_count
+from infllm_jax.parallel import attention_runs_per_shard, context_parallel_attention
 
 __all__ = ["AttentionMode", "InfLLMv2Attention", "apply_rope", "visible_fraction"]
 
@@ -211,7 +211,7 @@ class InfLLMv2Attention(nnx.Module):
         # Under a mesh of several devices attention runs per shard (shard_map): XLA cannot partition
         # the Pallas kernels and would replicate them. A "seq" axis (context parallelism) shards the
         # sequence: the local queries attend to all-gathered keys.
-        attend = context_parallel_attention if mesh_device_count() > 1 else infllmv2_attention
+        attend = context_parallel_attention if attention_runs_per_shard() else infllmv2_attention
         o_BTNH = attend(q_BTNH, k_BTKH, v_BTKH, cfg, implementation=self.implementation, **select)
         return self.o_proj(o_BTNH.reshape(b, t, self.num_heads * self.head_dim))
 

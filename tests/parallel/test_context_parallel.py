@@ -9,7 +9,13 @@ import pytest
 from flax import nnx
 
 from infllm_jax import InfLLMv2Attention, SparseConfig, infllmv2_attention
-from infllm_jax.parallel import batch_sharding, context_parallel_attention, make_mesh, param_shardings
+from infllm_jax.parallel import (
+    attention_runs_per_shard,
+    batch_sharding,
+    context_parallel_attention,
+    make_mesh,
+    param_shardings,
+)
 
 SMALL = SparseConfig(
     block_size=16, kernel_size=8, kernel_stride=4, init_blocks=1, window_size=16, topk=3, dense_len=-1
@@ -113,3 +119,14 @@ def test_attention_layer_runs_per_shard_on_any_multi_device_mesh(seq):
         jaxpr = str(jax.make_jaxpr(layer)(x))
     assert "shard_map" in jaxpr
     assert "shard_map" not in str(jax.make_jaxpr(layer)(x))
+
+
+@needs_8
+def test_attention_layer_keeps_plain_jit_on_a_mesh_with_other_axis_names():
+    layer = InfLLMv2Attention(32, 4, 2, 8, sparse_config=SMALL, mode="sparse", rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.PRNGKey(0), (8, 64, 32))
+    mesh = jax.make_mesh((8,), ("batch",), axis_types=(jax.sharding.AxisType.Auto,))
+    with jax.set_mesh(mesh):
+        assert not attention_runs_per_shard()
+        y = layer(x)
+    np.testing.assert_allclose(y, layer(x), rtol=1e-6, atol=1e-6)
