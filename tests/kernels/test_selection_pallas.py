@@ -369,7 +369,7 @@ def test_topk_early_exit_is_bit_identical(ties):
 
 @pytest.mark.parametrize("q_offset", [0, 200], ids=["whole", "static-slice"])
 def test_topk_bands_are_bit_identical(q_offset):
-    """Banded top-k widths (16, 32 and 64 block columns here, the first band narrower than k = 26)
+    """Banded top-k widths (16, 32 and 64 block columns here, the first band narrower than k = 24)
     select exactly what one band over all columns selects, also for a query slice."""
     cfg = SparseConfig(block_size=16, kernel_size=8, kernel_stride=4, window_size=64, topk=20, dense_len=-1)
     q, k = qk(29, 1, 600, 4, 2, 16)
