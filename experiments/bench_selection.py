@@ -89,6 +89,36 @@ SELECT_VARIANTS = {
 }
 
 
+def _prefill_with_xla_lists(cfg: SparseConfig):
+    """Session 8's prefill: selection, then the attention builds its block lists from the ids in XLA."""
+
+    def prefill(q, k, v):
+        idx = ops.select_blocks(q, k, cfg, implementation="pallas")
+        return ops.sparse_attention(q, k, v, idx, block_size=cfg.block_size, implementation="pallas")
+
+    return prefill
+
+
+def _prefill_dense_head(cfg: SparseConfig):
+    """The tokens before ``num_selected * block_size`` keep every block they see, so their sparse
+    attention is dense causal attention: run them by ``ops.dense_attention`` (cuDNN on the GPU) and
+    only the rest sparse (a query slice at a static offset)."""
+
+    def prefill(q, k, v):
+        head = min(q.shape[1], cfg.num_selected * cfg.block_size)
+        dense = ops.dense_attention(q[:, :head], k[:, :head], v[:, :head])
+        if head == q.shape[1]:
+            return dense
+        sparse = ops.infllmv2_attention(q[:, head:], k, v, cfg, implementation="pallas", q_offset=head)
+        return jnp.concatenate([dense, sparse], axis=1)
+
+    return prefill
+
+
+# Named prefill variants for --prefill-variants (rows "pallas_<name>"): functions of the config.
+PREFILL_VARIANTS = {"xla_lists": _prefill_with_xla_lists, "dense_head": _prefill_dense_head}
+
+
 @dataclasses.dataclass(frozen=True)
 class Shape:
     batch: int
@@ -224,6 +254,7 @@ def run(
     profile_lens=(),
     profile_top: int = 12,
     extra_select=(),
+    extra_prefill=(),
     log=print,
     on_row=None,
 ) -> list[dict]:
@@ -246,6 +277,9 @@ def run(
         trace).
       extra_select: names in ``SELECT_VARIANTS`` also timed at every select length
         (``implementation`` ``pallas_<name>``).
+      extra_prefill: names in ``PREFILL_VARIANTS`` also timed at every prefill length
+        (``implementation`` ``pallas_<name>``); their rows record whether the output equals the
+        default prefill's bit for bit, and the largest absolute difference.
       log: progress printer.
       on_row: called with the rows so far after each new row (the caller saves them, so that a run
         cut short keeps what it measured).
@@ -322,7 +356,7 @@ def run(
                     kind,
                 )
             if t in prefill_lens:
-                record(
+                _, compiled = record(
                     "pallas",
                     "prefill",
                     t,
@@ -330,6 +364,23 @@ def run(
                     (q, k, v),
                     kind,
                 )
+                out = None if compiled is None else np.asarray(compiled(q, k, v))
+                for name in extra_prefill:
+                    variant_row, variant = record(
+                        f"pallas_{name}", "prefill", t, PREFILL_VARIANTS[name](cfg), (q, k, v), kind
+                    )
+                    if out is not None and variant is not None:
+                        got = np.asarray(variant(q, k, v))
+                        variant_row["output_identical_to_pallas"] = bool(np.array_equal(got, out))
+                        variant_row["max_abs_diff_vs_pallas"] = float(
+                            np.max(np.abs(got.astype(np.float32) - out.astype(np.float32)))
+                        )
+                        same, diff = (
+                            variant_row["output_identical_to_pallas"],
+                            variant_row["max_abs_diff_vs_pallas"],
+                        )
+                        log(f"    {name} vs pallas output: identical {same}, max |diff| {diff:.3g}")
+                del out
             if t in select_lens:
                 pallas_ids = None  # the default selection of these inputs, on the host, computed once
                 for impl, tiling in select_variants.items():
@@ -428,7 +479,11 @@ def summary(rows: list[dict]) -> str:
     speedup, so the effect of the inputs on the same kernels reads off one line (sweep rows left out;
     other Pallas tilings, e.g. ``pallas_triton``, get their own lines, ``select/triton``)."""
     kinds = list(dict.fromkeys(r["inputs"] for r in rows if r["implementation"] == "pallas"))
-    dense = {r["seq_len"]: r for r in rows if r["pass"] == "prefill" and r["implementation"] != "pallas"}
+    dense = {
+        r["seq_len"]: r
+        for r in rows
+        if r["pass"] == "prefill" and not r["implementation"].startswith("pallas")
+    }
 
     def label(row):
         variant = row["implementation"].removeprefix("pallas").lstrip("_")
@@ -472,7 +527,10 @@ def plot(rows: list[dict], path: Path) -> None:
     kinds = list(dict.fromkeys(r["inputs"] for r in rows if r["implementation"] == "pallas"))
     styles = {kind: (("-", "o"), ("--", "s"), (":", "^"))[i % 3] for i, kind in enumerate(kinds)}
     series = {  # label -> (colour, row filter)
-        "dense fwd": ("C0", lambda r: r["pass"] == "prefill" and r["implementation"] != "pallas"),
+        "dense fwd": (
+            "C0",
+            lambda r: r["pass"] == "prefill" and not r["implementation"].startswith("pallas"),
+        ),
         "sparse prefill (Pallas select + attention)": (
             "C1",
             lambda r: r["pass"] == "prefill" and r["implementation"] == "pallas",
@@ -548,7 +606,9 @@ def main(argv=None) -> None:
         default=list(INPUT_KINDS),
         help="q/k input kinds, each with its own Pallas rows (dense rows and sweep use the first)",
     )
-    parser.add_argument("--select-lens", type=int, nargs="+", help="lengths of the select rows")
+    parser.add_argument(
+        "--select-lens", type=int, nargs="*", help="lengths of the select rows (none: no select rows)"
+    )
     parser.add_argument("--prefill-lens", type=int, nargs="+", help="lengths of the prefill rows")
     parser.add_argument(
         "--profile-lens",
@@ -567,6 +627,13 @@ def main(argv=None) -> None:
         default=[],
         help="selection tilings also timed at every select length (rows pallas_<name>)",
     )
+    parser.add_argument(
+        "--prefill-variants",
+        nargs="*",
+        choices=sorted(PREFILL_VARIANTS),
+        default=[],
+        help="prefill variants also timed at every prefill length (rows pallas_<name>)",
+    )
     parser.add_argument("--corr", type=int, default=DEFAULT_CORR, help="smooth: tokens between anchors")
     parser.add_argument("--noise", type=float, default=DEFAULT_NOISE, help="smooth: white-noise amplitude")
     args = parser.parse_args(argv)
@@ -577,6 +644,7 @@ def main(argv=None) -> None:
         profile_lens=tuple(args.profile_lens),
         profile_top=args.profile_top,
         extra_select=tuple(args.select_variants),
+        extra_prefill=tuple(args.prefill_variants),
     )
 
     if args.smoke:
@@ -596,7 +664,7 @@ def main(argv=None) -> None:
         kwargs = dict(sweep_len=None if args.no_sweep else 32768, iters=args.iters, **inputs)
         name = "bench_selection_h200"
     lens = {"select_lens": args.select_lens, "prefill_lens": args.prefill_lens}
-    kwargs |= {key: tuple(value) for key, value in lens.items() if value}
+    kwargs |= {key: tuple(value) for key, value in lens.items() if value is not None}
     shape, cfg = kwargs.get("shape", MINICPM4_SHAPE), kwargs.get("cfg", SHIPPED)
     device = jax.devices()[0]
     print(f"device: {device.device_kind}  jax {jax.__version__}")

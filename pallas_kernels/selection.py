@@ -59,6 +59,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from pallas_kernels._compat import pl, pltriton, triton_params
+from pallas_kernels.block_lists import ListTiling, lists_from_masks, stack_chunk_lists
 from pallas_kernels.selection_mgpu import (
     HALO_SHIFT,
     KEY_TILE,
@@ -69,7 +70,7 @@ from pallas_kernels.selection_mgpu import (
     supported_mosaic_scoring,
     visible_kernels,
 )
-from pallas_kernels.tiling import GROUP_ROWS
+from pallas_kernels.tiling import GROUP_ROWS, TileLists
 
 __all__ = ["MOSAIC_SELECTION", "BlockSizes", "compress_keys", "default_block_sizes", "select_blocks"]
 
@@ -327,6 +328,7 @@ def _topk_kernel(
     body_ref,
     halo_ref,
     idx_ref,
+    mask_ref=None,
     *,
     tq: int,
     n1: int,
@@ -347,6 +349,8 @@ def _topk_kernel(
       body_ref, halo_ref: ``[tq, >= nb_pad]`` float32 from ``_score_kernel``.
       idx_ref: ``[tq, Kp]`` int32 out, ``Kp > num_selected``: ascending ids, then -1. Slot ``Kp - 1``
         is scratch for the masked scatter and is sliced away by the caller.
+      mask_ref: optional ``[tq, nb_pad]`` int8 out: 1 where the token kept the block, 0 elsewhere and in
+        the rows of tokens past the last one (``block_lists.lists_from_masks`` reads it).
     """
     kp = idx_ref.shape[-1]
     t = jnp.minimum(
@@ -417,6 +421,10 @@ def _topk_kernel(
     )
     out_slot = lax.broadcasted_iota(jnp.int32, (tq, kp), 1)
     pltriton.store(idx_ref, jnp.full((tq, kp), -1, jnp.int32), mask=out_slot >= n_keep)
+    if mask_ref is not None:
+        # Rows past the last token repeat it (t is clipped); their masks stay empty.
+        real = pos_ref[0] + pl.program_id(0) * tq + lax.broadcasted_iota(jnp.int32, (tq, 1), 0) <= pos_ref[1]
+        mask_ref[...] = (keep & real).astype(jnp.int8)
 
 
 def _triton_score_call(
@@ -520,8 +528,9 @@ def select_blocks(
     q_offset: int | jax.Array = 0,
     query_chunk: int | None = None,
     block_sizes: BlockSizes | None = None,
+    lists_for: ListTiling | None = None,
     interpret: bool = False,
-) -> jax.Array:
+) -> jax.Array | tuple[jax.Array, TileLists]:
     """InfLLM-V2 block selection for every query token (no gradient).
 
     Args:
@@ -536,12 +545,16 @@ def select_blocks(
       query_chunk: tokens per chunk (rounded up to a power of two); default from
         ``block_sizes.chunk_bytes``.
       block_sizes: kernel tiling (default: ``default_block_sizes``).
+      lists_for: also build the sparse attention's tile and token lists for this tiling
+        (``block_lists.list_tiling`` of its ``BlockSizes``) from the top-k's masks, in a Pallas kernel
+        per chunk instead of XLA sorts and scatters (``sparse_attention_pallas(..., lists=)``).
       interpret: run the kernels in the Pallas interpreter (CPU).
 
     Returns:
       int32 ``[B, Hkv, Tq, num_selected]``: per token and KV head the ids of the top
       ``min(num_selected, nb)`` blocks by score (init/local forced), ascending, ids after the token's
-      own block dropped, -1 in the unused slots.
+      own block dropped, -1 in the unused slots. With ``lists_for``: these and the ``TileLists``
+      that ``tiling.tile_lists`` builds from them.
 
     Raises:
       NotImplementedError: for inputs these kernels do not handle (the dispatcher falls back to XLA).
@@ -559,6 +572,7 @@ def select_blocks(
         static_offset=q_offset if isinstance(q_offset, int) else None,
         query_chunk=query_chunk,
         block_sizes=block_sizes,
+        lists_for=lists_for,
         interpret=interpret,
     )
 
@@ -574,6 +588,7 @@ def select_blocks(
         "num_selected",
         "query_chunk",
         "block_sizes",
+        "lists_for",
         "interpret",
         "static_offset",
     ),
@@ -592,8 +607,9 @@ def _select_blocks(
     static_offset: int | None,
     query_chunk: int | None,
     block_sizes: BlockSizes | None,
+    lists_for: ListTiling | None,
     interpret: bool,
-) -> jax.Array:
+) -> jax.Array | tuple[jax.Array, TileLists]:
     # q_offset is traced; static_offset (the caller's offset when it is a Python int, else None) only
     # sizes the top-k bands, and each value of it compiles its own executable.
     b, t, hq, d = q.shape
@@ -643,6 +659,8 @@ def _select_blocks(
     else:
         chunk = _next_pow2(query_chunk)
     chunk = max(min(chunk, bs.max_chunk, _next_pow2(t)), tq, _topk_rows(bs, nb_pad))
+    if lists_for is not None:
+        chunk = max(chunk, lists_for.align)  # whole tiles per chunk, and chunks cover round_up(T, align)
     n_chunks = -(-t // chunk)
 
     # (pos, q rows, k1, k2) -> (body, halo) of one chunk. The Mosaic kernel reads groups of 16 heads
@@ -704,8 +722,14 @@ def _select_blocks(
                 pl.BlockSpec((None, None, tq_b, width), lambda i, bi, h: (bi, h, i, 0)),
                 pl.BlockSpec((None, None, tq_b, width), lambda i, bi, h: (bi, h, i, 0)),
             ],
-            out_specs=pl.BlockSpec((None, None, tq_b, kp), lambda i, bi, h: (bi, h, i, 0)),
-            out_shape=jax.ShapeDtypeStruct((b, hkv, chunk, kp), jnp.int32),
+            out_specs=[
+                pl.BlockSpec((None, None, tq_b, cols), lambda i, bi, h: (bi, h, i, 0))
+                for cols in (kp, nb_cols)[: 1 + (lists_for is not None)]
+            ],
+            out_shape=[
+                jax.ShapeDtypeStruct((b, hkv, chunk, cols), dtype)
+                for cols, dtype in ((kp, jnp.int32), (nb_cols, jnp.int8))[: 1 + (lists_for is not None)]
+            ],
             compiler_params=triton_params(bs.topk_warps, 1),
             interpret=interpret,
             name="infllmv2_select_topk",
@@ -715,14 +739,25 @@ def _select_blocks(
         pos = jnp.stack([start + q_offset, t - 1 + q_offset]).astype(jnp.int32)
         if in_place:
             body, halo = score_call(jnp.concatenate([pos, jnp.stack([start, t - 1])]), q, k1, k2)
-            return topk(pos, body, halo)
-        # Rows past T repeat token T - 1 (clipped gather) instead of padding all of q.
-        rows = jnp.minimum(start + jnp.arange(chunk, dtype=jnp.int32), t - 1)
-        q_c = jnp.take(q, rows, axis=1, mode="clip").reshape(b, chunk, hkv, g, d)
-        q_c = jnp.pad(q_c, ((0, 0), (0, 0), (0, 0), (0, gp - g), (0, dp - d)))
-        q_c = q_c.transpose(0, 2, 1, 3, 4).reshape(b, hkv, chunk * gp, dp)
-        body, halo = score_call(pos, q_c, k1, k2)
-        return topk(pos, body, halo)  # [B, Hkv, C, Kp]
+        else:
+            # Rows past T repeat token T - 1 (clipped gather) instead of padding all of q.
+            rows = jnp.minimum(start + jnp.arange(chunk, dtype=jnp.int32), t - 1)
+            q_c = jnp.take(q, rows, axis=1, mode="clip").reshape(b, chunk, hkv, g, d)
+            q_c = jnp.pad(q_c, ((0, 0), (0, 0), (0, 0), (0, gp - g), (0, dp - d)))
+            q_c = q_c.transpose(0, 2, 1, 3, 4).reshape(b, hkv, chunk * gp, dp)
+            body, halo = score_call(pos, q_c, k1, k2)
+        outs = topk(pos, body, halo)  # idx [B, Hkv, C, Kp] (and the masks [B, Hkv, C, cols])
+        if lists_for is None:
+            return outs[0]
+        lists = lists_from_masks(
+            pos,
+            outs[1],
+            tiling=lists_for,
+            num_selected=num_selected,
+            block_size=block_size,
+            interpret=interpret,
+        )
+        return outs[0], lists
 
     bands = _topk_bands(
         n_chunks,
@@ -735,14 +770,16 @@ def _select_blocks(
         min_cols=nbt,
         enable=bs.topk_bands,
     )
-    idx = jnp.concatenate(
-        [
-            lax.map(
-                functools.partial(one_chunk, topk=topk_call(cols)),
-                jnp.arange(c0, c1, dtype=jnp.int32) * chunk,
-            )
-            for c0, c1, cols in bands
-        ]
-    )  # [n_chunks, B, Hkv, C, Kp]
-    idx = idx.transpose(1, 2, 0, 3, 4).reshape(b, hkv, n_chunks * chunk, kp)
-    return idx[:, :, :t, :num_selected]
+    per_band = [
+        lax.map(
+            functools.partial(one_chunk, topk=topk_call(cols)), jnp.arange(c0, c1, dtype=jnp.int32) * chunk
+        )
+        for c0, c1, cols in bands
+    ]
+    # Chunk outputs stacked on a leading chunk axis: idx [n_chunks, B, Hkv, C, Kp] (and the lists).
+    stacked = jax.tree.map(lambda *parts: jnp.concatenate(parts), *per_band)
+    idx = stacked if lists_for is None else stacked[0]
+    idx = idx.transpose(1, 2, 0, 3, 4).reshape(b, hkv, n_chunks * chunk, kp)[:, :, :t, :num_selected]
+    if lists_for is None:
+        return idx
+    return idx, stack_chunk_lists(stacked[1], tiling=lists_for, num_selected=num_selected, seq_len=t)

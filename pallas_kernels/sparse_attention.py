@@ -60,6 +60,7 @@ from pallas_kernels.tiling import (
     BlockSizes,
     MosaicDkdv,
     MosaicTile,
+    TileLists,
     canonical_blocks,
     tile_lists,
 )
@@ -395,7 +396,7 @@ def fwd_chunk_len(b: int, hkv: int, d: int, padded: int, config: BlockSizes) -> 
     return round_up(-(-padded // n_chunks), config.align)
 
 
-def _forward(q, k, v, block_idx, q_offset, block_size, config, interpret):
+def _forward(q, k, v, block_idx, q_offset, lists, block_size, config, interpret):
     b, tq, hq, d = q.shape
     hkv = k.shape[2]
     tp = round_up(tq, config.align)
@@ -403,7 +404,8 @@ def _forward(q, k, v, block_idx, q_offset, block_size, config, interpret):
     kp, vp = pad_keys(k, block_size), pad_keys(v, block_size)
     kb, vb = block_view(kp, block_size), block_view(vp, block_size)
     ids, _ = canonical_blocks(block_idx, padded_len=tp, block_size=block_size, q_offset=q_offset[0])
-    lists = tile_lists(ids, config, block_size, q_offset[0], num_key_blocks=kb.shape[1])
+    if lists is None:
+        lists = tile_lists(ids, config, block_size, q_offset[0], num_key_blocks=kb.shape[1])
     packed = None
     if any(x is not None for x in (config.mosaic, config.mosaic_dkdv, config.mosaic_dq)):
         reason = supported_mosaic(q.dtype, d, block_size)
@@ -491,13 +493,13 @@ def _forward(q, k, v, block_idx, q_offset, block_size, config, interpret):
     return ungroup_rows(o5, tq, hq), residuals
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
-def _attention(q, k, v, block_idx, q_offset, block_size, config, interpret):
-    return _forward(q, k, v, block_idx, q_offset, block_size, config, interpret)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
+def _attention(q, k, v, block_idx, q_offset, lists, block_size, config, interpret):
+    return _forward(q, k, v, block_idx, q_offset, lists, block_size, config, interpret)[0]
 
 
-def _attention_fwd(q, k, v, block_idx, q_offset, block_size, config, interpret):
-    return _forward(q, k, v, block_idx, q_offset, block_size, config, interpret)
+def _attention_fwd(q, k, v, block_idx, q_offset, lists, block_size, config, interpret):
+    return _forward(q, k, v, block_idx, q_offset, lists, block_size, config, interpret)
 
 
 def _attention_bwd(block_size, config, interpret, res, dout):
@@ -507,16 +509,17 @@ def _attention_bwd(block_size, config, interpret, res, dout):
     dq, dk, dv = sparse_attention_bwd.backward(
         res, dout, block_size=block_size, config=config, interpret=interpret
     )
-    return dq, dk, dv, None, None
+    return dq, dk, dv, None, None, None
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
 @functools.partial(jax.jit, static_argnames=("block_size", "config", "interpret"))
-def _attention_jit(q, k, v, block_idx, q_offset, *, block_size, config, interpret):
+def _attention_jit(q, k, v, block_idx, q_offset, lists, *, block_size, config, interpret):
     q_offset = jnp.asarray(q_offset, jnp.int32).reshape(1)
-    return _attention(q, k, v, lax.stop_gradient(block_idx), q_offset, block_size, config, interpret)
+    block_idx, lists = lax.stop_gradient((block_idx, lists))
+    return _attention(q, k, v, block_idx, q_offset, lists, block_size, config, interpret)
 
 
 # The tiling on Hopper GPUs: 8-token tiles whose forward and dQ tile phases run Mosaic GPU kernels
@@ -559,6 +562,7 @@ def sparse_attention_pallas(
     block_size: int,
     q_offset: int | jax.Array = 0,
     config: BlockSizes | None = None,
+    lists: TileLists | None = None,
     interpret: bool = False,
 ) -> jax.Array:
     """Block-sparse causal attention over each token's selected blocks (Pallas GPU kernels).
@@ -574,6 +578,9 @@ def sparse_attention_pallas(
         e.g. the shard's start under context parallelism; ``Tk >= q_offset + Tq`` is then the
         caller's contract).
       config: tiling (default: ``default_block_sizes``).
+      lists: the tile and token lists of ``block_idx`` for ``config``, when the caller built them
+        already (``selection.select_blocks(..., lists_for=)``); default: built here by
+        ``tiling.tile_lists``. They must be the lists of this ``block_idx``: the kernels trust them.
       interpret: run the kernels in Pallas interpret mode (CPU tests).
 
     Returns:
@@ -595,6 +602,20 @@ def sparse_attention_pallas(
     if isinstance(q_offset, int | np.integer) and not 0 <= q_offset <= tk - tq:
         raise ValueError(f"q_offset={q_offset} puts {tq} queries outside the {tk} keys")
     config = default_block_sizes(q.dtype, q.shape[-1], block_size, interpret) if config is None else config
+    if lists is not None:
+        _check_lists(lists, b, hkv, round_up(tq, config.align), block_idx.shape[-1], config)
     return _attention_jit(
-        q, k, v, block_idx, q_offset, block_size=block_size, config=config, interpret=interpret
+        q, k, v, block_idx, q_offset, lists, block_size=block_size, config=config, interpret=interpret
     )
+
+
+def _check_lists(lists: TileLists, b: int, hkv: int, tp: int, k: int, config: BlockSizes) -> None:
+    """Raises ``ValueError`` unless ``lists`` have the shapes ``tile_lists`` gives for this tiling."""
+    tq = config.tile_tokens
+    want = TileLists(
+        *(((b, hkv, tp // tq, n) for n in (tq * k, tq * k, 2)) if tq else (None,) * 3),
+        *(((b, hkv, tp, n) for n in (k, 2)) if config.has_token_phase else (None,) * 2),
+    )
+    got = TileLists(*(None if x is None else tuple(x.shape) for x in lists))
+    if got != want:
+        raise ValueError(f"lists do not fit the tiling {config}: shapes {got}, expected {want}")

@@ -156,6 +156,18 @@ def infllmv2_attention(
             f"select_q/select_k must have the shapes of q/k: {select_q.shape} vs {q.shape}, "
             f"{select_k.shape} vs {k.shape}"
         )
+    if implementation == "pallas" or (
+        implementation is None and "pallas" in _PREFERENCE.get(jax.default_backend(), ())
+    ):
+        # Selection and attention by the Pallas kernels in one go (the top-k builds the attention's
+        # block lists); with implementation=None, inputs it does not support take the path below.
+        try:
+            return pallas_backend.infllmv2_attention_pallas(
+                q, k, v, cfg, select_q=select_q, select_k=select_k, q_offset=q_offset
+            )
+        except NotImplementedError:
+            if implementation == "pallas":
+                raise
     block_idx = select_blocks(select_q, select_k, cfg, implementation=implementation, q_offset=q_offset)
     return sparse_attention(
         q, k, v, block_idx, block_size=cfg.block_size, implementation=implementation, q_offset=q_offset

@@ -10,7 +10,7 @@ import jax
 
 from infllm_jax.config import SparseConfig
 
-__all__ = ["select_blocks_pallas", "selection_kwargs", "sparse_attention_pallas"]
+__all__ = ["infllmv2_attention_pallas", "select_blocks_pallas", "selection_kwargs", "sparse_attention_pallas"]
 
 
 def sparse_attention_pallas(
@@ -55,6 +55,51 @@ def select_blocks_pallas(
     from pallas_kernels import selection
 
     return selection.select_blocks(q, k, **selection_kwargs(cfg), q_offset=q_offset, interpret=interpret)
+
+
+def infllmv2_attention_pallas(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    cfg: SparseConfig,
+    *,
+    select_q: jax.Array,
+    select_k: jax.Array,
+    q_offset: int | jax.Array = 0,
+) -> jax.Array:
+    """Selection + sparse attention by the Pallas kernels, the sparse branch of ``infllmv2_attention``.
+
+    The same result as ``select_blocks_pallas`` followed by ``sparse_attention_pallas``, but the
+    selection's top-k also hands the attention its tile and token lists (built by a Pallas kernel
+    from the top-k's masks), so the attention skips building them from the ids in XLA.
+
+    Raises:
+      NotImplementedError: as ``select_blocks_pallas`` and ``sparse_attention_pallas`` do.
+    """
+    interpret = _interpret_mode("InfLLM-V2 attention")
+    from pallas_kernels import block_lists, selection, sparse_attention
+
+    reason = sparse_attention.supported(q.shape, k.shape, q.dtype, cfg.block_size)
+    if reason is not None:
+        raise NotImplementedError(f"Pallas sparse attention does not support {reason}")
+    config = sparse_attention.default_block_sizes(q.dtype, q.shape[-1], cfg.block_size, interpret)
+    tiling = block_lists.list_tiling(config)
+    kwargs = dict(q_offset=q_offset, interpret=interpret, **selection_kwargs(cfg))
+    if tiling is None:
+        block_idx, lists = selection.select_blocks(select_q, select_k, **kwargs), None
+    else:
+        block_idx, lists = selection.select_blocks(select_q, select_k, lists_for=tiling, **kwargs)
+    return sparse_attention.sparse_attention_pallas(
+        q,
+        k,
+        v,
+        block_idx,
+        block_size=cfg.block_size,
+        q_offset=q_offset,
+        config=config,
+        lists=lists,
+        interpret=interpret,
+    )
 
 
 def _interpret_mode(what: str) -> bool:

@@ -1,0 +1,214 @@
+"""The sparse attention's tile and token lists, built in a Pallas kernel from the top-k's selection masks.
+
+``tiling.tile_lists`` builds the lists in XLA from the tokens' sorted block ids: one row-wise sort of
+each tile's (block, token) pairs, then prefix-sum compactions and scatters. At 128K tokens that is ~4 ms
+of a ~59 ms prefill on the H200, spread over dozens of small kernels. The selection's top-k already
+holds every token's choice as a dense mask over block columns, so it can write that mask
+(``int8 [T, columns]``, 1 where the token kept the block) and one program per tile can read its
+tokens' rows column block by column block, ascending:
+
+- a column's token bits are ``sum_r mask[r] << r`` and its share the column sum;
+- columns chosen by at least ``min_share`` of the tile's tokens get the next tile-list slots (a
+  prefix sum over the shared flags), the other chosen ones the next slots of their tokens' lists.
+
+The lists come out ascending, like ``tile_lists``' (which orders by block too), and equal them entry
+for entry for canonical inputs (tests compare both). Only tilings without ``mask_split`` (no
+mask-free group ahead of the rest; every shipped tiling) and with a tile phase are built here.
+"""
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from pallas_kernels._compat import pl, pltriton, triton_params
+from pallas_kernels.tiling import EMPTY_BLOCK, BlockSizes, TileLists
+
+__all__ = ["ListTiling", "list_tiling", "lists_from_masks", "stack_chunk_lists"]
+
+# Mask elements per step of a program (tile rows x columns), held in registers.
+_STEP_ELEMS = 4096
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, x - 1).bit_length()
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ListTiling:
+    """What ``lists_from_masks`` needs of the attention's ``BlockSizes`` (static, hashable).
+
+    Attributes:
+      tile_tokens: tokens per tile; min_share: tokens of a tile that must share a block for the tile
+        phase; align: ``Tp`` is ``T`` rounded up to a multiple of this.
+    """
+
+    tile_tokens: int
+    min_share: int
+    align: int
+
+
+def list_tiling(config: BlockSizes) -> ListTiling | None:
+    """The tiling ``lists_from_masks`` needs from ``config``, or ``None`` when it cannot build its lists
+    (no tile phase, or ``mask_split``: ``tile_lists`` then puts mask-free entries first)."""
+    if config.tile_tokens == 0 or config.mask_split:
+        return None
+    return ListTiling(config.tile_tokens, config.min_share, config.align)
+
+
+def _lists_kernel(
+    pos_ref,
+    mask_ref,
+    tile_ids_ref,
+    tile_bits_ref,
+    tile_cnt_ref,
+    token_ids_ref,
+    token_cnt_ref,
+    *,
+    tq: int,
+    step: int,
+    min_share: int,
+    block_size: int,
+):
+    """One tile of ``tq`` tokens (leading batch / KV-head dims squeezed).
+
+    Refs:
+      pos_ref: ``[2]`` int32: key position of the chunk's first token and of the sequence's last one.
+      mask_ref: ``[tq, cols]`` int8 selection masks (0 past each token's own block).
+      tile_ids_ref, tile_bits_ref: ``[1, Lp]`` int32 out, ``Lp > tq * K``; slot ``Lp - 1`` is scratch
+        for the masked scatters.
+      tile_cnt_ref: ``[1, 2]``; token_ids_ref: ``[tq, Kp]``, ``Kp > K``; token_cnt_ref: ``[tq, 2]``.
+    """
+    lp, kp = tile_ids_ref.shape[-1], token_ids_ref.shape[-1]
+    cols = mask_ref.shape[-1]
+    first = pos_ref[0] + pl.program_id(0) * tq
+    # Columns past the tile's last own block are 0 in every row: the walk stops there.
+    last_block = lax.div(jnp.minimum(first + tq - 1, pos_ref[1]), block_size)
+    n_steps = jnp.minimum(lax.div(last_block + step, step), cols // step)
+    row = lax.broadcasted_iota(jnp.int32, (tq, 1), 0)
+    tile_row = jnp.zeros((1, step), jnp.int32)
+    token_rows = jnp.broadcast_to(row, (tq, step))
+
+    def body(i, carry):
+        n_tile, n_token = carry  # [1, 1], [tq, 1]
+        block = i * step + lax.broadcasted_iota(jnp.int32, (1, step), 1)
+        chosen = pltriton.load(mask_ref.at[:, pl.ds(i * step, step)]).astype(jnp.int32)  # [tq, step]
+        bits = jnp.sum(lax.shift_left(chosen, row), axis=0, keepdims=True)
+        shared = jnp.sum(chosen, axis=0, keepdims=True) >= min_share
+        slot = jnp.where(shared, n_tile + jnp.cumsum(shared.astype(jnp.int32), axis=1) - 1, lp - 1)
+        pltriton.store(tile_ids_ref.at[tile_row, slot], block, mask=shared)
+        pltriton.store(tile_bits_ref.at[tile_row, slot], bits, mask=shared)
+        own = (chosen > 0) & ~shared
+        token_slot = jnp.where(own, n_token + jnp.cumsum(own.astype(jnp.int32), axis=1) - 1, kp - 1)
+        pltriton.store(
+            token_ids_ref.at[token_rows, token_slot], jnp.broadcast_to(block, (tq, step)), mask=own
+        )
+        return (
+            n_tile + jnp.sum(shared.astype(jnp.int32), axis=1, keepdims=True),
+            n_token + jnp.sum(own.astype(jnp.int32), axis=1, keepdims=True),
+        )
+
+    n_tile, n_token = lax.fori_loop(
+        0, n_steps, body, (jnp.zeros((1, 1), jnp.int32), jnp.zeros((tq, 1), jnp.int32))
+    )
+    tile_slot = lax.broadcasted_iota(jnp.int32, (1, lp), 1)
+    pltriton.store(tile_ids_ref, jnp.zeros((1, lp), jnp.int32), mask=tile_slot >= n_tile)
+    pltriton.store(tile_bits_ref, jnp.zeros((1, lp), jnp.int32), mask=tile_slot >= n_tile)
+    token_slot = lax.broadcasted_iota(jnp.int32, (tq, kp), 1)
+    pltriton.store(token_ids_ref, jnp.full((tq, kp), EMPTY_BLOCK, jnp.int32), mask=token_slot >= n_token)
+    # Second columns: the mask-free counts, always 0 without mask_split.
+    first_col = lax.broadcasted_iota(jnp.int32, (1, 2), 1) == 0
+    tile_cnt_ref[...] = jnp.where(first_col, n_tile, 0)
+    token_cnt_ref[...] = jnp.where(jnp.broadcast_to(first_col, (tq, 2)), n_token, 0)
+
+
+def lists_from_masks(
+    pos: jax.Array,
+    mask: jax.Array,
+    *,
+    tiling: ListTiling,
+    num_selected: int,
+    block_size: int,
+    interpret: bool = False,
+) -> tuple[jax.Array, ...]:
+    """Tile and token lists of one query chunk from its selection masks.
+
+    Args:
+      pos: ``[2]`` int32: key position of the chunk's first token and of the sequence's last token.
+      mask: ``[B, Hkv, C, cols]`` int8, 1 where a token kept a block (none past its own block, none
+        for tokens past the sequence); ``C`` a multiple of ``tiling.tile_tokens``, ``cols`` a power of
+        two.
+      tiling: the attention's tiling (``list_tiling``).
+      num_selected: ``K``, the most blocks a token keeps.
+      block_size: tokens per key block.
+      interpret: run in the Pallas interpreter (CPU).
+
+    Returns:
+      ``tile_ids, tile_bits [B, Hkv, C / tq, Lp]``, ``tile_cnt [B, Hkv, C / tq, 2]``,
+      ``token_ids [B, Hkv, C, Kp]``, ``token_cnt [B, Hkv, C, 2]`` int32 (``tq`` tile tokens,
+      ``Lp > tq * K`` and ``Kp > K`` powers of two; ``stack_chunk_lists`` trims them).
+    """
+    b, hkv, chunk, cols = mask.shape
+    tq = tiling.tile_tokens
+    if chunk % tq or cols & (cols - 1):
+        raise ValueError(f"masks {mask.shape}: need whole {tq}-token tiles and a power-of-two width")
+    lp, kp = _next_pow2(tq * num_selected + 1), _next_pow2(num_selected + 1)
+    step = min(cols, max(_STEP_ELEMS // tq, 16))
+    n_tiles = chunk // tq
+
+    def tile_spec(width):
+        return pl.BlockSpec((None, None, 1, width), lambda i, bi, h: (bi, h, i, 0))
+
+    def token_spec(width):
+        return pl.BlockSpec((None, None, tq, width), lambda i, bi, h: (bi, h, i, 0))
+
+    def shape(rows, width):
+        return jax.ShapeDtypeStruct((b, hkv, rows, width), jnp.int32)
+
+    return pl.pallas_call(
+        functools.partial(_lists_kernel, tq=tq, step=step, min_share=tiling.min_share, block_size=block_size),
+        grid=(n_tiles, b, hkv),
+        in_specs=[pl.BlockSpec((2,), lambda i, bi, h: (0,)), token_spec(cols)],
+        out_specs=[tile_spec(lp), tile_spec(lp), tile_spec(2), token_spec(kp), token_spec(2)],
+        out_shape=[
+            shape(n_tiles, lp),
+            shape(n_tiles, lp),
+            shape(n_tiles, 2),
+            shape(chunk, kp),
+            shape(chunk, 2),
+        ],
+        compiler_params=triton_params(4, 1),
+        interpret=interpret,
+        name="infllmv2_block_lists",
+    )(pos, mask)
+
+
+def stack_chunk_lists(
+    chunks: tuple[jax.Array, ...], *, tiling: ListTiling, num_selected: int, seq_len: int
+) -> TileLists:
+    """Joins the per-chunk outputs of ``lists_from_masks`` (stacked on a leading chunk axis) into the
+    ``TileLists`` of the ``Tp = round_up(seq_len, align)`` tokens that ``sparse_attention`` tiles."""
+    tq = tiling.tile_tokens
+    tp = -(-seq_len // tiling.align) * tiling.align
+
+    def join(x, rows, width):
+        n, b, h, per_chunk, w = x.shape
+        x = x.transpose(1, 2, 0, 3, 4).reshape(b, h, n * per_chunk, w)
+        if n * per_chunk < rows:
+            raise ValueError(f"the chunks cover {n * per_chunk} rows, fewer than {rows}")
+        return x[:, :, :rows, :width]
+
+    tile_ids, tile_bits, tile_cnt, token_ids, token_cnt = chunks
+    k_tile = tq * num_selected
+    lists = TileLists(
+        join(tile_ids, tp // tq, k_tile),
+        join(tile_bits, tp // tq, k_tile),
+        join(tile_cnt, tp // tq, 2),
+        join(token_ids, tp, num_selected),
+        join(token_cnt, tp, 2),
+    )
+    if tiling.min_share == 1:  # a pure union: no token phase (``tile_lists`` returns no token lists)
+        return lists._replace(token_ids=None, token_cnt=None)
+    return lists
