@@ -126,8 +126,9 @@ VARIANTS = {
         mosaic=MosaicTile(blocks_per_step=2, pingpong=True, unmasked_path=False, row_masks=False),
         mosaic_dq=MosaicTile(row_masks=False),
     ),
-    # "_chunk1g": the default with 1 GiB of tile -> token state per forward chunk (2 chunks at 128K
-    # instead of 8-9: fewer kernel launches and tails, ~0.75 GiB more peak memory).
+    # "_chunk1g": 1 GiB of tile -> token state per forward chunk (3 chunks at 128K instead of 9: fewer
+    # kernel launches and tails, ~0.5 GiB more peak memory); the default since session 9, kept by this
+    # name so that earlier sessions' commands still run.
     "mosaic8_share2_chunk1g": dataclasses.replace(MOSAIC_BLOCK_SIZES, fwd_chunk_bytes=1 << 30),
 }
 

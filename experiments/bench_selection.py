@@ -56,6 +56,7 @@ from bench_attention import kernel_times, smooth_process
 
 from infllm_jax import SparseConfig, ops
 from infllm_jax.ops.pallas_backend import selection_kwargs
+from pallas_kernels import block_lists, sparse_attention
 from pallas_kernels import selection as pallas_selection
 from pallas_kernels.selection_mgpu import MosaicScore
 
@@ -115,8 +116,47 @@ def _prefill_dense_head(cfg: SparseConfig):
     return prefill
 
 
+def _prefill_tilings(select=None, attention=None):
+    """The default prefill with fields of the default selection and attention ``BlockSizes`` changed
+    (``select``: e.g. the block-lists kernel's ``list_elems``; ``attention``: e.g. ``fwd_chunk_bytes``)."""
+
+    def make(cfg: SparseConfig):
+        def prefill(q, k, v):
+            on_cpu = jax.default_backend() == "cpu"
+            group, pool = q.shape[2] // k.shape[2], cfg.block_size // cfg.kernel_stride
+            tiling = pallas_selection.default_block_sizes(q.dtype, q.shape[-1], group, pool, on_cpu)
+            config = sparse_attention.default_block_sizes(q.dtype, q.shape[-1], cfg.block_size, on_cpu)
+            config = dataclasses.replace(config, **(attention or {}))
+            idx, lists = pallas_selection.select_blocks(
+                q,
+                k,
+                **selection_kwargs(cfg),
+                block_sizes=dataclasses.replace(tiling, **(select or {})),
+                lists_for=block_lists.list_tiling(config),
+                interpret=on_cpu,
+            )
+            return sparse_attention.sparse_attention_pallas(
+                q, k, v, idx, block_size=cfg.block_size, config=config, lists=lists, interpret=on_cpu
+            )
+
+        return prefill
+
+    return make
+
+
 # Named prefill variants for --prefill-variants (rows "pallas_<name>"): functions of the config.
-PREFILL_VARIANTS = {"xla_lists": _prefill_with_xla_lists, "dense_head": _prefill_dense_head}
+PREFILL_VARIANTS = {
+    "xla_lists": _prefill_with_xla_lists,
+    "dense_head": _prefill_dense_head,
+    "lists_1024_elems": _prefill_tilings(select=dict(list_elems=1024)),
+    "lists_2_stages": _prefill_tilings(select=dict(list_stages=2)),
+    "lists_8_warps": _prefill_tilings(select=dict(list_warps=8)),
+    "lists_whole_rows_8_warps": _prefill_tilings(select=dict(list_elems=16384, list_warps=8)),
+    # Selection chunks of up to 16K tokens (one chunk at 16K): slower there than two of 8K (session 9).
+    "select_chunks_16k": _prefill_tilings(select=dict(max_chunk=16384)),
+    # The forward chunks before session 9: 256 MiB of fp32 state per chunk instead of 1 GiB.
+    "fwd_chunks_256mib": _prefill_tilings(attention=dict(fwd_chunk_bytes=256 << 20)),
+}
 
 
 @dataclasses.dataclass(frozen=True)

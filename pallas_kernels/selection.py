@@ -99,6 +99,8 @@ class BlockSizes:
         sees, rounded up to a power of two, instead of all of them (needs a static ``q_offset``;
         identical result, see the module docstring; top-k at 128K on the H200: 2.5 instead of 3.3 ms,
         ``bench_selection_h200_topk_bands.json``).
+      list_elems, list_warps, list_stages: mask elements per step (tile rows x block columns), Triton
+        warps and pipelining depth of the block-lists kernel (``select_blocks(..., lists_for=)``).
       chunk_bytes: budget for one query chunk's pooled scores (``body`` + ``halo``, float32).
       max_chunk: most tokens per query chunk (bounds the chunk's copy of the queries: 64 MiB at
         8K tokens x 32 heads x 128 dims in bf16); 8K tokens x 2 KV heads still fill the GPU.
@@ -119,6 +121,9 @@ class BlockSizes:
     topk_warps: int = 4
     topk_early_exit: bool = True
     topk_bands: bool = True
+    list_elems: int = 4096
+    list_warps: int = 4
+    list_stages: int = 1
     chunk_bytes: int = 512 * 2**20
     max_chunk: int = 8192
     group_sum: str = "mma"
@@ -127,7 +132,7 @@ class BlockSizes:
     def __post_init__(self):
         if self.group_sum not in ("mma", "reshape"):
             raise ValueError(f"BlockSizes.group_sum must be 'mma' or 'reshape', got {self.group_sum!r}")
-        for name in ("score_rows", "block_k1", "block_k2", "topk_elems", "max_chunk"):
+        for name in ("score_rows", "block_k1", "block_k2", "topk_elems", "list_elems", "max_chunk"):
             value = getattr(self, name)
             if value < 16 or value & (value - 1):
                 raise ValueError(f"BlockSizes.{name}={value} must be a power of two >= 16")
@@ -755,6 +760,9 @@ def _select_blocks(
             tiling=lists_for,
             num_selected=num_selected,
             block_size=block_size,
+            step_elems=bs.list_elems,
+            warps=bs.list_warps,
+            stages=bs.list_stages,
             interpret=interpret,
         )
         return outs[0], lists

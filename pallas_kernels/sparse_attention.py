@@ -527,11 +527,13 @@ def _attention_jit(q, k, v, block_idx, q_offset, lists, *, block_size, config, i
 # warpgroup's tokens; without a separate unmasked path its tile kernel ran 1.7 ms faster at 128K),
 # and the Mosaic GPU dK/dV kernel; the token phases stay Triton
 # (experiments/results/bench_attention_sweep_h200_rows.json and bench_attention_h200_session6.json compare
-# the variants).
+# the variants). Forward chunks of up to 1 GiB of fp32 state: 3 chunks at 128K instead of 9, 1 at 16K
+# instead of 2 (fewer launches and tails), for ~0.5 GiB more peak memory at 128K.
 MOSAIC_BLOCK_SIZES = BlockSizes(
     tile_tokens=8,
     min_share=2,
     tile_warps=8,
+    fwd_chunk_bytes=1 << 30,
     mosaic=MosaicTile(blocks_per_step=2, pingpong=True, unmasked_path=False),
     mosaic_dkdv=MosaicDkdv(),
     mosaic_dq=MosaicTile(),

@@ -81,6 +81,25 @@ def test_lists_equal_the_xla_lists(config):
         assert lists.token_cnt[..., 0].max() > 0  # both phases get blocks
 
 
+@pytest.mark.parametrize(
+    "config",
+    [TILINGS["4-token-tiles-share-2"], TILINGS["8-token-tiles-share-3"]],
+    ids=["4-token-tiles-share-2", "8-token-tiles-share-3"],
+)
+def test_lists_built_over_several_column_steps_equal_the_xla_lists(config):
+    # 64 mask elements per step: 16 block columns (the minimum), so tiles walk their up to 19 blocks in
+    # two steps and the slot counts carry over from one step to the next.
+    q, k, _ = qkv(5, 300)
+    tiling = pallas_selection.BlockSizes(list_elems=64, list_warps=2)
+    idx, lists = select_with_lists(q, k, SMALL, config, query_chunk=128, block_sizes=tiling)
+    assert_lists_equal(lists, xla_lists(idx, config, SMALL))
+
+
+def test_list_kernel_launch_parameters_are_validated():
+    with pytest.raises(ValueError, match="list_elems"):
+        pallas_selection.BlockSizes(list_elems=1000)
+
+
 @pytest.mark.parametrize("traced", [False, True], ids=["static-offset", "traced-offset"])
 def test_lists_of_a_query_slice_equal_the_xla_lists(traced):
     # Context parallelism: queries [96, 296) against all 296 keys, tiles counted from the slice start.
