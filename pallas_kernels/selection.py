@@ -30,6 +30,9 @@ chunk (``lax.map`` over chunks of ``C`` tokens, so only one chunk's intermediate
    blocks their last token sees, and each band's top-k covers only those columns (``nb_pad`` of the
    band, a power of two): the dropped columns are blocks after every token's own, which score 0 or
    ``-inf`` and lose every tie by index, so the result is the same at ~2/3 of the work at 128K.
+   With ``lists_for`` the top-k also writes each token's kept blocks as an int8 mask row, and
+   ``block_lists.lists_from_masks`` turns a chunk's masks into the sparse attention's tile and token
+   lists (what ``tiling.tile_lists`` builds from the ids), so the prefill sorts nothing in XLA.
 
 Memory: besides the inputs, one chunk of ``body``/``halo`` (``2 * B * Hkv * C * (nb_pad + 32) * 4``
 bytes, at most ``BlockSizes.chunk_bytes``; 260 MiB with C = 8K tokens at 128K and Hkv = 2), a copy of
