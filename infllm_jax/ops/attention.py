@@ -135,6 +135,8 @@ def infllmv2_attention(
       q: ``[B, T, Hq, D]``; k, v: ``[B, T, Hkv, D]``.
       cfg: sparse configuration.
       implementation: backend for selection and sparse attention (``None``, ``"xla"``, ``"pallas"``).
+        The Pallas backend runs both as one pipeline: its top-k also builds the sparse attention's
+        block lists (``pallas_backend.infllmv2_attention_pallas``).
       select_q, select_k: queries/keys used only for block selection (the pre-RoPE ones when
         ``cfg.use_nope``); default ``q`` and ``k``.
       q_offset: position of ``q[:, 0]`` among the keys when ``q`` holds only a contiguous slice of the

@@ -19,6 +19,7 @@ from infllm_jax.ops import pallas_backend
 from pallas_kernels import block_lists, sparse_attention
 from pallas_kernels import selection as pallas_selection
 from pallas_kernels.tiling import BlockSizes, canonical_blocks, tile_lists
+from tests.kernels.cuda_lowering import lower_for_h200
 
 INTERPRET = jax.default_backend() == "cpu"
 SMALL = SparseConfig(
@@ -150,14 +151,6 @@ def test_lists_of_the_wrong_shape_are_rejected():
 def test_block_lists_kernel_lowers_for_cuda():
     """The mask output of the top-k and the list kernel lower for an H200 (Pallas -> Triton IR), which
     interpret mode does not check."""
-    mesh = jax.sharding.AbstractMesh(
-        (1,),
-        ("x",),
-        (jax.sharding.AxisType.Explicit,),
-        abstract_device=jax.sharding.AbstractDevice(
-            device_kind="NVIDIA H200", num_cores=None, platform="gpu"
-        ),
-    )
     q = jax.ShapeDtypeStruct((1, 4096, 32, 128), jnp.bfloat16)
     k = jax.ShapeDtypeStruct((1, 4096, 2, 128), jnp.bfloat16)
     tiling = block_lists.list_tiling(sparse_attention.MOSAIC_BLOCK_SIZES)
@@ -168,8 +161,7 @@ def test_block_lists_kernel_lowers_for_cuda():
             q, k, **kwargs, block_sizes=pallas_selection.BlockSizes(), lists_for=tiling
         )
 
-    with jax.sharding.use_abstract_mesh(mesh):
-        text = jax.jit(select).trace(q, k).lower(lowering_platforms=("cuda",)).as_text()
+    text = lower_for_h200(select, q, k)
     assert "infllmv2_block_lists" in text
 
 

@@ -35,6 +35,7 @@ from infllm_jax.ops import attention, pallas_backend
 from infllm_jax.ops.selection import _pool_and_force, _stage1_chunk
 from pallas_kernels import selection as pallas_selection
 from pallas_kernels.selection_mgpu import MosaicScore
+from tests.kernels.cuda_lowering import lower_for_h200
 
 INTERPRET = jax.default_backend() == "cpu"
 SMALL = SparseConfig(
@@ -397,14 +398,6 @@ def test_topk_bands_follow_the_last_token_of_each_chunk():
 def test_triton_selection_lowers_for_cuda(early_exit):
     """The Triton scoring and top-k kernels lower for a CUDA target without a GPU (Pallas -> Triton IR
     for an H200, through an abstract mesh that names the device), which interpret mode does not check."""
-    mesh = jax.sharding.AbstractMesh(
-        (1,),
-        ("x",),
-        (jax.sharding.AxisType.Explicit,),
-        abstract_device=jax.sharding.AbstractDevice(
-            device_kind="NVIDIA H200", num_cores=None, platform="gpu"
-        ),
-    )
     q = jax.ShapeDtypeStruct((1, 4096, 32, 128), jnp.bfloat16)
     k = jax.ShapeDtypeStruct((1, 4096, 2, 128), jnp.bfloat16)
     block_sizes = pallas_selection.BlockSizes(topk_early_exit=early_exit)
@@ -413,8 +406,7 @@ def test_triton_selection_lowers_for_cuda(early_exit):
         kwargs = pallas_backend.selection_kwargs(SparseConfig())  # the shipped MiniCPM4 config
         return pallas_selection.select_blocks(q, k, **kwargs, block_sizes=block_sizes)
 
-    with jax.sharding.use_abstract_mesh(mesh):
-        text = jax.jit(select).trace(q, k).lower(lowering_platforms=("cuda",)).as_text()
+    text = lower_for_h200(select, q, k)
     assert "infllmv2_select_topk" in text
 
 
