@@ -152,6 +152,8 @@ PREFILL_VARIANTS = {
     "lists_2_stages": _prefill_tilings(select=dict(list_stages=2)),
     "lists_8_warps": _prefill_tilings(select=dict(list_warps=8)),
     "lists_whole_rows_8_warps": _prefill_tilings(select=dict(list_elems=16384, list_warps=8)),
+    # The masks' dtype before session 9's last run (int32 since).
+    "lists_int8_masks": _prefill_tilings(select=dict(list_mask_dtype="int8")),
     # Selection chunks of up to 16K tokens (one chunk at 16K): slower there than two of 8K (session 9).
     "select_chunks_16k": _prefill_tilings(select=dict(max_chunk=16384)),
     # The forward chunks before session 9: 256 MiB of fp32 state per chunk instead of 1 GiB.

@@ -4,7 +4,7 @@
 each tile's (block, token) pairs, then prefix-sum compactions and scatters, dozens of small kernels
 (~3 ms at 128K on the H200, ~0.5 ms at 16K with the launch gaps). The selection's top-k already
 holds every token's choice as a dense mask over block columns, so it can write that mask
-(``int8 [T, columns]``, 1 where the token kept the block) and one program per tile can read its
+(``int32 [T, columns]``, 1 where the token kept the block) and one program per tile can read its
 tokens' rows column block by column block, ascending:
 
 - a column's token bits are ``sum_r mask[r] << r`` and its share the column sum;
@@ -78,7 +78,7 @@ def _lists_kernel(
 
     Refs:
       pos_ref: ``[2]`` int32: key position of the chunk's first token and of the sequence's last one.
-      mask_ref: ``[tq, cols]`` int8 selection masks (0 past each token's own block).
+      mask_ref: ``[tq, cols]`` int8/int32 selection masks (0 past each token's own block).
       tile_ids_ref, tile_bits_ref: ``[1, Lp]`` int32 out, ``Lp > tq * K``; slot ``Lp - 1`` is scratch
         for the masked scatters.
       tile_cnt_ref: ``[1, 2]``; token_ids_ref: ``[tq, Kp]``, ``Kp > K``; token_cnt_ref: ``[tq, 2]``.
@@ -142,7 +142,7 @@ def lists_from_masks(
 
     Args:
       pos: ``[2]`` int32: key position of the chunk's first token and of the sequence's last token.
-      mask: ``[B, Hkv, C, cols]`` int8, 1 where a token kept a block (none past its own block, none
+      mask: ``[B, Hkv, C, cols]`` int8 or int32, 1 where a token kept a block (none past its own block, none
         for tokens past the sequence); ``C`` a multiple of ``tiling.tile_tokens``, ``cols`` a power of
         two.
       tiling: the attention's tiling (``list_tiling``).

@@ -24,13 +24,12 @@ chunk (``lax.map`` over chunks of ``C`` tokens, so only one chunk's intermediate
    exact: scores map to order-preserving int32 keys, a 32-step bitwise search finds the k-th largest
    key per row, the keys above it plus the lowest-index ties at it are selected (``lax.top_k``'s tie
    rule), ids past the token's block are dropped, and an inclusive cumsum gives each kept id its
-   ascending output slot; ids are scattered there and the other slots get -1. (Settling 2 or 4 bits
-   per pass, 16 or 8 passes of 3 or 15 counts each, was slower on the H200: NOTES, session 6.)
+   ascending output slot; ids are scattered there and the other slots get -1.
    With ``BlockSizes.topk_bands`` (and a static ``q_offset``) chunks are grouped into bands by the
    blocks their last token sees, and each band's top-k covers only those columns (``nb_pad`` of the
    band, a power of two): the dropped columns are blocks after every token's own, which score 0 or
    ``-inf`` and lose every tie by index, so the result is the same at ~2/3 of the work at 128K.
-   With ``lists_for`` the top-k also writes each token's kept blocks as an int8 mask row, and
+   With ``lists_for`` the top-k also writes each token's kept blocks as a mask row (int32 by default), and
    ``block_lists.lists_from_masks`` turns a chunk's masks into the sparse attention's tile and token
    lists (what ``tiling.tile_lists`` builds from the ids), so the prefill sorts nothing in XLA.
 
@@ -104,6 +103,10 @@ class BlockSizes:
         ``bench_selection_h200_topk_bands.json``).
       list_elems, list_warps, list_stages: mask elements per step (tile rows x block columns), Triton
         warps and pipelining depth of the block-lists kernel (``select_blocks(..., lists_for=)``).
+      list_mask_dtype: dtype of the selection masks the top-k writes for it (``"int32"`` or ``"int8"``).
+        int32 writes 4x the bytes but was faster: at 128K on the H200 int8 masks made the top-k ~0.35 ms
+        slower than int32 ones (prefill 56.22 vs 55.84 ms, ``bench_selection_h200_int32_masks.json``),
+        presumably a layout conversion before the byte stores.
       chunk_bytes: budget for one query chunk's pooled scores (``body`` + ``halo``, float32).
       max_chunk: most tokens per query chunk (bounds the chunk's copy of the queries: 64 MiB at
         8K tokens x 32 heads x 128 dims in bf16); 8K tokens x 2 KV heads still fill the GPU.
@@ -127,12 +130,17 @@ class BlockSizes:
     list_elems: int = 4096
     list_warps: int = 4
     list_stages: int = 1
+    list_mask_dtype: str = "int32"
     chunk_bytes: int = 512 * 2**20
     max_chunk: int = 8192
     group_sum: str = "mma"
     mosaic: MosaicScore | None = None
 
     def __post_init__(self):
+        if self.list_mask_dtype not in ("int8", "int32"):
+            raise ValueError(
+                f"BlockSizes.list_mask_dtype must be 'int8' or 'int32', got {self.list_mask_dtype!r}"
+            )
         if self.group_sum not in ("mma", "reshape"):
             raise ValueError(f"BlockSizes.group_sum must be 'mma' or 'reshape', got {self.group_sum!r}")
         for name in ("score_rows", "block_k1", "block_k2", "topk_elems", "list_elems", "max_chunk"):
@@ -357,8 +365,8 @@ def _topk_kernel(
       body_ref, halo_ref: ``[tq, >= nb_pad]`` float32 from ``_score_kernel``.
       idx_ref: ``[tq, Kp]`` int32 out, ``Kp > num_selected``: ascending ids, then -1. Slot ``Kp - 1``
         is scratch for the masked scatter and is sliced away by the caller.
-      mask_ref: optional ``[tq, nb_pad]`` int8 out: 1 where the token kept the block, 0 elsewhere and in
-        the rows of tokens past the last one (``block_lists.lists_from_masks`` reads it).
+      mask_ref: optional ``[tq, nb_pad]`` int32 or int8 out: 1 where the token kept the block, 0
+        elsewhere and in the rows of tokens past the last one (``block_lists.lists_from_masks`` reads it).
     """
     kp = idx_ref.shape[-1]
     t = jnp.minimum(
@@ -432,7 +440,7 @@ def _topk_kernel(
     if mask_ref is not None:
         # Rows past the last token repeat it (t is clipped); their masks stay empty.
         real = pos_ref[0] + pl.program_id(0) * tq + lax.broadcasted_iota(jnp.int32, (tq, 1), 0) <= pos_ref[1]
-        mask_ref[...] = (keep & real).astype(jnp.int8)
+        mask_ref[...] = (keep & real).astype(mask_ref.dtype)
 
 
 def _triton_score_call(
@@ -736,7 +744,9 @@ def _select_blocks(
             ],
             out_shape=[
                 jax.ShapeDtypeStruct((b, hkv, chunk, cols), dtype)
-                for cols, dtype in ((kp, jnp.int32), (nb_cols, jnp.int8))[: 1 + (lists_for is not None)]
+                for cols, dtype in ((kp, jnp.int32), (nb_cols, bs.list_mask_dtype))[
+                    : 1 + (lists_for is not None)
+                ]
             ],
             compiler_params=triton_params(bs.topk_warps, 1),
             interpret=interpret,

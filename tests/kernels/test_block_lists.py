@@ -89,9 +89,9 @@ def test_lists_equal_the_xla_lists(config):
 )
 def test_lists_built_over_several_column_steps_equal_the_xla_lists(config):
     # 64 mask elements per step: 16 block columns (the minimum), so tiles walk their up to 19 blocks in
-    # two steps and the slot counts carry over from one step to the next.
+    # two steps and the slot counts carry over from one step to the next; int8 masks (default int32).
     q, k, _ = qkv(5, 300)
-    tiling = pallas_selection.BlockSizes(list_elems=64, list_warps=2)
+    tiling = pallas_selection.BlockSizes(list_elems=64, list_warps=2, list_mask_dtype="int8")
     idx, lists = select_with_lists(q, k, SMALL, config, query_chunk=128, block_sizes=tiling)
     assert_lists_equal(lists, xla_lists(idx, config, SMALL))
 
@@ -99,6 +99,8 @@ def test_lists_built_over_several_column_steps_equal_the_xla_lists(config):
 def test_list_kernel_launch_parameters_are_validated():
     with pytest.raises(ValueError, match="list_elems"):
         pallas_selection.BlockSizes(list_elems=1000)
+    with pytest.raises(ValueError, match="list_mask_dtype"):
+        pallas_selection.BlockSizes(list_mask_dtype="bool")
 
 
 @pytest.mark.parametrize("traced", [False, True], ids=["static-offset", "traced-offset"])
