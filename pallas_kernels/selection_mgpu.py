@@ -1,6 +1,6 @@
 """Stage-1 scoring of the block selection as a warp-specialised Mosaic GPU kernel (Hopper).
 
-Same contract as the Triton ``selection._score_kernel``: for every query token of a chunk it writes
+Same contract as the Triton ``selection_triton._score_kernel``: for every query token of a chunk it writes
 ``body[t, j]`` (the max over block ``j``'s own kernels of the group-summed score) and
 ``halo[t, j + HALO_SHIFT]`` (the score of block ``j``'s last kernel, part of block ``j + 1``'s pool
 window);
@@ -318,7 +318,7 @@ def score_tiles_mgpu(
     chunk: int | None = None,
     interpret: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
-    """Pooled stage-1 scores of one query chunk (``selection._score_kernel``'s outputs).
+    """Pooled stage-1 scores of one query chunk (``selection_triton._score_kernel``'s outputs).
 
     Args:
       pos: ``[2]`` int32: key position of the chunk's first query and of the sequence's last one;
