@@ -179,3 +179,17 @@ def test_gpu_32k_lists_and_prefill_equal_the_xla_lists():
         lambda q, k, v: ops.sparse_attention(q, k, v, idx, block_size=cfg.block_size, implementation="pallas")
     )
     np.testing.assert_array_equal(np.asarray(fused(q, k, v)), np.asarray(composed(q, k, v)))
+
+
+def test_unsupported_attention_falls_back_per_op_only_without_an_explicit_backend(monkeypatch):
+    # Head dim 32: the Pallas selection handles it, the Pallas sparse attention does not.
+    from infllm_jax.ops import attention
+
+    q, k, v = qkv(6, 128, d=32)
+    monkeypatch.setitem(attention._PREFERENCE, jax.default_backend(), ("pallas", "xla"))
+    with pytest.raises(NotImplementedError, match="head dim 32"):
+        ops.infllmv2_attention(q, k, v, SMALL, implementation="pallas")
+    got = ops.infllmv2_attention(q, k, v, SMALL)  # selection by Pallas, attention by XLA
+    idx = ops.select_blocks(q, k, SMALL, implementation="pallas")
+    want = ops.sparse_attention(q, k, v, idx, block_size=SMALL.block_size, implementation="xla")
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
