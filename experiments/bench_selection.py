@@ -55,9 +55,10 @@ import numpy as np
 from bench_attention import kernel_times, smooth_process
 
 from infllm_jax import SparseConfig, ops
+from infllm_jax.ops import pallas_backend
 from infllm_jax.ops.pallas_backend import selection_kwargs
-from pallas_kernels import block_lists, sparse_attention
 from pallas_kernels import selection as pallas_selection
+from pallas_kernels import sparse_attention
 from pallas_kernels.selection_mgpu import MosaicScore
 
 warnings.filterwarnings(
@@ -126,17 +127,15 @@ def _prefill_tilings(select=None, attention=None):
             group, pool = q.shape[2] // k.shape[2], cfg.block_size // cfg.kernel_stride
             tiling = pallas_selection.default_block_sizes(q.dtype, q.shape[-1], group, pool, on_cpu)
             config = sparse_attention.default_block_sizes(q.dtype, q.shape[-1], cfg.block_size, on_cpu)
-            config = dataclasses.replace(config, **(attention or {}))
-            idx, lists = pallas_selection.select_blocks(
+            return pallas_backend.infllmv2_attention_pallas(
                 q,
                 k,
-                **selection_kwargs(cfg),
-                block_sizes=dataclasses.replace(tiling, **(select or {})),
-                lists_for=block_lists.list_tiling(config),
-                interpret=on_cpu,
-            )
-            return sparse_attention.sparse_attention_pallas(
-                q, k, v, idx, block_size=cfg.block_size, config=config, lists=lists, interpret=on_cpu
+                v,
+                cfg,
+                select_q=q,
+                select_k=k,
+                select_tiling=dataclasses.replace(tiling, **(select or {})),
+                attention_tiling=dataclasses.replace(config, **(attention or {})),
             )
 
         return prefill
@@ -154,7 +153,7 @@ PREFILL_VARIANTS = {
     "lists_whole_rows_8_warps": _prefill_tilings(select=dict(list_elems=16384, list_warps=8)),
     # The masks' dtype before session 9's last run (int32 since).
     "lists_int8_masks": _prefill_tilings(select=dict(list_mask_dtype="int8")),
-    # Selection chunks of up to 16K tokens (one chunk at 16K): slower there than two of 8K (session 9).
+    # Selection chunks of up to 16K tokens (one chunk at 16K): within noise of two 8K chunks (session 9).
     "select_chunks_16k": _prefill_tilings(select=dict(max_chunk=16384)),
     # The forward chunks before session 9: 256 MiB of fp32 state per chunk instead of 1 GiB.
     "fwd_chunks_256mib": _prefill_tilings(attention=dict(fwd_chunk_bytes=256 << 20)),

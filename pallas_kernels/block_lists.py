@@ -29,13 +29,9 @@ import jax.numpy as jnp
 from jax import lax
 
 from pallas_kernels._compat import pl, pltriton, triton_params
-from pallas_kernels.tiling import EMPTY_BLOCK, BlockSizes, TileLists
+from pallas_kernels.tiling import EMPTY_BLOCK, BlockSizes, TileLists, next_pow2
 
 __all__ = ["ListTiling", "list_tiling", "lists_from_masks", "stack_chunk_lists"]
-
-
-def _next_pow2(x: int) -> int:
-    return 1 << max(0, x - 1).bit_length()
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -161,7 +157,7 @@ def lists_from_masks(
     tq = tiling.tile_tokens
     if chunk % tq or cols & (cols - 1):
         raise ValueError(f"masks {mask.shape}: need whole {tq}-token tiles and a power-of-two width")
-    lp, kp = _next_pow2(tq * num_selected + 1), _next_pow2(num_selected + 1)
+    lp, kp = next_pow2(tq * num_selected + 1), next_pow2(num_selected + 1)
     step = min(cols, max(step_elems // tq, 16))
     n_tiles = chunk // tq
 

@@ -74,7 +74,7 @@ from pallas_kernels.selection_mgpu import (
     visible_kernels,
 )
 from pallas_kernels.selection_triton import score_tiles_triton
-from pallas_kernels.tiling import GROUP_ROWS, TileLists
+from pallas_kernels.tiling import GROUP_ROWS, TileLists, next_pow2
 
 __all__ = ["MOSAIC_SELECTION", "BlockSizes", "compress_keys", "default_block_sizes", "select_blocks"]
 
@@ -151,10 +151,6 @@ class BlockSizes:
                 raise ValueError(f"BlockSizes.{name}={value} must be a power of two >= 16")
 
 
-def _next_pow2(x: int) -> int:
-    return 1 << max(0, x - 1).bit_length()
-
-
 def _topk_rows(bs: BlockSizes, nb_cols: int) -> int:
     """Token rows per top-k program over ``nb_cols`` block columns (``topk_elems`` in registers)."""
     return max(1, min(bs.topk_elems // nb_cols, 64))
@@ -183,7 +179,7 @@ def _topk_bands(
     bands = []
     for c in range(n_chunks):
         last = min((c + 1) * chunk, t) - 1 + q_offset
-        cols = min(max(_next_pow2(min(nb, last // block_size + 1)), min_cols), nb_pad)
+        cols = min(max(next_pow2(min(nb, last // block_size + 1)), min_cols), nb_pad)
         if bands and bands[-1][2] == cols:
             bands[-1] = (bands[-1][0], c + 1, cols)
         else:
@@ -335,12 +331,12 @@ def _check_supported(q, k, block_size, kernel_size, kernel_stride, block_sizes):
         raise ValueError(f"q must not be longer than k: {q.shape} vs {k.shape}")
     _, t, hq, d = q.shape
     t = k.shape[1]
-    gp = _next_pow2(hq // k.shape[2])
+    gp = next_pow2(hq // k.shape[2])
     if gp > block_sizes.score_rows:
         raise NotImplementedError(f"GQA group {hq // k.shape[2]} exceeds score_rows={block_sizes.score_rows}")
     if d > 256:
         raise NotImplementedError(f"pallas selection supports head_dim <= 256, got {d}")
-    if _next_pow2(-(-t // block_size)) > _MAX_ROW:
+    if next_pow2(-(-t // block_size)) > _MAX_ROW:
         raise NotImplementedError(f"pallas selection supports at most {_MAX_ROW} key blocks, got T={t}")
     if block_sizes.mosaic is not None:
         reason = supported_mosaic_scoring(q.dtype, d, hq // k.shape[2], pool)
@@ -472,18 +468,18 @@ def _select_blocks(
     bs = block_sizes
     mosaic = bs.mosaic is not None
     # Query rows per token: the group padded to a power of two (Triton) or to 16 (Mosaic).
-    gp = GROUP_ROWS if mosaic else _next_pow2(g)
-    dp = d if mosaic else max(16, _next_pow2(d))  # Triton: dot K >= 16, power-of-two tiles
+    gp = GROUP_ROWS if mosaic else next_pow2(g)
+    dp = d if mosaic else max(16, next_pow2(d))  # Triton: dot K >= 16, power-of-two tiles
     tq = TILE_TOKENS if mosaic else bs.score_rows // gp  # tokens per scoring program / CTA
     nbt = (KEY_TILE if mosaic else bs.block_k1) // pool  # blocks per fine-key tile
     nb = -(-t_keys // block_size)
-    nb_pad = max(_next_pow2(nb), nbt)
+    nb_pad = max(next_pow2(nb), nbt)
     # Columns of body/halo: nb_pad blocks, then spare columns (the shifted halo store of the last block
     # lands on column nb_pad - 1 + HALO_SHIFT; masked stores address the last one, past it). Multiples
     # of 16 keep rows 64-byte aligned.
     width = nb_pad + HALO_SHIFT + 16
     k_sel = min(num_selected, nb)
-    kp = _next_pow2(num_selected + 1)  # one spare slot for the masked scatter
+    kp = next_pow2(num_selected + 1)  # one spare slot for the masked scatter
     exact = q.dtype == jnp.float32
 
     k32 = k.astype(jnp.float32)
@@ -506,8 +502,8 @@ def _select_blocks(
         # body + halo of one chunk stay within chunk_bytes (the largest power of two that fits).
         chunk = 1 << (max(1, bs.chunk_bytes // (b * hkv * (2 * width) * 4)).bit_length() - 1)
     else:
-        chunk = _next_pow2(query_chunk)
-    chunk = max(min(chunk, bs.max_chunk, _next_pow2(t)), tq, _topk_rows(bs, nb_pad))
+        chunk = next_pow2(query_chunk)
+    chunk = max(min(chunk, bs.max_chunk, next_pow2(t)), tq, _topk_rows(bs, nb_pad))
     if lists_for is not None:
         chunk = max(chunk, lists_for.align)  # whole tiles per chunk, and chunks cover round_up(T, align)
     n_chunks = -(-t // chunk)

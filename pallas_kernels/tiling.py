@@ -27,6 +27,7 @@ __all__ = [
     "MosaicTile",
     "TileLists",
     "canonical_blocks",
+    "next_pow2",
     "tile_lists",
 ]
 
@@ -177,6 +178,11 @@ class BlockSizes:
     def align(self) -> int:
         """Tokens every launch of the kernels covers a multiple of (tile and token-batch spans)."""
         return max(self.tile_tokens, self.token_batch)
+
+
+def next_pow2(x: int) -> int:
+    """The smallest power of two ``>= x`` (1 for ``x <= 1``)."""
+    return 1 << max(0, x - 1).bit_length()
 
 
 class TileLists(NamedTuple):

@@ -66,12 +66,17 @@ def infllmv2_attention_pallas(
     select_q: jax.Array,
     select_k: jax.Array,
     q_offset: int | jax.Array = 0,
+    select_tiling=None,
+    attention_tiling=None,
 ) -> jax.Array:
     """Selection + sparse attention by the Pallas kernels, the sparse branch of ``infllmv2_attention``.
 
     The same result as ``select_blocks_pallas`` followed by ``sparse_attention_pallas``, but the
     selection's top-k also hands the attention its tile and token lists (built by a Pallas kernel
     from the top-k's masks), so the attention skips building them from the ids in XLA.
+
+    ``select_tiling`` / ``attention_tiling``: the ``BlockSizes`` of ``pallas_kernels.selection`` /
+    ``pallas_kernels.tiling`` (default: each module's ``default_block_sizes``; benchmarks vary them).
 
     Raises:
       NotImplementedError: as ``select_blocks_pallas`` and ``sparse_attention_pallas`` do.
@@ -82,9 +87,11 @@ def infllmv2_attention_pallas(
     reason = sparse_attention.supported(q.shape, k.shape, q.dtype, cfg.block_size)
     if reason is not None:
         raise NotImplementedError(f"Pallas sparse attention does not support {reason}")
-    config = sparse_attention.default_block_sizes(q.dtype, q.shape[-1], cfg.block_size, interpret)
+    config = attention_tiling or sparse_attention.default_block_sizes(
+        q.dtype, q.shape[-1], cfg.block_size, interpret
+    )
     tiling = block_lists.list_tiling(config)
-    kwargs = dict(q_offset=q_offset, interpret=interpret, **selection_kwargs(cfg))
+    kwargs = dict(q_offset=q_offset, block_sizes=select_tiling, interpret=interpret, **selection_kwargs(cfg))
     if tiling is None:
         block_idx, lists = selection.select_blocks(select_q, select_k, **kwargs), None
     else:
