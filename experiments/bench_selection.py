@@ -82,12 +82,22 @@ SWEEP = (
 SELECT_VARIANTS = {
     # Session 4's default: a 2-slot ring, two store buffers per warpgroup.
     "mosaic_st2": dataclasses.replace(
-        pallas_selection.MOSAIC_SELECTION, mosaic=MosaicScore(stages=2, store_buffers=2)
+        pallas_selection.MOSAIC_SELECTION, mosaic=MosaicScore(stages=2, store_buffers=2, key_rows=False)
     ),
     # Session 6's default: the top-k's bitwise search always takes all 32 passes.
     "mosaic_topk_32_passes": dataclasses.replace(pallas_selection.MOSAIC_SELECTION, topk_early_exit=False),
     # Session 7's default: one top-k width (all block columns) for every query chunk.
     "mosaic_topk_one_band": dataclasses.replace(pallas_selection.MOSAIC_SELECTION, topk_bands=False),
+    # The scoring kernel at every length: session 9's (token rows, the group sum as a second WGMMA,
+    # E^T P), or keys as rows.
+    "mosaic_token_rows": dataclasses.replace(
+        pallas_selection.MOSAIC_SELECTION, mosaic=MosaicScore(key_rows=False)
+    ),
+    "mosaic_key_rows": dataclasses.replace(
+        pallas_selection.MOSAIC_SELECTION, mosaic=MosaicScore(key_rows_from_blocks=0)
+    ),
+    # The keys-as-rows scoring with a 4-slot ring.
+    "mosaic_st4": dataclasses.replace(pallas_selection.MOSAIC_SELECTION, mosaic=MosaicScore(stages=4)),
 }
 
 
@@ -157,6 +167,9 @@ PREFILL_VARIANTS = {
     "select_chunks_16k": _prefill_tilings(select=dict(max_chunk=16384)),
     # The forward chunks before session 9: 256 MiB of fp32 state per chunk instead of 1 GiB.
     "fwd_chunks_256mib": _prefill_tilings(attention=dict(fwd_chunk_bytes=256 << 20)),
+    # The scoring kernel at every length: session 9's (token rows, E^T P group sum), or keys as rows.
+    "scoring_token_rows": _prefill_tilings(select=dict(mosaic=MosaicScore(key_rows=False))),
+    "scoring_key_rows": _prefill_tilings(select=dict(mosaic=MosaicScore(key_rows_from_blocks=0))),
 }
 
 

@@ -73,6 +73,7 @@ from pallas_kernels.selection_mgpu import (
     supported_mosaic_scoring,
     visible_kernels,
 )
+from pallas_kernels.selection_mgpu_keys import PAIR_BLOCKS, query_rows_head_major, score_tiles_mgpu_keys
 from pallas_kernels.selection_triton import score_tiles_triton
 from pallas_kernels.tiling import GROUP_ROWS, TileLists, next_pow2
 
@@ -471,8 +472,10 @@ def _select_blocks(
     gp = GROUP_ROWS if mosaic else next_pow2(g)
     dp = d if mosaic else max(16, next_pow2(d))  # Triton: dot K >= 16, power-of-two tiles
     tq = TILE_TOKENS if mosaic else bs.score_rows // gp  # tokens per scoring program / CTA
-    nbt = (KEY_TILE if mosaic else bs.block_k1) // pool  # blocks per fine-key tile
     nb = -(-t_keys // block_size)
+    key_rows = mosaic and bs.mosaic.key_rows and nb >= bs.mosaic.key_rows_from_blocks
+    # Blocks per fine-key tile (the keys-as-rows kernel's pair tile).
+    nbt = PAIR_BLOCKS if key_rows else (KEY_TILE if mosaic else bs.block_k1) // pool
     nb_pad = max(next_pow2(nb), nbt)
     # Columns of body/halo: nb_pad blocks, then spare columns (the shifted halo store of the last block
     # lands on column nb_pad - 1 + HALO_SHIFT; masked stores address the last one, past it). Multiples
@@ -494,7 +497,8 @@ def _select_blocks(
         return kc.swapaxes(1, 2).astype(q.dtype)
 
     if mosaic:
-        k1, k2 = permute_fine_keys(key_layout(k1, KEY_TILE), pool), key_layout(k2, KEY_TILE)
+        k1 = permute_fine_keys(key_layout(k1, nbt * pool), pool, nbt)
+        k2 = key_layout(k2, KEY_TILE)
     else:
         k1, k2 = key_layout(k1, bs.block_k1), key_layout(k2, bs.block_k2)
 
@@ -510,17 +514,18 @@ def _select_blocks(
 
     # (pos, q rows, k1, k2) -> (body, halo) of one chunk. The Mosaic kernel reads groups of 16 heads
     # from q in place: no chunk copy of the queries (an XLA gather + transpose: 0.66 ms at 128K).
-    in_place = mosaic and g == GROUP_ROWS
+    # The keys-as-rows kernel copies 8 tokens per box, so in place it needs whole 8-token tiles.
+    in_place = mosaic and g == GROUP_ROWS and not (key_rows and t % TILE_TOKENS)
     if mosaic:
         score_call = functools.partial(
-            score_tiles_mgpu,
+            score_tiles_mgpu_keys if key_rows else score_tiles_mgpu,
             n1=n1,
             n2=n2,
             stride=kernel_stride,
             group=g,
             pool=pool,
             width=width,
-            config=bs.mosaic,
+            config=dataclasses.replace(bs.mosaic, key_rows=key_rows),
             chunk=chunk if in_place else None,
             interpret=interpret,
         )
@@ -595,7 +600,8 @@ def _select_blocks(
             rows = jnp.minimum(start + jnp.arange(chunk, dtype=jnp.int32), t - 1)
             q_c = jnp.take(q, rows, axis=1, mode="clip").reshape(b, chunk, hkv, g, d)
             q_c = jnp.pad(q_c, ((0, 0), (0, 0), (0, 0), (0, gp - g), (0, dp - d)))
-            q_c = q_c.transpose(0, 2, 1, 3, 4).reshape(b, hkv, chunk * gp, dp)
+            q_c = q_c.transpose(0, 2, 1, 3, 4)
+            q_c = query_rows_head_major(q_c) if key_rows else q_c.reshape(b, hkv, chunk * gp, dp)
             body, halo = score_call(pos, q_c, k1, k2)
         outs = topk(pos, body, halo)  # idx [B, Hkv, C, Kp] (and the masks [B, Hkv, C, cols])
         if lists_for is None:

@@ -81,16 +81,28 @@ class MosaicScore:
         head dim 128).
       compute_registers, memory_registers: per-thread register budgets of the compute and memory
         warpgroups (``setmaxnreg``).
+      key_rows: score with the keys as the WGMMA rows and sum the group in registers
+        (``selection_mgpu_keys``); ``False``: token rows and an ``E^T P`` WGMMA (this module).
+      key_rows_from_blocks: with ``key_rows``, ``select_blocks`` still takes the token-rows kernel for
+        keys of fewer blocks than this: the keys-as-rows kernel's fine pass works in halves
+        of 128-block pair tiles per warpgroup, and on short sequences the partly visible last one
+        costs more than the group-sum WGMMA it saves.
     """
 
     stages: int = 3
     store_buffers: int = 1
     compute_registers: int = 232
     memory_registers: int = 40
+    key_rows: bool = True
+    key_rows_from_blocks: int = 1024
 
     def __post_init__(self):
         if self.stages < 1:
             raise ValueError(f"MosaicScore.stages must be >= 1, got {self.stages}")
+        if self.key_rows_from_blocks < 0:
+            raise ValueError(
+                f"MosaicScore.key_rows_from_blocks must be >= 0, got {self.key_rows_from_blocks}"
+            )
         if self.store_buffers not in (1, 2):
             raise ValueError(f"MosaicScore.store_buffers must be 1 or 2, got {self.store_buffers}")
 
@@ -118,18 +130,21 @@ def _cdiv(a, b):
     return lax.div(a + b - 1, b)
 
 
-def permute_fine_keys(k1: jax.Array, pool: int) -> jax.Array:
-    """Reorders every 128-key tile so that kernel ``pool * c + i`` lands at row ``i * (128 / pool) + c``.
+def permute_fine_keys(k1: jax.Array, pool: int, blocks: int | None = None) -> jax.Array:
+    """Reorders every tile of ``blocks * pool`` kernels so that kernel ``pool * c + i`` lands at row
+    ``i * blocks + c``.
 
     Args:
-      k1: ``[B, H, n_pad, D]`` fine compressed keys, ``n_pad`` a multiple of 128.
+      k1: ``[B, H, n_pad, D]`` fine compressed keys, ``n_pad`` a multiple of ``blocks * pool``.
+      pool: kernels per block; blocks: blocks per tile (default ``KEY_TILE / pool``: one ring slot of
+        ``score_tiles_mgpu``).
 
     Returns:
       The same keys, permuted inside each tile.
     """
     b, h, n, d = k1.shape
-    per_tile = KEY_TILE // pool
-    return k1.reshape(b, h, n // KEY_TILE, per_tile, pool, d).swapaxes(3, 4).reshape(b, h, n, d)
+    blocks = KEY_TILE // pool if blocks is None else blocks
+    return k1.reshape(b, h, n // (blocks * pool), blocks, pool, d).swapaxes(3, 4).reshape(b, h, n, d)
 
 
 def _kernel(
@@ -340,6 +355,10 @@ def score_tiles_mgpu(
     Returns:
       ``body, halo [B, Hkv, C, width]`` float32; columns of blocks the token cannot see are unspecified.
     """
+    if config.key_rows:
+        raise ValueError(
+            "MosaicScore(key_rows=True) is score_tiles_mgpu_keys' configuration, not this kernel's"
+        )
     in_place = chunk is not None
     d = q_rows.shape[-1]
     b, hkv = k1.shape[:2]

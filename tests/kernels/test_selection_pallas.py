@@ -208,9 +208,28 @@ def test_bf16_selection_is_a_valid_topk(cfg, t, hq, hkv, d, chunk, group_sum):
     assert_valid_topk(got, scores, tokens, cfg, bf16_score_tolerance(q, k, cfg, group_sum))
 
 
-MOSAIC = pallas_selection.MOSAIC_SELECTION
-# Session 4's scoring layout: a 2-slot ring and two store buffers per warpgroup.
-MOSAIC_TWO_STORE_BUFFERS = dataclasses.replace(MOSAIC, mosaic=MosaicScore(stages=2, store_buffers=2))
+# The keys-as-rows Mosaic scoring kernel at every length (the shipped tiling takes it from 1024 blocks).
+MOSAIC = dataclasses.replace(pallas_selection.MOSAIC_SELECTION, mosaic=MosaicScore(key_rows_from_blocks=0))
+# A 2-slot ring and two store buffers per warpgroup.
+MOSAIC_TWO_STORE_BUFFERS = dataclasses.replace(
+    MOSAIC, mosaic=dataclasses.replace(MOSAIC.mosaic, stages=2, store_buffers=2)
+)
+# The token-rows kernel: the group sum as a WGMMA on bf16 p.
+MOSAIC_TOKEN_ROWS = dataclasses.replace(MOSAIC, mosaic=MosaicScore(key_rows=False))
+
+
+def group_sum_of(block_sizes, nb):
+    """The ``bf16_score_tolerance`` group sum of a tiling over ``nb`` key blocks: the keys-as-rows Mosaic
+    kernel sums float32 ``p`` in registers (as ``"reshape"``); the token-rows one and the Triton
+    ``"mma"`` round it to bf16."""
+    if block_sizes is None:
+        block_sizes = pallas_selection.default_block_sizes(jnp.bfloat16, 128, 16, 4, interpret=INTERPRET)
+    mosaic = block_sizes.mosaic
+    if mosaic is not None:
+        return "reshape" if mosaic.key_rows and nb >= mosaic.key_rows_from_blocks else "mma"
+    return block_sizes.group_sum
+
+
 POOL8 = SparseConfig(block_size=32, kernel_size=8, kernel_stride=4, window_size=32, topk=3, dense_len=-1)
 STRIDE1 = SparseConfig(block_size=4, kernel_size=2, kernel_stride=1, window_size=8, topk=4, dense_len=-1)
 
@@ -238,25 +257,31 @@ STRIDE1 = SparseConfig(block_size=4, kernel_size=2, kernel_stride=1, window_size
     ],
 )
 def test_mosaic_scoring_is_a_valid_topk(cfg, t, hq, hkv, d, chunk, dtype, block_sizes=MOSAIC):
-    """The Mosaic GPU scoring kernel (``selection_mgpu``; the Triton top-k) against the float32
-    reference: exact structure, valid top-k within the bf16 bound (its group sum is an MMA on bf16
-    ``p``, as the Triton ``"mma"`` path's)."""
+    """The Mosaic GPU scoring kernel (``selection_mgpu_keys`` by default; the Triton top-k) against the
+    float32 reference: exact structure, valid top-k within the bf16 bound (float32 group sums; the
+    token-rows kernel's is an MMA on bf16 ``p``, as the Triton ``"mma"`` path's). T = 100 and 203 read
+    the query through chunk rows (not whole 8-token tiles), T = 600 in place."""
     q, k = qk(3 * t + hq, 1, t, hq, hkv, d, dtype)
     got = np.asarray(pallas_select(q, k, cfg, query_chunk=chunk, block_sizes=block_sizes))
     tokens = np.arange(t)
     check_structure(got, tokens, cfg)
     scores = np.asarray(block_scores(q.astype(jnp.float32), k.astype(jnp.float32), cfg), np.float64)
-    assert_valid_topk(got, scores, tokens, cfg, bf16_score_tolerance(q, k, cfg, "mma"))
+    eps = bf16_score_tolerance(q, k, cfg, group_sum_of(block_sizes, scores.shape[-1]))
+    assert_valid_topk(got, scores, tokens, cfg, eps)
 
 
 @pytest.mark.parametrize(
     "mosaic",
-    [MOSAIC_TWO_STORE_BUFFERS.mosaic, MosaicScore(stages=1, store_buffers=1)],
-    ids=["st2-two-store-buffers", "st1-one-store-buffer"],
+    [
+        MOSAIC_TWO_STORE_BUFFERS.mosaic,
+        dataclasses.replace(MOSAIC.mosaic, stages=1, store_buffers=1),
+        MOSAIC_TOKEN_ROWS.mosaic,
+    ],
+    ids=["st2-two-store-buffers", "st1-one-store-buffer", "token-rows"],
 )
 def test_mosaic_scoring_options_are_a_valid_topk(mosaic):
-    """Other ring depths and store buffers than the default (3 slots, one store buffer) over two
-    coarse and five fine key tiles."""
+    """Other ring depths and store buffers than the default (3 slots, one store buffer), and the
+    token-rows kernel, over two coarse and five fine key tiles."""
     block_sizes = dataclasses.replace(MOSAIC, mosaic=mosaic)
     test_mosaic_scoring_is_a_valid_topk(STRIDE1, 600, 16, 1, 64, 256, jnp.bfloat16, block_sizes=block_sizes)
 
@@ -280,22 +305,28 @@ def test_mosaic_query_slice_at_a_traced_offset_matches_the_full_selection():
     np.testing.assert_array_equal(got, want)
 
 
+@pytest.mark.parametrize("blocks", [None, 128], ids=["token-rows-tile", "key-rows-pair-tile"])
 @pytest.mark.parametrize("pool", [4, 8])
-def test_permute_fine_keys_puts_each_blocks_kernels_in_one_column_of_each_slice(pool):
-    """Row ``i * (KEY_TILE / pool) + c`` of a key tile holds kernel ``pool * c + i``: block ``c``'s kernels
-    are column ``c`` of the ``pool`` column slices the kernel max-pools."""
+def test_permute_fine_keys_puts_each_blocks_kernels_in_one_column_of_each_slice(pool, blocks):
+    """Row ``i * blocks + c`` of a tile of ``blocks * pool`` kernels holds kernel ``pool * c + i``: block
+    ``c``'s kernels are column ``c`` of the ``pool`` column slices of a ``KEY_TILE`` tile that the
+    token-rows kernel max-pools (``blocks = KEY_TILE / pool``), or row ``c`` of the ``pool`` ring steps of
+    a pair tile that the keys-as-rows kernel does (``blocks = 128``)."""
     from pallas_kernels.selection_mgpu import KEY_TILE, permute_fine_keys
 
-    tiles, per_tile = 2, KEY_TILE // pool
-    kernels = jnp.arange(tiles * KEY_TILE, dtype=jnp.float32).reshape(1, 1, -1, 1)
-    got = np.asarray(permute_fine_keys(kernels, pool)).reshape(tiles, pool, per_tile)
+    per_tile = KEY_TILE // pool if blocks is None else blocks
+    tiles, size = 2, per_tile * pool
+    kernels = jnp.arange(tiles * size, dtype=jnp.float32).reshape(1, 1, -1, 1)
+    got = np.asarray(permute_fine_keys(kernels, pool, blocks)).reshape(tiles, pool, per_tile)
     tile, i, c = np.meshgrid(np.arange(tiles), np.arange(pool), np.arange(per_tile), indexing="ij")
-    np.testing.assert_array_equal(got, tile * KEY_TILE + pool * c + i)
+    np.testing.assert_array_equal(got, tile * size + pool * c + i)
 
 
 @pytest.mark.parametrize("in_place", [False, True], ids=["chunk-rows", "q-in-place"])
 @pytest.mark.parametrize(
-    "block_sizes", [MOSAIC, MOSAIC_TWO_STORE_BUFFERS], ids=["default", "st2-two-store-buffers"]
+    "block_sizes",
+    [MOSAIC, MOSAIC_TWO_STORE_BUFFERS, MOSAIC_TOKEN_ROWS],
+    ids=["default", "st2-two-store-buffers", "token-rows"],
 )
 @pytest.mark.parametrize("pool", [4, 8])
 @pytest.mark.parametrize("d", [64, 128])
@@ -304,6 +335,7 @@ def test_mosaic_scoring_lowers_for_cuda(d, pool, block_sizes, in_place):
     interpreter does not take, lowers for a CUDA target without a GPU; with the chunk's query rows
     or the whole query read in place."""
     from pallas_kernels.selection_mgpu import score_tiles_mgpu
+    from pallas_kernels.selection_mgpu_keys import score_tiles_mgpu_keys
 
     def abstract(shape, dtype):
         return jax.ShapeDtypeStruct(shape, dtype)
@@ -311,15 +343,15 @@ def test_mosaic_scoring_lowers_for_cuda(d, pool, block_sizes, in_place):
     chunk = 64
     args = (
         abstract((4 if in_place else 2,), jnp.int32),
-        abstract((1, 100, 32, d) if in_place else (1, 2, chunk * 16, d), jnp.bfloat16),
-        abstract((1, 2, 512, d), jnp.bfloat16),
+        abstract((1, 104, 32, d) if in_place else (1, 2, chunk * 16, d), jnp.bfloat16),
+        abstract((1, 2, 1024, d), jnp.bfloat16),
         abstract((1, 2, 128, d), jnp.bfloat16),
     )
 
     def score(*a):
-        return score_tiles_mgpu(
+        return (score_tiles_mgpu_keys if block_sizes.mosaic.key_rows else score_tiles_mgpu)(
             *a,
-            n1=500,
+            n1=1000,
             n2=120,
             stride=16,
             group=16,
@@ -331,6 +363,23 @@ def test_mosaic_scoring_lowers_for_cuda(d, pool, block_sizes, in_place):
 
     text = jax.jit(score).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert "mosaic_gpu" in text
+
+
+@pytest.mark.parametrize("blocks", [1023, 1024])
+def test_shipped_mosaic_tiling_scores_with_key_rows_from_1024_blocks(blocks):
+    """``MOSAIC_SELECTION`` picks the scoring kernel by the number of key blocks
+    (``MosaicScore.key_rows_from_blocks``): token rows below 1024, keys as rows from 1024 on."""
+    t = blocks * SMALL.block_size
+    q = jax.ShapeDtypeStruct((1, t, 16, 64), jnp.bfloat16)
+    k = jax.ShapeDtypeStruct((1, t, 1, 64), jnp.bfloat16)
+    select = functools.partial(
+        pallas_selection.select_blocks,
+        **pallas_backend.selection_kwargs(SMALL),
+        block_sizes=pallas_selection.MOSAIC_SELECTION,
+    )
+    text = lower_for_h200(select, q, k)
+    assert "infllmv2_select_scores_mgpu" in text
+    assert ("infllmv2_select_scores_mgpu_keys" in text) == (blocks >= 1024)
 
 
 def test_mosaic_scoring_rejects_unsupported_inputs():
@@ -507,8 +556,8 @@ def reference_scores_at(q, k, cfg, tokens):
 @pytest.mark.gpu
 @pytest.mark.parametrize(
     "block_sizes",
-    [None, pallas_selection.BlockSizes(), MOSAIC_TWO_STORE_BUFFERS],
-    ids=["default-tiling", "triton-scoring", "mosaic-st2-two-store-buffers"],
+    [None, pallas_selection.BlockSizes(), MOSAIC_TWO_STORE_BUFFERS, MOSAIC_TOKEN_ROWS],
+    ids=["default-tiling", "triton-scoring", "mosaic-st2-two-store-buffers", "mosaic-token-rows"],
 )
 def test_gpu_shipped_config_32k_bf16_is_a_valid_topk(block_sizes):
     # The default tiling on an H100/H200 scores with the Mosaic GPU kernel; the Triton one elsewhere.
@@ -519,7 +568,7 @@ def test_gpu_shipped_config_32k_bf16_is_a_valid_topk(block_sizes):
     # Tokens past 6144 choose 62 of their past blocks by score; check a window at 8K and the tail.
     tokens = np.concatenate([np.arange(8000, 8256), np.arange(t - 256, t)])
     scores = reference_scores_at(q, k, SHIPPED, tokens)
-    eps = bf16_score_tolerance(q[:, tokens], k, SHIPPED, "mma")
+    eps = bf16_score_tolerance(q[:, tokens], k, SHIPPED, group_sum_of(block_sizes, t // SHIPPED.block_size))
     assert_valid_topk(got[:, :, tokens], scores, tokens, SHIPPED, eps)
 
 

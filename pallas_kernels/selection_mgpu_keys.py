@@ -1,0 +1,375 @@
+"""Stage-1 scoring with the keys as the WGMMA rows: the group sum in registers (Mosaic GPU, Hopper).
+
+Same outputs as ``selection_mgpu.score_tiles_mgpu`` (``body[t, j]``, the max over block ``j``'s own
+kernels of the group-summed score, and ``halo[t, j + HALO_SHIFT]``, block ``j``'s last kernel), for
+the same Triton top-k. ``score_tiles_mgpu`` computes ``S = Q K^T`` with the 4 tokens x 16 heads of a
+warpgroup as rows and sums each token's 16 rows with a second WGMMA (``E^T P``), 64 output rows of
+which 4 are used: half the tensor work of ``Q K^T`` for 1/16 of its output, plus a round trip of
+``P`` through SMEM. Here the fine pass computes ``S^T = K Q^T`` instead:
+
+- One CTA owns 8 tokens of one (batch row, KV head), as before; its query rows sit in SMEM head-major,
+  row ``head * 8 + token``, and form the WGMMA's ``N = 128`` columns. Column ``8 * head + token`` of a
+  ``[64 keys, 128]`` accumulator tile, so the sum over the group is the sum of the 16 column slices
+  ``[:, 8 h : 8 h + 8]``: every thread holds the same columns of each slice, and the 15 adds per
+  element stay in its registers.
+- Pass 1 (coarse keys) is ``Q K2^T`` as in ``score_tiles_mgpu``: warpgroup ``w`` takes heads
+  ``8 w .. 8 w + 7`` (64 rows) over every coarse tile and gets their base-2 log-sum-exp. The two
+  halves meet in SMEM and each warpgroup reads all 128 back as a column vector.
+- Pass 2 (fine keys) splits the keys instead: a ring slot holds 128 fine kernels, the first 64 for
+  warpgroup 0 and the rest for warpgroup 1, each against all 128 query rows.
+- Pooling without moving data between threads: ``permute_fine_keys(k1, pool, blocks=128)`` orders
+  a *pair tile* of ``128 * pool`` kernels (128 blocks) so that ring step ``i`` of the pair tile holds
+  kernel ``pool * c + i`` of block ``c`` at row ``c`` (warpgroup ``c // 64``, row ``c % 64``). A
+  block's kernels then sit in the same row of ``pool`` consecutive steps, its max is an elementwise
+  max over the steps, and its last kernel (the next block's halo) is the last step's sum.
+- The pooled ``[64 blocks, 8 tokens]`` tiles are stored transposed into SMEM (``[8, 64]``), so the
+  TMA stores write token-major rows as the top-k reads them.
+
+The fine pass's granularity is a warpgroup's half of a pair tile (64 blocks): a half that no token
+of the CTA sees is skipped, one that every token sees entirely runs without a mask.
+
+Only bf16/fp16 inputs, head dims 64/128, groups of at most 16 heads and ``block_size / kernel_stride``
+in {4, 8} (``selection_mgpu.supported_mosaic_scoring``).
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from pallas_kernels._compat import SWIZZLED_128B, pl, plgpu
+from pallas_kernels.selection_mgpu import (
+    HALO_SHIFT,
+    KEY_TILE,
+    TILE_TOKENS,
+    MosaicScore,
+    supported_mosaic_scoring,
+    visible_kernels,
+)
+from pallas_kernels.tiling import DEFAULT_MASK_VALUE, GROUP_ROWS, LOG2E
+
+__all__ = ["PAIR_BLOCKS", "query_rows_head_major", "score_tiles_mgpu_keys"]
+
+# Blocks per pair tile: 64 per compute warpgroup (the WGMMA row count).
+PAIR_BLOCKS = 128
+_HALF_BLOCKS = PAIR_BLOCKS // 2
+_COMPUTE_WGS = 2
+_HEADS_PER_WG = GROUP_ROWS // _COMPUTE_WGS
+_ROWS = TILE_TOKENS * GROUP_ROWS  # query rows of a CTA: the fine pass's N
+
+
+def query_rows_head_major(q_c: jax.Array) -> jax.Array:
+    """``[B, Hkv, C, 16, D]`` chunk queries -> ``[B, Hkv, C * 16, D]``, row ``tile * 128 + head * 8 +
+    token`` (the kernel's SMEM order; ``C`` a multiple of 8)."""
+    b, h, c, g, d = q_c.shape
+    q_c = q_c.reshape(b, h, c // TILE_TOKENS, TILE_TOKENS, g, d).swapaxes(3, 4)
+    return q_c.reshape(b, h, c * g, d)
+
+
+def _kernel(
+    pos_ref,
+    q_ref,
+    k1_ref,
+    k2_ref,
+    body_ref,
+    halo_ref,
+    *,
+    scratch,
+    n1: int,
+    n2: int,
+    stride: int,
+    group: int,
+    pool: int,
+    config: MosaicScore,
+    in_place: bool,
+):
+    """One CTA: warpgroups 0 and 1 score tile ``tile``'s 8 tokens, warpgroup 2 streams the keys (refs
+    and shapes as in ``score_tiles_mgpu_keys``)."""
+    (q_smem, ring, lse_smem, out_smem), (q_bar, k_bar, k_free, lse_bar) = scratch
+    tile, b, h = lax.axis_index("tile"), lax.axis_index("batch"), lax.axis_index("kv")
+    wg = lax.axis_index("wg")
+    stages = config.stages
+    head_dim = q_smem.shape[-1]
+    size1, size2, stride2 = 2 * stride, 8 * stride, 4 * stride  # kernel sizes are 2x the strides
+    t_end = pos_ref[1]
+    t_first = jnp.minimum(pos_ref[0] + tile * TILE_TOKENS, t_end)
+    cta_last = jnp.minimum(pos_ref[0] + tile * TILE_TOKENS + TILE_TOKENS - 1, t_end)
+    n2_tiles = lax.div(visible_kernels(cta_last, size2, stride2, n2) + KEY_TILE - 1, KEY_TILE)
+    # Blocks with at least one kernel the CTA's last token sees, and blocks all of whose kernels its
+    # first token sees.
+    blocks_seen = lax.div(visible_kernels(cta_last, size1, stride, n1) + pool - 1, pool)
+    blocks_whole = lax.div(visible_kernels(t_first, size1, stride, n1), pool)
+    n_pairs = lax.div(blocks_seen + PAIR_BLOCKS - 1, PAIR_BLOCKS)
+
+    def compute(w: int):
+        plgpu.set_max_registers(config.compute_registers, action="increase")
+        my_rows = pl.ds(w * _HEADS_PER_WG * TILE_TOKENS, _HEADS_PER_WG * TILE_TOKENS)
+        if in_place:
+            # The whole query [B, T, Hkv * 16, D], T a multiple of 8: head g of the tile's 8 tokens is
+            # one strided box. Tiles past the last token repeat the last tile.
+            start = pl.multiple_of(
+                jnp.minimum(pos_ref[2] + tile * TILE_TOKENS, pos_ref[3] + 1 - TILE_TOKENS), TILE_TOKENS
+            )
+            # ``start`` must be provably a multiple of 8 (the SMEM tiling) for layout inference.
+            for g in range(w * _HEADS_PER_WG, (w + 1) * _HEADS_PER_WG):
+                plgpu.copy_gmem_to_smem(
+                    q_ref.at[b, pl.ds(start, TILE_TOKENS), h * GROUP_ROWS + g],
+                    q_smem.at[pl.ds(g * TILE_TOKENS, TILE_TOKENS)],
+                    q_bar.at[w],
+                )
+        else:
+            rows = pl.ds(tile * _ROWS + w * _HEADS_PER_WG * TILE_TOKENS, _HEADS_PER_WG * TILE_TOKENS)
+            plgpu.copy_gmem_to_smem(q_ref.at[b, h, rows], q_smem.at[my_rows], q_bar.at[w])
+        # Both warpgroups read all 128 rows in pass 2.
+        for bar in range(_COMPUTE_WGS):
+            plgpu.barrier_wait(q_bar.at[bar])
+
+        layout = plgpu.Layout.WGMMA
+        qk_scale = head_dim**-0.5 * LOG2E
+
+        # Pass 1: rows head * 8 + token of this warpgroup's 8 heads against 128 coarse keys per step.
+        row = plgpu.broadcasted_iota(jnp.int32, (64, KEY_TILE), 0, layout=layout)
+        col = plgpu.broadcasted_iota(jnp.int32, (64, KEY_TILE), 1, layout=layout)
+        t_row = jnp.minimum(pos_ref[0] + tile * TILE_TOKENS + row % TILE_TOKENS, t_end)
+        row_layout = layout.reduce(1)
+        head = (
+            w * _HEADS_PER_WG + plgpu.broadcasted_iota(jnp.int32, (64,), 0, layout=row_layout) // TILE_TOKENS
+        )
+
+        def coarse(j, carry, masked):
+            m, l = carry
+            slot = lax.rem(j, stages)
+            plgpu.barrier_wait(k_bar.at[slot])
+
+            def qk(acc_ref):
+                plgpu.wgmma(acc_ref, q_smem.at[my_rows], ring.at[slot].T)
+                return acc_ref[...]
+
+            s = pl.run_scoped(qk, plgpu.ACC((64, KEY_TILE), jnp.float32))
+            plgpu.barrier_arrive(k_free.at[slot])
+            s = s * qk_scale
+            if masked:
+                s = jnp.where((j * KEY_TILE + col) * stride2 + size2 <= t_row + 1, s, DEFAULT_MASK_VALUE)
+            m_new = jnp.maximum(m, s.max(axis=1))
+            p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
+            return m_new, l * jnp.exp2(m - m_new) + p.sum(axis=1)
+
+        m = plgpu.layout_cast(jnp.full((64,), DEFAULT_MASK_VALUE, jnp.float32), row_layout)
+        l = plgpu.layout_cast(jnp.zeros((64,), jnp.float32), row_layout)
+        n2_all = jnp.minimum(lax.div(visible_kernels(t_first, size2, stride2, n2), KEY_TILE), n2_tiles)
+        carry = lax.fori_loop(0, n2_all, functools.partial(coarse, masked=False), (m, l))
+        m, l = lax.fori_loop(n2_all, n2_tiles, functools.partial(coarse, masked=True), carry)
+        # A row that saw no coarse key (m still at the mask value) or a padding head scores 0.
+        ok = (m > 0.5 * DEFAULT_MASK_VALUE) & (head < group)
+        lse_smem.at[my_rows][...] = jnp.where(ok, m + jnp.log2(jnp.where(ok, l, 1.0)), jnp.inf)
+        plgpu.barrier_arrive(lse_bar)
+        plgpu.barrier_wait(lse_bar)
+        lse = plgpu.load(lse_smem, layout=layout.reduce(0))  # [128]: column c's row
+
+        # Pass 2: S^T = K1 Q^T over this warpgroup's 64 kernels of each ring slot.
+        key_row = plgpu.broadcasted_iota(jnp.int32, (64, _ROWS), 0, layout=layout)
+        q_col = plgpu.broadcasted_iota(jnp.int32, (64, _ROWS), 1, layout=layout)
+        t_col = jnp.minimum(pos_ref[0] + tile * TILE_TOKENS + q_col % TILE_TOKENS, t_end)
+        lse_cols = lax.broadcast_in_dim(lse, (64, _ROWS), [1])
+        block0 = w * _HALF_BLOCKS  # this warpgroup's first block of a pair tile
+
+        def fine_step(j):
+            slot = lax.rem(j, stages)
+            plgpu.barrier_wait(k_bar.at[slot])
+
+            def kq(acc_ref):
+                plgpu.wgmma(acc_ref, ring.at[slot, pl.ds(w * 64, 64)], q_smem.T)
+                return acc_ref[...]
+
+            s = pl.run_scoped(kq, plgpu.ACC((64, _ROWS), jnp.float32))
+            plgpu.barrier_arrive(k_free.at[slot])
+            return s
+
+        def pair(pt, carry, mode):
+            """Pair tile ``pt``: ``pool`` ring steps; ``mode`` "none" (every token sees every kernel of
+            this half), "mask" or "pass" (no token sees any: barrier traffic only)."""
+            first_step = n2_tiles + pt * pool
+            if mode == "pass":
+                for i in range(pool):
+                    slot = lax.rem(first_step + i, stages)
+                    plgpu.barrier_wait(k_bar.at[slot])
+                    plgpu.barrier_arrive(k_free.at[slot])
+                return carry
+            pooled = None
+            for i in range(pool):
+                s = fine_step(first_step + i)
+                p = jnp.exp2(s * qk_scale - lse_cols)
+                if mode == "mask":
+                    kernel = pool * (pt * PAIR_BLOCKS + block0 + key_row) + i
+                    p = jnp.where(kernel * stride + size1 <= t_col + 1, p, 0.0)
+                # Column 8 * head + token: the group sum adds whole 8-column slices.
+                sums = functools.reduce(
+                    jnp.add, [p[:, g * TILE_TOKENS : (g + 1) * TILE_TOKENS] for g in range(group)]
+                )
+                pooled = sums if pooled is None else jnp.maximum(pooled, sums)
+            buffers = config.store_buffers
+            buf = out_smem.at[w, lax.rem(pt, buffers)]
+            # The stores that last read this buffer (``buffers`` pair tiles ago) must be done.
+            plgpu.wait_smem_to_gmem(2 * (buffers - 1), wait_read_only=True)
+            # Transposed stores need the 2x2-transposed WGMMA layout (one shuffle per register pair).
+            transposed = plgpu.Layout.WGMMA_TRANSPOSED
+            buf.at[0].T[...] = plgpu.layout_cast(pooled, transposed)
+            buf.at[1].T[...] = plgpu.layout_cast(sums, transposed)  # the last step: each block's last kernel
+            plgpu.commit_smem()
+            blocks = pt * PAIR_BLOCKS + block0
+            tokens = pl.ds(tile * TILE_TOKENS, TILE_TOKENS)
+            plgpu.copy_smem_to_gmem(buf.at[0], body_ref.at[b, h, tokens, pl.ds(blocks, _HALF_BLOCKS)])
+            plgpu.copy_smem_to_gmem(
+                buf.at[1], halo_ref.at[b, h, tokens, pl.ds(blocks + HALO_SHIFT, _HALF_BLOCKS)]
+            )
+            return carry
+
+        # Pair tiles whose half every token sees entirely; those some token sees at all.
+        n_whole = jnp.minimum(lax.div(blocks_whole + _HALF_BLOCKS - block0, PAIR_BLOCKS), n_pairs)
+        n_seen = jnp.minimum(
+            lax.div(jnp.maximum(blocks_seen - block0, 0) + PAIR_BLOCKS - 1, PAIR_BLOCKS), n_pairs
+        )
+        lax.fori_loop(0, n_whole, functools.partial(pair, mode="none"), 0)
+        lax.fori_loop(n_whole, n_seen, functools.partial(pair, mode="mask"), 0)
+        lax.fori_loop(n_seen, n_pairs, functools.partial(pair, mode="pass"), 0)
+        plgpu.wait_smem_to_gmem(0)
+
+    for w in range(_COMPUTE_WGS):
+        pl.when(wg == w)(functools.partial(compute, w))
+
+    @pl.when(wg == _COMPUTE_WGS)
+    def _memory():
+        plgpu.set_max_registers(config.memory_registers, action="decrease")
+        coarse_keys, fine_keys = k2_ref.at[b, h], k1_ref.at[b, h]
+        total = n2_tiles + n_pairs * pool
+
+        @pl.loop(0, total)
+        def _(j):
+            slot = lax.rem(j, stages)
+
+            @pl.when(j >= stages)
+            def _():
+                plgpu.barrier_wait(k_free.at[slot])
+
+            @pl.when(j < n2_tiles)
+            def _():
+                keys = pl.ds(pl.multiple_of(j * KEY_TILE, KEY_TILE), KEY_TILE)
+                plgpu.copy_gmem_to_smem(coarse_keys.at[keys], ring.at[slot], k_bar.at[slot])
+
+            @pl.when(j >= n2_tiles)
+            def _():
+                keys = pl.ds(pl.multiple_of((j - n2_tiles) * KEY_TILE, KEY_TILE), KEY_TILE)
+                plgpu.copy_gmem_to_smem(fine_keys.at[keys], ring.at[slot], k_bar.at[slot])
+
+        # Wait for the last releases too, so that every barrier phase is consumed before the CTA exits.
+        @pl.loop(jnp.maximum(total - stages, 0), total)
+        def _(j):
+            plgpu.barrier_wait(k_free.at[lax.rem(j, stages)])
+
+
+def score_tiles_mgpu_keys(
+    pos: jax.Array,
+    q_rows: jax.Array,
+    k1: jax.Array,
+    k2: jax.Array,
+    *,
+    n1: int,
+    n2: int,
+    stride: int,
+    group: int,
+    pool: int,
+    width: int,
+    config: MosaicScore,
+    chunk: int | None = None,
+    interpret: bool = False,
+) -> tuple[jax.Array, jax.Array]:
+    """Pooled stage-1 scores of one query chunk (``score_tiles_mgpu``'s outputs).
+
+    Args:
+      pos: ``[2]`` int32: key position of the chunk's first query and of the sequence's last one;
+        with ``chunk``, ``[4]``: these, then the index in ``q_rows`` of the chunk's first token and of
+        the last token.
+      q_rows: ``[B, Hkv, C * 16, D]`` bf16/fp16 chunk queries in ``query_rows_head_major`` order (heads
+        ``g >= group`` are zero padding); ``C`` a multiple of 8. With ``chunk``: the whole query ``[B,
+        T, Hkv * 16, D]`` (``group`` = 16, ``T`` a multiple of 8), read in place.
+      k1: ``[B, Hkv, n1_pad, D]`` fine compressed keys in ``permute_fine_keys(k1, pool, PAIR_BLOCKS)``
+        order, zero rows past ``n1``, ``n1_pad`` a multiple of ``128 * pool``; ``k2``: ``[B, Hkv,
+        n2_pad, D]`` coarse ones, ``n2_pad`` a multiple of 128.
+      n1, n2: numbers of fine / coarse kernels; stride: the fine kernel stride (coarse: 4x).
+      group: query heads per KV head; pool: fine kernels per block (``block_size / stride``).
+      width: columns of the outputs (at least ``nb_pad + HALO_SHIFT`` with ``nb_pad`` a multiple of 128).
+      config: launch parameters.
+      chunk: ``C`` (a multiple of 8) when ``q_rows`` is the whole query.
+      interpret: run in the Mosaic GPU interpreter (CPU tests).
+
+    Returns:
+      ``body, halo [B, Hkv, C, width]`` float32; columns of blocks the token cannot see are unspecified.
+    """
+    if not config.key_rows:
+        raise ValueError("MosaicScore(key_rows=False) is score_tiles_mgpu's configuration, not this kernel's")
+    in_place = chunk is not None
+    d = k1.shape[-1]
+    b, hkv = k1.shape[:2]
+    if in_place:
+        if (
+            q_rows.shape[2:] != (hkv * GROUP_ROWS, d)
+            or group != GROUP_ROWS
+            or pos.shape != (4,)
+            or q_rows.shape[1] % TILE_TOKENS
+        ):
+            raise ValueError(
+                f"in place, q_rows {q_rows.shape} needs {hkv} groups of exactly {GROUP_ROWS} heads "
+                f"(group={group}), a multiple of {TILE_TOKENS} tokens and pos [4], got {pos.shape}"
+            )
+    else:
+        chunk = q_rows.shape[2] // GROUP_ROWS
+    reason = supported_mosaic_scoring(q_rows.dtype, d, group, pool)
+    if reason is not None:
+        raise NotImplementedError(f"Mosaic GPU scoring does not support {reason}")
+    if chunk % TILE_TOKENS or (not in_place and q_rows.shape[2] % GROUP_ROWS):
+        raise ValueError(f"q_rows {q_rows.shape} needs whole {TILE_TOKENS}-token tiles of {GROUP_ROWS} rows")
+    if k1.shape[2] % (PAIR_BLOCKS * pool) or k2.shape[2] % KEY_TILE:
+        raise ValueError(
+            f"the keys {k1.shape}, {k2.shape} need whole pair tiles ({PAIR_BLOCKS * pool} fine kernels) "
+            f"and {KEY_TILE}-key coarse tiles"
+        )
+    if width < k1.shape[2] // pool + HALO_SHIFT:
+        raise ValueError(f"width {width} < {k1.shape[2] // pool} blocks + {HALO_SHIFT}")
+    stages = config.stages
+    scratch = (
+        (
+            plgpu.SMEM((_ROWS, d), q_rows.dtype, transforms=SWIZZLED_128B),
+            plgpu.SMEM((stages, KEY_TILE, d), q_rows.dtype, transforms=SWIZZLED_128B),
+            plgpu.SMEM((_ROWS,), jnp.float32),
+            # Per warpgroup ``store_buffers`` buffers (alternate pair tiles) of pooled maxima and halos,
+            # token-major.
+            plgpu.SMEM((_COMPUTE_WGS, config.store_buffers, 2, TILE_TOKENS, _HALF_BLOCKS), jnp.float32),
+        ),
+        (
+            # Per warpgroup, one arrival per query copy: 8 strided boxes in place, else one.
+            plgpu.Barrier(num_arrivals=_HEADS_PER_WG if in_place else 1, num_barriers=_COMPUTE_WGS),
+            plgpu.Barrier(num_barriers=stages),
+            plgpu.Barrier(num_arrivals=_COMPUTE_WGS, num_barriers=stages),
+            plgpu.Barrier(num_arrivals=_COMPUTE_WGS),
+        ),
+    )
+    kernel = functools.partial(
+        _kernel, n1=n1, n2=n2, stride=stride, group=group, pool=pool, config=config, in_place=in_place
+    )
+
+    # The profiler names the kernel after this function.
+    def infllmv2_select_scores_mgpu_keys(*refs):
+        pl.run_scoped(lambda *allocs: kernel(*refs, scratch=allocs), *scratch, collective_axes="wg")
+
+    out = jax.ShapeDtypeStruct((b, hkv, chunk, width), jnp.float32)
+    return plgpu.kernel(
+        infllmv2_select_scores_mgpu_keys,
+        out_type=(out, out),
+        grid=(chunk // TILE_TOKENS, b, hkv),
+        grid_names=("tile", "batch", "kv"),
+        num_threads=_COMPUTE_WGS + 1,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+        interpret=plgpu.InterpretGPUParams() if interpret else False,
+    )(pos, q_rows, k1, k2)
