@@ -36,19 +36,22 @@ chunk (``lax.map`` over chunks of ``C`` tokens, so only one chunk's intermediate
 
 Memory: besides the inputs, one chunk of ``body``/``halo`` (``2 * B * Hkv * C * (nb_pad + 32) * 4``
 bytes, at most ``BlockSizes.chunk_bytes``; 260 MiB with C = 8K tokens at 128K and Hkv = 2), a copy of
-the chunk's queries (64 MiB there; none for the Mosaic kernel with groups of 16 heads, which reads
-``q`` in place) and the int32 ids of all chunks (128 MiB). The compiled program's temporaries at 128K,
+the chunk's queries (64 MiB there; none for the Mosaic kernels with groups of 16 heads, which read
+``q`` in place, the keys-as-rows one when ``T`` is a multiple of 8) and the int32 ids of all chunks (128 MiB). The compiled program's temporaries at 128K,
 32/2 heads, hd 128, compiled for the H200: 393 MiB with either scoring kernel
 (``experiments/results/bench_selection_h200.json``), against 4.3 GB for the group-summed score matrix
 alone.
 
-On Hopper GPUs the scoring runs instead as a warp-specialised Mosaic GPU kernel
-(``selection_mgpu.score_tiles_mgpu``, ``BlockSizes.mosaic``; ``default_block_sizes`` picks it) with the
-same outputs; the top-k kernel is shared.
+On Hopper GPUs the scoring runs instead as a warp-specialised Mosaic GPU kernel with the same outputs
+(``BlockSizes.mosaic``; ``default_block_sizes`` picks it): from ``MosaicScore.key_rows_from_blocks`` key
+blocks on ``selection_mgpu_keys.score_tiles_mgpu_keys`` (keys as the WGMMA rows, the group sum in
+registers), below that ``selection_mgpu.score_tiles_mgpu`` (token rows, the group sum as a WGMMA). The
+top-k kernel is shared.
 
 Precision: with bf16/f16 inputs the score dots take bf16/f16 operands (the compressed keys are
-rounded to the input dtype) with float32 accumulation, and the ``"mma"`` group sum takes ``p`` in
-bf16 (as flash attention's P); everything else is float32. With float32 inputs every dot runs at
+rounded to the input dtype) with float32 accumulation, and the ``"mma"`` group sum (Triton, and the
+token-rows Mosaic kernel) takes ``p`` in bf16 (as flash attention's P); everything else is float32, the
+keys-as-rows kernel's group sum included. With float32 inputs every dot runs at
 IEEE float32 precision, so the selection equals the reference's unless two block scores are within
 float32 rounding of each other.
 """

@@ -52,6 +52,7 @@ __all__ = [
     "MosaicScore",
     "permute_fine_keys",
     "score_tiles_mgpu",
+    "stream_key_tiles",
     "supported_mosaic_scoring",
     "visible_kernels",
 ]
@@ -287,34 +288,56 @@ def _kernel(
         lax.fori_loop(n1_all, n1_tiles, functools.partial(fine, masked=True), 0)
         plgpu.wait_smem_to_gmem(0)
 
-    @pl.when(wg == _COMPUTE_WGS)
-    def _memory():
-        plgpu.set_max_registers(config.memory_registers, action="decrease")
-        coarse_keys, fine_keys = k2_ref.at[b, h], k1_ref.at[b, h]
-        total = n2_tiles + n1_tiles
+    pl.when(wg == _COMPUTE_WGS)(
+        functools.partial(
+            stream_key_tiles,
+            (k2_ref.at[b, h], k1_ref.at[b, h]),
+            (ring, k_bar, k_free),
+            n2_tiles=n2_tiles,
+            total=n2_tiles + n1_tiles,
+            registers=config.memory_registers,
+        )
+    )
 
-        @pl.loop(0, total)
-        def _(j):
-            slot = lax.rem(j, stages)
 
-            @pl.when(j >= stages)
-            def _():
-                plgpu.barrier_wait(k_free.at[slot])
+def stream_key_tiles(keys, smem, *, n2_tiles, total, registers):
+    """The memory warpgroup of a scoring kernel (this module's or ``selection_mgpu_keys``').
 
-            @pl.when(j < n2_tiles)
-            def _():
-                keys = pl.ds(pl.multiple_of(j * KEY_TILE, KEY_TILE), KEY_TILE)
-                plgpu.copy_gmem_to_smem(coarse_keys.at[keys], ring.at[slot], k_bar.at[slot])
+    Copies ``n2_tiles`` 128-key tiles of coarse keys, then ``total - n2_tiles`` of fine ones, tile ``j``
+    into ring slot ``j % stages`` once both compute warpgroups released the tile that held it.
 
-            @pl.when(j >= n2_tiles)
-            def _():
-                keys = pl.ds(pl.multiple_of((j - n2_tiles) * KEY_TILE, KEY_TILE), KEY_TILE)
-                plgpu.copy_gmem_to_smem(fine_keys.at[keys], ring.at[slot], k_bar.at[slot])
+    Args:
+      keys: ``(coarse, fine)`` GMEM refs ``[n_pad, D]`` of one (batch row, KV head).
+      smem: the ring ``[stages, 128, D]``, its arrival and its release barriers.
+      n2_tiles, total: coarse tiles, and all tiles.
+      registers: the memory warpgroup's register budget.
+    """
+    plgpu.set_max_registers(registers, action="decrease")
+    (coarse_keys, fine_keys), (ring, k_bar, k_free) = keys, smem
+    stages = ring.shape[0]
 
-        # Wait for the last releases too, so that every barrier phase is consumed before the CTA exits.
-        @pl.loop(jnp.maximum(total - stages, 0), total)
-        def _(j):
-            plgpu.barrier_wait(k_free.at[lax.rem(j, stages)])
+    @pl.loop(0, total)
+    def _(j):
+        slot = lax.rem(j, stages)
+
+        @pl.when(j >= stages)
+        def _():
+            plgpu.barrier_wait(k_free.at[slot])
+
+        @pl.when(j < n2_tiles)
+        def _():
+            tile = pl.ds(pl.multiple_of(j * KEY_TILE, KEY_TILE), KEY_TILE)
+            plgpu.copy_gmem_to_smem(coarse_keys.at[tile], ring.at[slot], k_bar.at[slot])
+
+        @pl.when(j >= n2_tiles)
+        def _():
+            tile = pl.ds(pl.multiple_of((j - n2_tiles) * KEY_TILE, KEY_TILE), KEY_TILE)
+            plgpu.copy_gmem_to_smem(fine_keys.at[tile], ring.at[slot], k_bar.at[slot])
+
+    # Wait for the last releases too, so that every barrier phase is consumed before the CTA exits.
+    @pl.loop(jnp.maximum(total - stages, 0), total)
+    def _(j):
+        plgpu.barrier_wait(k_free.at[lax.rem(j, stages)])
 
 
 def score_tiles_mgpu(

@@ -44,6 +44,7 @@ from pallas_kernels.selection_mgpu import (
     KEY_TILE,
     TILE_TOKENS,
     MosaicScore,
+    stream_key_tiles,
     supported_mosaic_scoring,
     visible_kernels,
 )
@@ -238,34 +239,16 @@ def _kernel(
     for w in range(_COMPUTE_WGS):
         pl.when(wg == w)(functools.partial(compute, w))
 
-    @pl.when(wg == _COMPUTE_WGS)
-    def _memory():
-        plgpu.set_max_registers(config.memory_registers, action="decrease")
-        coarse_keys, fine_keys = k2_ref.at[b, h], k1_ref.at[b, h]
-        total = n2_tiles + n_pairs * pool
-
-        @pl.loop(0, total)
-        def _(j):
-            slot = lax.rem(j, stages)
-
-            @pl.when(j >= stages)
-            def _():
-                plgpu.barrier_wait(k_free.at[slot])
-
-            @pl.when(j < n2_tiles)
-            def _():
-                keys = pl.ds(pl.multiple_of(j * KEY_TILE, KEY_TILE), KEY_TILE)
-                plgpu.copy_gmem_to_smem(coarse_keys.at[keys], ring.at[slot], k_bar.at[slot])
-
-            @pl.when(j >= n2_tiles)
-            def _():
-                keys = pl.ds(pl.multiple_of((j - n2_tiles) * KEY_TILE, KEY_TILE), KEY_TILE)
-                plgpu.copy_gmem_to_smem(fine_keys.at[keys], ring.at[slot], k_bar.at[slot])
-
-        # Wait for the last releases too, so that every barrier phase is consumed before the CTA exits.
-        @pl.loop(jnp.maximum(total - stages, 0), total)
-        def _(j):
-            plgpu.barrier_wait(k_free.at[lax.rem(j, stages)])
+    pl.when(wg == _COMPUTE_WGS)(
+        functools.partial(
+            stream_key_tiles,
+            (k2_ref.at[b, h], k1_ref.at[b, h]),
+            (ring, k_bar, k_free),
+            n2_tiles=n2_tiles,
+            total=n2_tiles + n_pairs * pool,
+            registers=config.memory_registers,
+        )
+    )
 
 
 def score_tiles_mgpu_keys(
