@@ -37,7 +37,8 @@ chunk (``lax.map`` over chunks of ``C`` tokens, so only one chunk's intermediate
 Memory: besides the inputs, one chunk of ``body``/``halo`` (``2 * B * Hkv * C * (nb_pad + 32) * 4``
 bytes, at most ``BlockSizes.chunk_bytes``; 260 MiB with C = 8K tokens at 128K and Hkv = 2), a copy of
 the chunk's queries (64 MiB there; none for the Mosaic kernels with groups of 16 heads, which read
-``q`` in place, the keys-as-rows one when ``T`` is a multiple of 8) and the int32 ids of all chunks (128 MiB). The compiled program's temporaries at 128K,
+``q`` in place, the keys-as-rows one when ``T`` is a multiple of 8) and the int32 ids of all chunks
+(128 MiB). The compiled program's temporaries at 128K,
 32/2 heads, hd 128, compiled for the H200: 393 MiB with either scoring kernel
 (``experiments/results/bench_selection_h200.json``), against 4.3 GB for the group-summed score matrix
 alone.
