@@ -376,11 +376,13 @@ def run(
             row["speedup_vs_cudnn_dense"] = dense_ms[t] / row["median_ms"]
         if compiled is not None and impl.startswith("pallas") and t in profile_lens:
             row["kernels"] = kernel_times(compiled, *args, top=profile_top)
-            log("    kernels (ms/call): " + ", ".join(f"{k} {v}" for k, v in row["kernels"].items()))
         if pass_ == "select" and t in PAPER_A100_SELECT_MS:
             row["paper_a100_select_ms"] = PAPER_A100_SELECT_MS[t]
         rows.append(row)
         log(_format_row(row))
+        if "kernels" in row:
+            # After its row's line (before it, a log read as if it belonged to the row above).
+            log("    kernels (ms/call): " + ", ".join(f"{k} {v}" for k, v in row["kernels"].items()))
         if on_row is not None:
             on_row(rows)
         return row, compiled
