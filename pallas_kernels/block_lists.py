@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from pallas_kernels._compat import pl, pltriton, triton_params
-from pallas_kernels.tiling import EMPTY_BLOCK, BlockSizes, TileLists, next_pow2
+from pallas_kernels.tiling import EMPTY_BLOCK, BlockSizes, TileLists, next_pow2, round_up
 
 __all__ = ["ListTiling", "list_tiling", "lists_from_masks", "stack_chunk_lists"]
 
@@ -194,7 +194,7 @@ def stack_chunk_lists(
     """Joins the per-chunk outputs of ``lists_from_masks`` (stacked on a leading chunk axis) into the
     ``TileLists`` of the ``Tp = round_up(seq_len, align)`` tokens that ``sparse_attention`` tiles."""
     tq = tiling.tile_tokens
-    tp = -(-seq_len // tiling.align) * tiling.align
+    tp = round_up(seq_len, tiling.align)
 
     def join(x, rows, width):
         n, b, h, per_chunk, w = x.shape

@@ -79,7 +79,7 @@ from pallas_kernels.selection_mgpu import (
 )
 from pallas_kernels.selection_mgpu_keys import PAIR_BLOCKS, query_rows_head_major, score_tiles_mgpu_keys
 from pallas_kernels.selection_triton import score_tiles_triton
-from pallas_kernels.tiling import GROUP_ROWS, TileLists, next_pow2
+from pallas_kernels.tiling import GROUP_ROWS, TileLists, next_pow2, round_up
 
 __all__ = ["MOSAIC_SELECTION", "BlockSizes", "compress_keys", "default_block_sizes", "select_blocks"]
 
@@ -496,7 +496,7 @@ def _select_blocks(
 
     def key_layout(kc, block):
         # [B, n, Hkv, D] -> [B, Hkv, n_pad, Dp] in q's dtype; zero rows/columns are never visible / inert.
-        n_pad = max(1, -(-kc.shape[1] // block)) * block
+        n_pad = round_up(max(1, kc.shape[1]), block)
         kc = jnp.pad(kc, ((0, 0), (0, n_pad - kc.shape[1]), (0, 0), (0, dp - d)))
         return kc.swapaxes(1, 2).astype(q.dtype)
 

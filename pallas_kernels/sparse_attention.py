@@ -62,6 +62,7 @@ from pallas_kernels.tiling import (
     MosaicTile,
     TileLists,
     canonical_blocks,
+    round_up,
     tile_lists,
 )
 
@@ -352,10 +353,6 @@ def pad_lists(ids, bits, kv_blocks):
         ids = jnp.pad(ids, widths, constant_values=EMPTY_BLOCK)
         bits = None if bits is None else jnp.pad(bits, widths)
     return ids, bits
-
-
-def round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
 
 
 def pad_keys(x: jax.Array, block_size: int) -> jax.Array:

@@ -44,7 +44,7 @@ from pallas_kernels.sparse_attention_mgpu import (
     run_first,
     stream_blocks,
 )
-from pallas_kernels.tiling import GROUP_ROWS, LOG2E, MosaicDkdv, MosaicTile
+from pallas_kernels.tiling import GROUP_ROWS, LOG2E, MosaicDkdv, MosaicTile, round_up
 
 __all__ = ["LIST_CHUNK", "dkdv_mgpu", "dq_tile_mgpu", "step_lists"]
 
@@ -82,7 +82,7 @@ def step_lists(
     length = hi - lo
     padded = (length + _LIST_ALIGN - 1) // _LIST_ALIGN * _LIST_ALIGN
     start = jnp.cumsum(padded, axis=-1) - padded
-    total = -(-(tokens.shape[-1] + _LIST_ALIGN * nb) // _LIST_ALIGN) * _LIST_ALIGN
+    total = round_up(tokens.shape[-1] + _LIST_ALIGN * nb, _LIST_ALIGN)
     pos = jnp.broadcast_to(jnp.arange(total, dtype=jnp.int32), (b, h, total))
     # The block each aligned position belongs to (empty blocks share their start with the next one).
     find = jax.vmap(jax.vmap(lambda s, p: jnp.searchsorted(s, p, side="right") - 1))

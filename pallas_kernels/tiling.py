@@ -28,6 +28,7 @@ __all__ = [
     "TileLists",
     "canonical_blocks",
     "next_pow2",
+    "round_up",
     "tile_lists",
 ]
 
@@ -183,6 +184,11 @@ class BlockSizes:
 def next_pow2(x: int) -> int:
     """The smallest power of two ``>= x`` (1 for ``x <= 1``)."""
     return 1 << max(0, x - 1).bit_length()
+
+
+def round_up(n: int, multiple: int) -> int:
+    """The smallest multiple of ``multiple`` that is ``>= n``."""
+    return -(-n // multiple) * multiple
 
 
 class TileLists(NamedTuple):

@@ -18,7 +18,7 @@ from infllm_jax import SparseConfig, ops
 from infllm_jax.ops import pallas_backend
 from pallas_kernels import block_lists, sparse_attention
 from pallas_kernels import selection as pallas_selection
-from pallas_kernels.tiling import BlockSizes, canonical_blocks, tile_lists
+from pallas_kernels.tiling import BlockSizes, canonical_blocks, round_up, tile_lists
 from tests.kernels.cuda_lowering import lower_for_h200
 
 INTERPRET = jax.default_backend() == "cpu"
@@ -35,7 +35,7 @@ def qkv(seed, t, hq=4, hkv=2, d=64, dtype=jnp.float32):
 
 
 def xla_lists(idx, config: BlockSizes, cfg: SparseConfig, q_offset=0):
-    tp = sparse_attention.round_up(idx.shape[2], config.align)
+    tp = round_up(idx.shape[2], config.align)
     ids, _ = canonical_blocks(idx, padded_len=tp, block_size=cfg.block_size, q_offset=q_offset)
     return tile_lists(ids, config, cfg.block_size, q_offset)
 
