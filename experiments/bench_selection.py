@@ -96,7 +96,7 @@ SELECT_VARIANTS = {
     "mosaic_key_rows": dataclasses.replace(
         pallas_selection.MOSAIC_SELECTION, mosaic=MosaicScore(key_rows_from_blocks=0)
     ),
-    # The default scoring with a 4-slot ring (keys as rows from 1024 blocks on, token rows below).
+    # The default scoring with a 4-slot ring (keys as rows from 128 blocks on, token rows below).
     "mosaic_st4": dataclasses.replace(pallas_selection.MOSAIC_SELECTION, mosaic=MosaicScore(stages=4)),
 }
 

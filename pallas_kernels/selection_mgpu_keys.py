@@ -28,6 +28,9 @@ which 4 are used: half the tensor work of ``Q K^T`` for 1/16 of its output, plus
 The fine pass's granularity is a warpgroup's half of a pair tile (64 blocks): a half that no token
 of the CTA sees is skipped, one that every token sees entirely runs without a mask.
 
+Code size matters here (session 12's Nsight Compute profile): both compute warpgroups run one body
+with the warpgroup index traced, and the ``pool`` ring steps of a pair tile are a loop.
+
 Only bf16/fp16 inputs, head dims 64/128, groups of at most 16 heads and ``block_size / kernel_stride``
 in {4, 8} (``selection_mgpu.supported_mosaic_scoring``).
 """
@@ -103,9 +106,13 @@ def _kernel(
     blocks_whole = lax.div(visible_kernels(t_first, size1, stride, n1), pool)
     n_pairs = lax.div(blocks_seen + PAIR_BLOCKS - 1, PAIR_BLOCKS)
 
-    def compute(w: int):
+    @pl.when(wg < _COMPUTE_WGS)
+    def _compute():
+        # One body for both compute warpgroups (``w`` traced), not a copy each: half the code to fetch.
+        w = wg
         plgpu.set_max_registers(config.compute_registers, action="increase")
-        my_rows = pl.ds(w * _HEADS_PER_WG * TILE_TOKENS, _HEADS_PER_WG * TILE_TOKENS)
+        wg_rows = _HEADS_PER_WG * TILE_TOKENS
+        my_rows = pl.ds(pl.multiple_of(w * wg_rows, wg_rows), wg_rows)
         if in_place:
             # The whole query [B, T, Hkv * 16, D], T a multiple of 8: head g of the tile's 8 tokens is
             # one strided box. Tiles past the last token repeat the last tile.
@@ -113,14 +120,15 @@ def _kernel(
                 jnp.minimum(pos_ref[2] + tile * TILE_TOKENS, pos_ref[3] + 1 - TILE_TOKENS), TILE_TOKENS
             )
             # ``start`` must be provably a multiple of 8 (the SMEM tiling) for layout inference.
-            for g in range(w * _HEADS_PER_WG, (w + 1) * _HEADS_PER_WG):
+            for i in range(_HEADS_PER_WG):
+                g = w * _HEADS_PER_WG + i
                 plgpu.copy_gmem_to_smem(
                     q_ref.at[b, pl.ds(start, TILE_TOKENS), h * GROUP_ROWS + g],
-                    q_smem.at[pl.ds(g * TILE_TOKENS, TILE_TOKENS)],
+                    q_smem.at[pl.ds(pl.multiple_of(g * TILE_TOKENS, TILE_TOKENS), TILE_TOKENS)],
                     q_bar.at[w],
                 )
         else:
-            rows = pl.ds(tile * _ROWS + w * _HEADS_PER_WG * TILE_TOKENS, _HEADS_PER_WG * TILE_TOKENS)
+            rows = pl.ds(tile * _ROWS + w * wg_rows, wg_rows)
             plgpu.copy_gmem_to_smem(q_ref.at[b, h, rows], q_smem.at[my_rows], q_bar.at[w])
         # Both warpgroups read all 128 rows in pass 2.
         for bar in range(_COMPUTE_WGS):
@@ -180,7 +188,7 @@ def _kernel(
             plgpu.barrier_wait(k_bar.at[slot])
 
             def kq(acc_ref):
-                plgpu.wgmma(acc_ref, ring.at[slot, pl.ds(w * 64, 64)], q_smem.T)
+                plgpu.wgmma(acc_ref, ring.at[slot, pl.ds(pl.multiple_of(w * 64, 64), 64)], q_smem.T)
                 return acc_ref[...]
 
             s = pl.run_scoped(kq, plgpu.ACC((64, _ROWS), jnp.float32))
@@ -197,18 +205,28 @@ def _kernel(
                     plgpu.barrier_wait(k_bar.at[slot])
                     plgpu.barrier_arrive(k_free.at[slot])
                 return carry
-            pooled = None
-            for i in range(pool):
-                s = fine_step(first_step + i)
-                p = jnp.exp2(s * qk_scale - lse_cols)
-                if mode == "mask":
-                    kernel = pool * (pt * PAIR_BLOCKS + block0 + key_row) + i
-                    p = jnp.where(kernel * stride + size1 <= t_col + 1, p, 0.0)
-                # Column 8 * head + token: the group sum adds whole 8-column slices.
-                sums = functools.reduce(
-                    jnp.add, [p[:, g * TILE_TOKENS : (g + 1) * TILE_TOKENS] for g in range(group)]
-                )
-                pooled = sums if pooled is None else jnp.maximum(pooled, sums)
+
+            def pool_step(i, carry):
+                pooled, _ = carry
+                x = fine_step(first_step + i) * qk_scale - lse_cols
+                kernel_end = pool * (pt * PAIR_BLOCKS + block0 + key_row) + i
+                kernel_end = kernel_end * stride + size1  # one past the kernel's last key
+
+                def head_probs(g):
+                    # Column 8 * head + token: the group sum adds whole 8-column slices.
+                    cols = slice(g * TILE_TOKENS, (g + 1) * TILE_TOKENS)
+                    p = jnp.exp2(x[:, cols])
+                    if mode == "mask":
+                        p = jnp.where(kernel_end[:, cols] <= t_col[:, cols] + 1, p, 0.0)
+                    return p
+
+                sums = functools.reduce(jnp.add, [head_probs(g) for g in range(group)])
+                return jnp.maximum(pooled, sums), sums
+
+            # Sums of probabilities are >= 0, so a max that starts at 0 is the max over the steps. A
+            # loop, not ``pool`` copies of the step: less code to fetch (and to lower).
+            zeros = plgpu.layout_cast(jnp.zeros((64, TILE_TOKENS), jnp.float32), layout)
+            pooled, sums = lax.fori_loop(0, pool, pool_step, (zeros, zeros))
             buffers = config.store_buffers
             buf = out_smem.at[w, lax.rem(pt, buffers)]
             # The stores that last read this buffer (``buffers`` pair tiles ago) must be done.
@@ -235,9 +253,6 @@ def _kernel(
         lax.fori_loop(n_whole, n_seen, functools.partial(pair, mode="mask"), 0)
         lax.fori_loop(n_seen, n_pairs, functools.partial(pair, mode="pass"), 0)
         plgpu.wait_smem_to_gmem(0)
-
-    for w in range(_COMPUTE_WGS):
-        pl.when(wg == w)(functools.partial(compute, w))
 
     pl.when(wg == _COMPUTE_WGS)(
         functools.partial(

@@ -208,7 +208,7 @@ def test_bf16_selection_is_a_valid_topk(cfg, t, hq, hkv, d, chunk, group_sum):
     assert_valid_topk(got, scores, tokens, cfg, bf16_score_tolerance(q, k, cfg, group_sum))
 
 
-# The keys-as-rows Mosaic scoring kernel at every length (the shipped tiling takes it from 1024 blocks).
+# The keys-as-rows Mosaic scoring kernel at every length (the shipped tiling takes it from 128 blocks).
 MOSAIC = dataclasses.replace(pallas_selection.MOSAIC_SELECTION, mosaic=MosaicScore(key_rows_from_blocks=0))
 # A 2-slot ring and two store buffers per warpgroup.
 MOSAIC_TWO_STORE_BUFFERS = dataclasses.replace(
@@ -322,15 +322,26 @@ def test_permute_fine_keys_puts_each_blocks_kernels_in_one_column_of_each_slice(
     np.testing.assert_array_equal(got, tile * size + pool * c + i)
 
 
-@pytest.mark.parametrize("in_place", [False, True], ids=["chunk-rows", "q-in-place"])
+_LOWERING_TILINGS = [
+    ("default", MOSAIC),
+    ("st2-two-store-buffers", MOSAIC_TWO_STORE_BUFFERS),
+    ("token-rows", MOSAIC_TOKEN_ROWS),
+]
+
+
 @pytest.mark.parametrize(
-    "block_sizes",
-    [MOSAIC, MOSAIC_TWO_STORE_BUFFERS, MOSAIC_TOKEN_ROWS],
-    ids=["default", "st2-two-store-buffers", "token-rows"],
+    "block_sizes,group,in_place",
+    [
+        pytest.param(tiling, 16, in_place, id=f"{name}-{'q-in-place' if in_place else 'chunk-rows'}")
+        for name, tiling in _LOWERING_TILINGS
+        for in_place in (False, True)
+    ]
+    # A group of 3 heads (the query is read in place only for groups of 16).
+    + [pytest.param(MOSAIC, 3, False, id="default-G3-chunk-rows")],
 )
 @pytest.mark.parametrize("pool", [4, 8])
 @pytest.mark.parametrize("d", [64, 128])
-def test_mosaic_scoring_lowers_for_cuda(d, pool, block_sizes, in_place):
+def test_mosaic_scoring_lowers_for_cuda(d, pool, block_sizes, group, in_place):
     """The compiled path (real Mosaic lowering and layout inference, SMEM budget), which the
     interpreter does not take, lowers for a CUDA target without a GPU; with the chunk's query rows
     or the whole query read in place."""
@@ -354,7 +365,7 @@ def test_mosaic_scoring_lowers_for_cuda(d, pool, block_sizes, in_place):
             n1=1000,
             n2=120,
             stride=16,
-            group=16,
+            group=group,
             pool=pool,
             width=528,
             config=block_sizes.mosaic,
@@ -365,10 +376,10 @@ def test_mosaic_scoring_lowers_for_cuda(d, pool, block_sizes, in_place):
     assert "mosaic_gpu" in text
 
 
-@pytest.mark.parametrize("blocks", [1023, 1024])
-def test_shipped_mosaic_tiling_scores_with_key_rows_from_1024_blocks(blocks):
+@pytest.mark.parametrize("blocks", [127, 128])
+def test_shipped_mosaic_tiling_scores_with_key_rows_from_128_blocks(blocks):
     """``MOSAIC_SELECTION`` picks the scoring kernel by the number of key blocks
-    (``MosaicScore.key_rows_from_blocks``): token rows below 1024, keys as rows from 1024 on."""
+    (``MosaicScore.key_rows_from_blocks``): token rows below 128, keys as rows from 128 on."""
     t = blocks * SMALL.block_size
     q = jax.ShapeDtypeStruct((1, t, 16, 64), jnp.bfloat16)
     k = jax.ShapeDtypeStruct((1, t, 1, 64), jnp.bfloat16)
@@ -379,7 +390,7 @@ def test_shipped_mosaic_tiling_scores_with_key_rows_from_1024_blocks(blocks):
     )
     text = lower_for_h200(select, q, k)
     assert "infllmv2_select_scores_mgpu" in text
-    assert ("infllmv2_select_scores_mgpu_keys" in text) == (blocks >= 1024)
+    assert ("infllmv2_select_scores_mgpu_keys" in text) == (blocks >= 128)
 
 
 def test_mosaic_scoring_rejects_unsupported_inputs():
