@@ -209,8 +209,9 @@ def _kernel(
             def pool_step(i, carry):
                 pooled, _ = carry
                 x = fine_step(first_step + i) * qk_scale - lse_cols
-                kernel_end = pool * (pt * PAIR_BLOCKS + block0 + key_row) + i
-                kernel_end = kernel_end * stride + size1  # one past the kernel's last key
+                if mode == "mask":
+                    kernel_end = pool * (pt * PAIR_BLOCKS + block0 + key_row) + i
+                    kernel_end = kernel_end * stride + size1  # one past the kernel's last key
 
                 def head_probs(g):
                     # Column 8 * head + token: the group sum adds whole 8-column slices.
