@@ -102,6 +102,10 @@ SELECT_VARIANTS = {
     "mosaic_tree_group_sum": dataclasses.replace(
         pallas_selection.MOSAIC_SELECTION, mosaic=MosaicScore(tree_group_sum=True)
     ),
+    # Its fine pass's exponentials in packed float16, the group summed pairwise in float16.
+    "mosaic_half_exp2": dataclasses.replace(
+        pallas_selection.MOSAIC_SELECTION, mosaic=MosaicScore(half_exp2=True)
+    ),
 }
 
 
@@ -175,6 +179,7 @@ PREFILL_VARIANTS = {
     "scoring_token_rows": _prefill_tilings(select=dict(mosaic=MosaicScore(key_rows=False))),
     "scoring_key_rows": _prefill_tilings(select=dict(mosaic=MosaicScore(key_rows_from_blocks=0))),
     "scoring_tree_group_sum": _prefill_tilings(select=dict(mosaic=MosaicScore(tree_group_sum=True))),
+    "scoring_half_exp2": _prefill_tilings(select=dict(mosaic=MosaicScore(half_exp2=True))),
 }
 
 
