@@ -161,11 +161,6 @@ def _prefill_tilings(select=None, attention=None):
     return make
 
 
-def _fwd_tile(**changes):
-    """The default forward tile kernel's ``MosaicTile`` with ``changes``."""
-    return dataclasses.replace(sparse_attention.MOSAIC_BLOCK_SIZES.mosaic, **changes)
-
-
 # Named prefill variants for --prefill-variants (rows "pallas_<name>"): functions of the config.
 PREFILL_VARIANTS = {
     "xla_lists": _prefill_with_xla_lists,
@@ -185,13 +180,6 @@ PREFILL_VARIANTS = {
     "scoring_key_rows": _prefill_tilings(select=dict(mosaic=MosaicScore(key_rows_from_blocks=0))),
     "scoring_tree_group_sum": _prefill_tilings(select=dict(mosaic=MosaicScore(tree_group_sum=True))),
     "scoring_half_exp2": _prefill_tilings(select=dict(mosaic=MosaicScore(half_exp2=True))),
-    # The forward tile kernel's P V WGMMA accumulating into the rescaled output accumulator, and its
-    # softmax fenced before the barriers (MosaicTile.accumulate_in_place, softmax_fence).
-    "fwd_accumulate_in_place": _prefill_tilings(attention=dict(mosaic=_fwd_tile(accumulate_in_place=True))),
-    "fwd_softmax_fence": _prefill_tilings(attention=dict(mosaic=_fwd_tile(softmax_fence=True))),
-    "fwd_in_place_fenced": _prefill_tilings(
-        attention=dict(mosaic=_fwd_tile(accumulate_in_place=True, softmax_fence=True))
-    ),
 }
 
 

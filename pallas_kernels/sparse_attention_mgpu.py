@@ -207,12 +207,6 @@ def _kernel(
             alpha = jnp.exp2(m - m_new)
             l = l * alpha + row_sum
             p16 = p.astype(k_smem.dtype)
-            if config.accumulate_in_place:
-                acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-            if config.softmax_fence:
-                # The softmax's results exist before this warpgroup hands the tensor cores over: the
-                # compiler may not sink their arithmetic past the barriers (as jax's attention_mgpu).
-                acc, l, m_new, p16 = lax.optimization_barrier((acc, l, m_new, p16))
             if config.pingpong:
                 plgpu.barrier_arrive(sched)
             plgpu.barrier_wait(v_bar.at[slot])
@@ -229,17 +223,6 @@ def _kernel(
                 plgpu.wgmma(acc_ref, p_operand, v_smem.at[slot])
                 return acc_ref[...]
 
-            if config.accumulate_in_place:
-                # The rescaled accumulator is the WGMMA's: no zeroed registers, no FMA after it. The
-                # interpreter cannot run a preinitialised accumulator: there it adds a fresh one.
-                if p_smem is None:
-                    acc = pl.run_state(lambda acc_ref: plgpu.wgmma(acc_ref, p_operand, v_smem.at[slot]))(
-                        plgpu.ACC.init(acc)
-                    )
-                else:
-                    acc = acc + pl.run_scoped(pv, plgpu.ACC((_ROWS, head_dim), jnp.float32))
-                plgpu.barrier_arrive(v_free.at[slot])
-                return acc, m_new, l
             # A fresh accumulator, then one FMA per element: the same work as rescaling ``acc`` before
             # accumulating into it, and it keeps the rescale off the tensor cores' critical path.
             pv_out = pl.run_scoped(pv, plgpu.ACC((_ROWS, head_dim), jnp.float32))

@@ -62,13 +62,6 @@ class MosaicTile:
         steps; forward only).
       compute_registers, memory_registers: per-thread register budgets of the compute and memory
         warpgroups (``setmaxnreg``).
-      accumulate_in_place: the forward rescales its output accumulator by the softmax correction
-        before the ``P V`` WGMMA and accumulates into it (jax's ``attention_mgpu``; forward only);
-        off: the WGMMA writes a fresh (zeroed) accumulator and one FMA per element adds it to the
-        rescaled one.
-      softmax_fence: the forward's softmax results (probabilities, row statistics, accumulator) are
-        computed before the warpgroup arrives at the ping-pong and V barriers (an
-        ``optimization_barrier``; forward only).
     """
 
     stages: int = 2
@@ -79,8 +72,6 @@ class MosaicTile:
     blocks_per_step: int = 1
     compute_registers: int = 232
     memory_registers: int = 40
-    accumulate_in_place: bool = False
-    softmax_fence: bool = False
 
     def __post_init__(self):
         if self.stages < 1:
@@ -163,13 +154,6 @@ class BlockSizes:
             raise ValueError(f"the Mosaic tile phases run 8-token tiles, got tile_tokens={self.tile_tokens}")
         if self.mosaic_dq is not None and self.mosaic_dq.pingpong:
             raise ValueError("the Mosaic dQ tile phase has no ping-pong schedule (mosaic_dq.pingpong=True)")
-        if self.mosaic_dq is not None and (
-            self.mosaic_dq.accumulate_in_place or self.mosaic_dq.softmax_fence
-        ):
-            raise ValueError(
-                "the Mosaic dQ tile phase has no softmax accumulator (mosaic_dq.accumulate_in_place or "
-                "softmax_fence set)"
-            )
         if self.mosaic_dq is not None and self.mosaic_dq.blocks_per_step != 1:
             raise ValueError(
                 "the Mosaic dQ tile phase takes one block per step "

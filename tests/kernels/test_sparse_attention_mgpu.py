@@ -59,12 +59,6 @@ PAIRS_PINGPONG_UNION = dataclasses.replace(
     mosaic=dataclasses.replace(ROW_MASKS, blocks_per_step=2, pingpong=True),
     mosaic_dq=dataclasses.replace(ROW_MASKS, stages=1),
 )
-# The default forward with the P V WGMMA accumulating into the rescaled output accumulator, the
-# softmax fenced before the barriers.
-IN_PLACE = dataclasses.replace(
-    MOSAIC_BLOCK_SIZES,
-    mosaic=dataclasses.replace(MOSAIC_BLOCK_SIZES.mosaic, accumulate_in_place=True, softmax_fence=True),
-)
 CASES = [
     Case(g=16, d=64, t=192, hkv=1, block_size=64, k=4, dtype=jnp.bfloat16, config=TRITON_BWD),
     # Block 0's list (~150 tokens) spans two 128-token chunks of the dK/dV kernel's list stream.
@@ -87,7 +81,6 @@ CASES = [
     # Lists of odd and even lengths: the last step of an odd list pairs its block with padding.
     Case(g=16, d=64, t=200, hkv=1, block_size=64, k=3, dtype=jnp.bfloat16, config=PAIRS),
     Case(g=3, d=128, t=130, hkv=1, block_size=64, k=3, dtype=jnp.float16, config=PAIRS_PINGPONG_UNION),
-    Case(g=16, d=64, t=200, hkv=1, block_size=64, k=3, dtype=jnp.bfloat16, config=IN_PLACE),
 ]
 GPU_CASES = [
     Case(g=16, d=128, t=8192 + 37, block_size=64, k=24, dtype=jnp.bfloat16, config=TRITON_BWD),
@@ -98,15 +91,13 @@ GPU_CASES = [
     Case(g=16, d=64, t=4096 + 11, b=2, block_size=64, k=24, dtype=jnp.float16, config=MOSAIC_BLOCK_SIZES),
     Case(g=16, d=128, t=8192 + 37, block_size=64, k=25, dtype=jnp.bfloat16, config=PAIRS),
     Case(g=4, d=64, t=4096 + 5, b=2, block_size=64, k=15, dtype=jnp.bfloat16, config=PAIRS_PINGPONG_UNION),
-    Case(g=16, d=128, t=8192 + 37, block_size=64, k=25, dtype=jnp.bfloat16, config=IN_PLACE),
 ]
 
 
 def _ids(case):
     bwd = "".join(f"-{name}" for name in ("dkdv", "dq") if getattr(case.config, f"mosaic_{name}") is not None)
     pairs = "-pairs" if case.config.mosaic.blocks_per_step == 2 else ""
-    in_place = "-in-place-fenced" if case.config.mosaic.accumulate_in_place else ""
-    return f"{case}-mosaic-{'union' if case.config.min_share == 1 else 'share2'}{pairs}{in_place}{bwd}"
+    return f"{case}-mosaic-{'union' if case.config.min_share == 1 else 'share2'}{pairs}{bwd}"
 
 
 @pytest.mark.parametrize("case", CASES, ids=_ids)
@@ -133,8 +124,6 @@ def test_config_needs_8_token_tiles():
         BlockSizes(tile_tokens=4, mosaic_dq=MosaicTile())
     with pytest.raises(ValueError, match="no ping-pong"):
         BlockSizes(tile_tokens=8, mosaic_dq=MosaicTile(pingpong=True))
-    with pytest.raises(ValueError, match="no softmax accumulator"):
-        BlockSizes(tile_tokens=8, mosaic_dq=MosaicTile(accumulate_in_place=True))
     with pytest.raises(ValueError, match="one block per step"):
         BlockSizes(tile_tokens=8, mosaic_dq=MosaicTile(blocks_per_step=2))
     with pytest.raises(ValueError, match="blocks_per_step must be 1 or 2"):
@@ -194,8 +183,6 @@ def _assert_lowers_for_cuda(fn, *args):
         PAIRS.mosaic,
         PAIRS_PINGPONG_UNION.mosaic,
         dataclasses.replace(MOSAIC_BLOCK_SIZES.mosaic, row_masks=False),
-        IN_PLACE.mosaic,
-        dataclasses.replace(MOSAIC_BLOCK_SIZES.mosaic, softmax_fence=True),
     ],
     ids=[
         "default",
@@ -204,8 +191,6 @@ def _assert_lowers_for_cuda(fn, *args):
         "pairs",
         "pairs-pingpong-union",
         "default-score-masks",
-        "accumulate-in-place-fenced",
-        "softmax-fence",
     ],
 )
 def test_lowers_for_cuda(mosaic):
