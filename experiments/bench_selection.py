@@ -161,6 +161,11 @@ def _prefill_tilings(select=None, attention=None):
     return make
 
 
+def _fwd_tile(**changes):
+    """The default forward tile kernel's ``MosaicTile`` with ``changes``."""
+    return dataclasses.replace(sparse_attention.MOSAIC_BLOCK_SIZES.mosaic, **changes)
+
+
 # Named prefill variants for --prefill-variants (rows "pallas_<name>"): functions of the config.
 PREFILL_VARIANTS = {
     "xla_lists": _prefill_with_xla_lists,
@@ -180,6 +185,12 @@ PREFILL_VARIANTS = {
     "scoring_key_rows": _prefill_tilings(select=dict(mosaic=MosaicScore(key_rows_from_blocks=0))),
     "scoring_tree_group_sum": _prefill_tilings(select=dict(mosaic=MosaicScore(tree_group_sum=True))),
     "scoring_half_exp2": _prefill_tilings(select=dict(mosaic=MosaicScore(half_exp2=True))),
+    # The forward tile kernel with FlashAttention-3's intra-warpgroup overlap (MosaicTile.overlap_pv),
+    # also with 240 registers per compute thread (24 for the memory warpgroup).
+    "fwd_overlap_pv": _prefill_tilings(attention=dict(mosaic=_fwd_tile(overlap_pv=True))),
+    "fwd_overlap_pv_240": _prefill_tilings(
+        attention=dict(mosaic=_fwd_tile(overlap_pv=True, compute_registers=240, memory_registers=24))
+    ),
 }
 
 

@@ -62,6 +62,9 @@ class MosaicTile:
         steps; forward only).
       compute_registers, memory_registers: per-thread register budgets of the compute and memory
         warpgroups (``setmaxnreg``).
+      overlap_pv: forward only: step j issues its ``Q K^T`` and then step j - 1's ``P V`` (into the
+        output accumulator), and computes its softmax while that ``P V`` runs (FlashAttention-3's
+        intra-warpgroup overlap). No step is skipped then (``skip_unselected`` has no effect).
     """
 
     stages: int = 2
@@ -72,6 +75,7 @@ class MosaicTile:
     blocks_per_step: int = 1
     compute_registers: int = 232
     memory_registers: int = 40
+    overlap_pv: bool = False
 
     def __post_init__(self):
         if self.stages < 1:
@@ -154,6 +158,8 @@ class BlockSizes:
             raise ValueError(f"the Mosaic tile phases run 8-token tiles, got tile_tokens={self.tile_tokens}")
         if self.mosaic_dq is not None and self.mosaic_dq.pingpong:
             raise ValueError("the Mosaic dQ tile phase has no ping-pong schedule (mosaic_dq.pingpong=True)")
+        if self.mosaic_dq is not None and self.mosaic_dq.overlap_pv:
+            raise ValueError("the Mosaic dQ tile phase has no P V to overlap (mosaic_dq.overlap_pv=True)")
         if self.mosaic_dq is not None and self.mosaic_dq.blocks_per_step != 1:
             raise ValueError(
                 "the Mosaic dQ tile phase takes one block per step "
