@@ -185,6 +185,10 @@ PREFILL_VARIANTS = {
     "scoring_key_rows": _prefill_tilings(select=dict(mosaic=MosaicScore(key_rows_from_blocks=0))),
     "scoring_tree_group_sum": _prefill_tilings(select=dict(mosaic=MosaicScore(tree_group_sum=True))),
     "scoring_half_exp2": _prefill_tilings(select=dict(mosaic=MosaicScore(half_exp2=True))),
+    # Tile lists grouped by the tiles' halves (BlockSizes.group_halves; the list kernel then takes whole
+    # rows per step), with the list kernel's default 4 warps or 8.
+    "grouped_lists": _prefill_tilings(attention=dict(group_halves=True)),
+    "grouped_lists_8_warps": _prefill_tilings(select=dict(list_warps=8), attention=dict(group_halves=True)),
     # The forward tile kernel with FlashAttention-3's intra-warpgroup overlap (MosaicTile.overlap_pv),
     # also with 240 registers per compute thread (24 for the memory warpgroup).
     "fwd_overlap_pv": _prefill_tilings(attention=dict(mosaic=_fwd_tile(overlap_pv=True))),

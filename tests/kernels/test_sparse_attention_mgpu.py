@@ -68,6 +68,9 @@ OVERLAP = dataclasses.replace(
 OVERLAP_ONE_SLOT = dataclasses.replace(
     MOSAIC_BLOCK_SIZES, mosaic=dataclasses.replace(SCORE_MASKS, stages=1, overlap_pv=True)
 )
+# The default Mosaic tiling on tile lists grouped by the tiles' halves (odd groups: steps that pair
+# blocks of two groups).
+GROUPED = dataclasses.replace(MOSAIC_BLOCK_SIZES, group_halves=True)
 CASES = [
     Case(g=16, d=64, t=192, hkv=1, block_size=64, k=4, dtype=jnp.bfloat16, config=TRITON_BWD),
     # Block 0's list (~150 tokens) spans two 128-token chunks of the dK/dV kernel's list stream.
@@ -92,6 +95,7 @@ CASES = [
     Case(g=3, d=128, t=130, hkv=1, block_size=64, k=3, dtype=jnp.float16, config=PAIRS_PINGPONG_UNION),
     Case(g=16, d=64, t=200, hkv=1, block_size=64, k=3, dtype=jnp.bfloat16, config=OVERLAP),
     Case(g=3, d=64, t=130, hkv=1, block_size=64, k=3, dtype=jnp.bfloat16, config=OVERLAP_ONE_SLOT),
+    Case(g=16, d=64, t=200, hkv=1, block_size=64, k=4, dtype=jnp.bfloat16, config=GROUPED),
 ]
 GPU_CASES = [
     Case(g=16, d=128, t=8192 + 37, block_size=64, k=24, dtype=jnp.bfloat16, config=TRITON_BWD),
@@ -111,7 +115,10 @@ def _ids(case):
     bwd = "".join(f"-{name}" for name in ("dkdv", "dq") if getattr(case.config, f"mosaic_{name}") is not None)
     pairs = "-pairs" if case.config.mosaic.blocks_per_step == 2 else ""
     overlap = "-overlap-pv" if case.config.mosaic.overlap_pv else ""
-    return f"{case}-mosaic-{'union' if case.config.min_share == 1 else 'share2'}{pairs}{overlap}{bwd}"
+    grouped = "-grouped-lists" if case.config.group_halves else ""
+    return (
+        f"{case}-mosaic-{'union' if case.config.min_share == 1 else 'share2'}{pairs}{overlap}{grouped}{bwd}"
+    )
 
 
 @pytest.mark.parametrize("case", CASES, ids=_ids)
