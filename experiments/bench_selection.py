@@ -102,10 +102,6 @@ SELECT_VARIANTS = {
     "mosaic_tree_group_sum": dataclasses.replace(
         pallas_selection.MOSAIC_SELECTION, mosaic=MosaicScore(tree_group_sum=True)
     ),
-    # Its fine pass's exponentials in packed float16, the group summed pairwise in float16.
-    "mosaic_half_exp2": dataclasses.replace(
-        pallas_selection.MOSAIC_SELECTION, mosaic=MosaicScore(half_exp2=True)
-    ),
 }
 
 
@@ -161,11 +157,6 @@ def _prefill_tilings(select=None, attention=None):
     return make
 
 
-def _fwd_tile(**changes):
-    """The default forward tile kernel's ``MosaicTile`` with ``changes``."""
-    return dataclasses.replace(sparse_attention.MOSAIC_BLOCK_SIZES.mosaic, **changes)
-
-
 # Named prefill variants for --prefill-variants (rows "pallas_<name>"): functions of the config.
 PREFILL_VARIANTS = {
     "xla_lists": _prefill_with_xla_lists,
@@ -184,17 +175,6 @@ PREFILL_VARIANTS = {
     "scoring_token_rows": _prefill_tilings(select=dict(mosaic=MosaicScore(key_rows=False))),
     "scoring_key_rows": _prefill_tilings(select=dict(mosaic=MosaicScore(key_rows_from_blocks=0))),
     "scoring_tree_group_sum": _prefill_tilings(select=dict(mosaic=MosaicScore(tree_group_sum=True))),
-    "scoring_half_exp2": _prefill_tilings(select=dict(mosaic=MosaicScore(half_exp2=True))),
-    # Tile lists grouped by the tiles' halves (BlockSizes.group_halves; the list kernel then takes whole
-    # rows per step), with the list kernel's default 4 warps or 8.
-    "grouped_lists": _prefill_tilings(attention=dict(group_halves=True)),
-    "grouped_lists_8_warps": _prefill_tilings(select=dict(list_warps=8), attention=dict(group_halves=True)),
-    # The forward tile kernel with FlashAttention-3's intra-warpgroup overlap (MosaicTile.overlap_pv),
-    # also with 240 registers per compute thread (24 for the memory warpgroup).
-    "fwd_overlap_pv": _prefill_tilings(attention=dict(mosaic=_fwd_tile(overlap_pv=True))),
-    "fwd_overlap_pv_240": _prefill_tilings(
-        attention=dict(mosaic=_fwd_tile(overlap_pv=True, compute_registers=240, memory_registers=24))
-    ),
 }
 
 

@@ -8,23 +8,11 @@ kernels move to ``jax_triton`` or Mosaic GPU by editing one module.
 
 import warnings
 
-import jax
-import jax.numpy as jnp
 from jax.experimental import pallas as pl
-from jax.experimental.mosaic import gpu as mgpu
 from jax.experimental.pallas import mosaic_gpu as plgpu
 from jax.experimental.pallas import triton as pltriton
 
-__all__ = [
-    "SWIZZLED_128B",
-    "dot",
-    "exp2_f16x2",
-    "pl",
-    "plgpu",
-    "pltriton",
-    "silence_triton_deprecation",
-    "triton_params",
-]
+__all__ = ["SWIZZLED_128B", "dot", "pl", "plgpu", "pltriton", "silence_triton_deprecation", "triton_params"]
 
 # SMEM layout of the Mosaic kernels' WGMMA operand tiles: 8-row x 64-column (128-byte at 16 bits) tiles,
 # 128-byte swizzle.
@@ -32,31 +20,6 @@ SWIZZLED_128B = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
 
 # 2-D tensor-core dot with optional transposes (``pl.dot`` moved to the Triton module in 0.10.2).
 dot = pltriton.dot
-
-
-def exp2_f16x2(x: jax.Array, *, interpret: bool) -> jax.Array:
-    """``2^x`` of a float16 array in the WGMMA register layout, inside a Mosaic GPU kernel.
-
-    One ``ex2.approx.f16x2`` per register pair: the XU pipe gives two results per op, where the
-    float32 ``jnp.exp2`` (``ex2.approx.ftz.f32``) gives one. PTX documents its relative error as at
-    most 2^-9.9; subnormal results are kept. Mosaic GPU lowers ``exp2`` approximately for float32
-    only, so this calls its packed-instruction helper through ``plgpu.inline_mgpu`` (a private
-    method of jax 0.11.2's ``FragmentedArray``). The interpreter cannot run ``inline_mgpu``; there,
-    ``interpret=True`` computes ``exp2`` in float32 and rounds the result to float16.
-    """
-    if interpret:
-        return jnp.exp2(x.astype(jnp.float32)).astype(jnp.float16)
-    layout = plgpu.Layout.WGMMA
-
-    @plgpu.inline_mgpu(
-        arg_types=(layout,), return_type=plgpu.ShapeDtypeStruct(x.shape, jnp.float16, layout=layout)
-    )
-    def ex2(_, a):
-        return a._pointwise(
-            mgpu.FragmentedArray._lift_fast_packed_instr("ex2.approx.f16x2", "ex2.approx.f16")
-        )
-
-    return ex2(x)
 
 
 def triton_params(num_warps: int, num_stages: int) -> pltriton.CompilerParams:

@@ -11,10 +11,9 @@ tokens' rows column block by column block, ascending:
 - columns chosen by at least ``min_share`` of the tile's tokens get the next tile-list slots (a
   prefix sum over the shared flags), the other chosen ones the next slots of their tokens' lists.
 
-The lists come out ascending (or grouped by the tile's halves, ``BlockSizes.group_halves``), like
-``tile_lists``', and equal them entry for entry for canonical inputs (tests compare both). Only
-tilings without ``mask_split`` (no mask-free group ahead of the rest; every shipped tiling) and with
-a tile phase are built here.
+The lists come out ascending, like ``tile_lists``' (which orders by block too), and equal them entry
+for entry for canonical inputs (tests compare both). Only tilings without ``mask_split`` (no
+mask-free group ahead of the rest; every shipped tiling) and with a tile phase are built here.
 
 On the H200 (``experiments/results/bench_selection_h200_fused_lists*.json``, same runs): the list
 kernel takes 1.2 ms at 128K and 0.04 ms at 16K, and the prefill drops from 58.73 to 56.76 ms at 128K
@@ -41,14 +40,12 @@ class ListTiling:
 
     Attributes:
       tile_tokens: tokens per tile; min_share: tokens of a tile that must share a block for the tile
-        phase; align: ``Tp`` is ``T`` rounded up to a multiple of this; group_halves: the tile lists'
-        order (``BlockSizes.group_halves``).
+        phase; align: ``Tp`` is ``T`` rounded up to a multiple of this.
     """
 
     tile_tokens: int
     min_share: int
     align: int
-    group_halves: bool = False
 
 
 def list_tiling(config: BlockSizes) -> ListTiling | None:
@@ -56,7 +53,7 @@ def list_tiling(config: BlockSizes) -> ListTiling | None:
     (no tile phase, or ``mask_split``: ``tile_lists`` then puts mask-free entries first)."""
     if config.tile_tokens == 0 or config.mask_split:
         return None
-    return ListTiling(config.tile_tokens, config.min_share, config.align, config.group_halves)
+    return ListTiling(config.tile_tokens, config.min_share, config.align)
 
 
 def _lists_kernel(
@@ -72,7 +69,6 @@ def _lists_kernel(
     step: int,
     min_share: int,
     block_size: int,
-    group_halves: bool,
 ):
     """One tile of ``tq`` tokens (leading batch / KV-head dims squeezed).
 
@@ -99,18 +95,7 @@ def _lists_kernel(
         chosen = pltriton.load(mask_ref.at[:, pl.ds(i * step, step)]).astype(jnp.int32)  # [tq, step]
         bits = jnp.sum(lax.shift_left(chosen, row), axis=0, keepdims=True)
         shared = jnp.sum(chosen, axis=0, keepdims=True) >= min_share
-        if group_halves:
-            # One step covers the whole row (``lists_from_masks``), so the groups are the row's.
-            first = (bits & ((1 << (tq // 2)) - 1)) != 0
-            second = lax.shift_right_logical(bits, tq // 2) != 0
-            rank = jnp.zeros_like(bits)
-            offset = jnp.zeros((1, 1), jnp.int32)
-            for group in (shared & first & second, shared & first & ~second, shared & second & ~first):
-                rank = jnp.where(group, offset + jnp.cumsum(group.astype(jnp.int32), axis=1) - 1, rank)
-                offset = offset + jnp.sum(group.astype(jnp.int32), axis=1, keepdims=True)
-        else:
-            rank = jnp.cumsum(shared.astype(jnp.int32), axis=1) - 1
-        slot = jnp.where(shared, n_tile + rank, lp - 1)
+        slot = jnp.where(shared, n_tile + jnp.cumsum(shared.astype(jnp.int32), axis=1) - 1, lp - 1)
         pltriton.store(tile_ids_ref.at[tile_row, slot], block, mask=shared)
         pltriton.store(tile_bits_ref.at[tile_row, slot], bits, mask=shared)
         own = (chosen > 0) & ~shared
@@ -159,8 +144,7 @@ def lists_from_masks(
       tiling: the attention's tiling (``list_tiling``).
       num_selected: ``K``, the most blocks a token keeps.
       block_size: tokens per key block.
-      step_elems: mask elements (tile rows x columns) a program reads per step, in registers (with
-        ``tiling.group_halves``, a whole row).
+      step_elems: mask elements (tile rows x columns) a program reads per step, in registers.
       warps, stages: Triton launch parameters.
       interpret: run in the Pallas interpreter (CPU).
 
@@ -174,8 +158,7 @@ def lists_from_masks(
     if chunk % tq or cols & (cols - 1):
         raise ValueError(f"masks {mask.shape}: need whole {tq}-token tiles and a power-of-two width")
     lp, kp = next_pow2(tq * num_selected + 1), next_pow2(num_selected + 1)
-    # Grouped lists take the whole row in one step (the groups' sizes must be known before placing).
-    step = cols if tiling.group_halves else min(cols, max(step_elems // tq, 16))
+    step = min(cols, max(step_elems // tq, 16))
     n_tiles = chunk // tq
 
     def tile_spec(width):
@@ -188,14 +171,7 @@ def lists_from_masks(
         return jax.ShapeDtypeStruct((b, hkv, rows, width), jnp.int32)
 
     return pl.pallas_call(
-        functools.partial(
-            _lists_kernel,
-            tq=tq,
-            step=step,
-            min_share=tiling.min_share,
-            block_size=block_size,
-            group_halves=tiling.group_halves,
-        ),
+        functools.partial(_lists_kernel, tq=tq, step=step, min_share=tiling.min_share, block_size=block_size),
         grid=(n_tiles, b, hkv),
         in_specs=[pl.BlockSpec((2,), lambda i, bi, h: (0,)), token_spec(cols)],
         out_specs=[tile_spec(lp), tile_spec(lp), tile_spec(2), token_spec(kp), token_spec(2)],

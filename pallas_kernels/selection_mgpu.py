@@ -46,7 +46,6 @@ from pallas_kernels._compat import SWIZZLED_128B, pl, plgpu
 from pallas_kernels.tiling import DEFAULT_MASK_VALUE, GROUP_ROWS, LOG2E
 
 __all__ = [
-    "HALF_EXP2_SHIFT",
     "HALO_SHIFT",
     "KEY_TILE",
     "TILE_TOKENS",
@@ -69,11 +68,6 @@ _SUPPORTED_HEAD_DIMS = (64, 128)
 # Column offset of the halo outputs: block j's last kernel is stored at column j + HALO_SHIFT, a whole
 # 64 bytes past its block (TMA stores need 16-byte aligned starts).
 HALO_SHIFT = 16
-# ``MosaicScore.half_exp2``: float16 probabilities are computed as p * 2^4. Stage-1 probabilities are
-# normalised by the coarse log-sum-exp, so they average ~64 / T over the fine kernels (2^-11 at 128K):
-# the shift keeps them normal float16 numbers (>= 2^-14) up to ~1M tokens and still leaves room for
-# single ones of up to 2^12.
-HALF_EXP2_SHIFT = 4
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
@@ -98,12 +92,6 @@ class MosaicScore:
       tree_group_sum: with ``key_rows``, add the group's per-head probability slices pairwise (for 16
         heads a chain of 4 dependent adds per element) instead of in order (15): written for a
         kernel whose profile shows latency stalls (session 12), not yet timed on a GPU.
-      half_exp2: with ``key_rows``, the fine pass's probabilities are packed float16 exponentials
-        (``ex2.approx.f16x2``: two per XU-pipe op instead of one), summed over the group pairwise in
-        float16. The exponent is rounded to float16 first (11 significant bits) and the results are
-        scaled by ``2^HALF_EXP2_SHIFT``, so that probabilities in [2^-18, 2^12) are normal float16
-        numbers (smaller ones lose bits, below 2^-28 they are 0, and from 2^12 on they are ``inf``,
-        which the top-k keeps like a forced block); the stores scale them back. Off: float32.
     """
 
     stages: int = 3
@@ -113,7 +101,6 @@ class MosaicScore:
     key_rows: bool = True
     key_rows_from_blocks: int = 128
     tree_group_sum: bool = False
-    half_exp2: bool = False
 
     def __post_init__(self):
         if self.stages < 1:

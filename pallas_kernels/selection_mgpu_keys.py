@@ -41,9 +41,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels._compat import SWIZZLED_128B, exp2_f16x2, pl, plgpu
+from pallas_kernels._compat import SWIZZLED_128B, pl, plgpu
 from pallas_kernels.selection_mgpu import (
-    HALF_EXP2_SHIFT,
     HALO_SHIFT,
     KEY_TILE,
     TILE_TOKENS,
@@ -88,7 +87,6 @@ def _kernel(
     pool: int,
     config: MosaicScore,
     in_place: bool,
-    interpret: bool,
 ):
     """One CTA: warpgroups 0 and 1 score tile ``tile``'s 8 tokens, warpgroup 2 streams the keys (refs
     and shapes as in ``score_tiles_mgpu_keys``)."""
@@ -183,9 +181,6 @@ def _kernel(
         q_col = plgpu.broadcasted_iota(jnp.int32, (64, _ROWS), 1, layout=layout)
         t_col = jnp.minimum(pos_ref[0] + tile * TILE_TOKENS + q_col % TILE_TOKENS, t_end)
         lse_cols = lax.broadcast_in_dim(lse, (64, _ROWS), [1])
-        if config.half_exp2:
-            # Float16 probabilities scaled by 2^HALF_EXP2_SHIFT (unscaled at the stores): see MosaicScore.
-            lse_cols = lse_cols - float(HALF_EXP2_SHIFT)
         block0 = w * _HALF_BLOCKS  # this warpgroup's first block of a pair tile
 
         def fine_step(j):
@@ -221,27 +216,20 @@ def _kernel(
                 def head_probs(g):
                     # Column 8 * head + token: the group sum adds whole 8-column slices.
                     cols = slice(g * TILE_TOKENS, (g + 1) * TILE_TOKENS)
-                    if config.half_exp2:
-                        xg = x[:, cols]
-                        if mode == "mask":
-                            xg = jnp.where(kernel_end[:, cols] <= t_col[:, cols] + 1, xg, -jnp.inf)
-                        return exp2_f16x2(xg.astype(jnp.float16), interpret=interpret)
                     p = jnp.exp2(x[:, cols])
                     if mode == "mask":
                         p = jnp.where(kernel_end[:, cols] <= t_col[:, cols] + 1, p, 0.0)
                     return p
 
                 probs = [head_probs(g) for g in range(group)]
-                if config.tree_group_sum or config.half_exp2:
-                    # Pairwise: 4 dependent adds per element instead of 15 (and in float16, 4
-                    # roundings instead of 15).
+                if config.tree_group_sum:
+                    # Pairwise: 4 dependent adds per element instead of 15.
                     while len(probs) > 1:
                         pairs = [probs[i : i + 2] for i in range(0, len(probs), 2)]
                         probs = [pair[0] + pair[1] if len(pair) == 2 else pair[0] for pair in pairs]
                     sums = probs[0]
                 else:
                     sums = functools.reduce(jnp.add, probs)
-                sums = sums.astype(jnp.float32)
                 return jnp.maximum(pooled, sums), sums
 
             # Sums of probabilities are >= 0, so a max that starts at 0 is the max over the steps. A
@@ -254,8 +242,6 @@ def _kernel(
             plgpu.wait_smem_to_gmem(2 * (buffers - 1), wait_read_only=True)
             # Transposed stores need the 2x2-transposed WGMMA layout (one shuffle per register pair).
             transposed = plgpu.Layout.WGMMA_TRANSPOSED
-            if config.half_exp2:
-                pooled, sums = pooled * 2.0**-HALF_EXP2_SHIFT, sums * 2.0**-HALF_EXP2_SHIFT
             buf.at[0].T[...] = plgpu.layout_cast(pooled, transposed)
             buf.at[1].T[...] = plgpu.layout_cast(sums, transposed)  # the last step: each block's last kernel
             plgpu.commit_smem()
@@ -376,15 +362,7 @@ def score_tiles_mgpu_keys(
         ),
     )
     kernel = functools.partial(
-        _kernel,
-        n1=n1,
-        n2=n2,
-        stride=stride,
-        group=group,
-        pool=pool,
-        config=config,
-        in_place=in_place,
-        interpret=interpret,
+        _kernel, n1=n1, n2=n2, stride=stride, group=group, pool=pool, config=config, in_place=in_place
     )
 
     # The profiler names the kernel after this function.

@@ -154,10 +154,19 @@ def _kernel(
 
         pl.when(wg == 1)(sync_point)
 
-        def softmax(s, m, entries, mask):
-            """The online softmax of one step's raw scores ``s``: new row maxima, probabilities (float32)
-            and their row sums. ``mask``: "none" (every row sees every key), "rows" (every key is
-            before the warpgroup's tokens, so a row sees a whole entry or none of it) or "scores"."""
+        def attend(carry, slot, entries, mask):
+            """One step; ``mask``: "none" (every row sees every key), "rows" (every key is before
+            the warpgroup's tokens, so a row sees a whole entry or none of it) or "scores"."""
+            acc, m, l = carry
+            plgpu.barrier_wait(k_bar.at[slot])
+
+            def qk(acc_ref):
+                plgpu.wgmma(acc_ref, my_q, k_smem.at[slot].T)
+                sync_point()
+                return acc_ref[...]
+
+            s = pl.run_scoped(qk, plgpu.ACC((_ROWS, keys), jnp.float32))
+            plgpu.barrier_arrive(k_free.at[slot])
             if mask == "rows":
                 # The mask is constant over an entry's 64 columns of a row, so it acts on row
                 # statistics only: an unselected entry leaves the row maximum alone and its
@@ -178,54 +187,23 @@ def _kernel(
                 ]
                 row_sum = functools.reduce(jnp.add, [part.sum(axis=1) for part in p_parts])
                 p = p_parts[0] if per_step == 1 else jnp.concatenate(p_parts, axis=1)
-                return m_new, p, row_sum
-            s = s * qk_scale
-            if mask == "scores":
-                # Column c holds key c % 64 of entry c // 64: its position is c + key_base.
-                blk, bits = entries[0]
-                key_base, col_bits = blk * _BLOCK, bits
-                for i, (blk, bits) in enumerate(entries[1:], 1):
-                    later = col >= i * _BLOCK
-                    key_base = jnp.where(later, (blk - i) * _BLOCK, key_base)
-                    col_bits = jnp.where(later, bits, col_bits)
-                valid = (col + key_base <= t_row) & ((lax.shift_right_logical(col_bits, bit_shift) & 1) == 1)
-                s = jnp.where(valid, s, DEFAULT_MASK_VALUE)
-            m_new = jnp.maximum(m, s.max(axis=1))
-            p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
-            return m_new, p, p.sum(axis=1)
-
-        def p_operand(p16):
-            if p_smem is None:
-                return p16
-            # The Mosaic GPU interpreter only takes SMEM operands for wgmma.
-            p_smem.at[wg][...] = p16
-            plgpu.commit_smem()
-            return p_smem.at[wg]
-
-        def scores(slot):
-            def qk(acc_ref):
-                plgpu.wgmma(acc_ref, my_q, k_smem.at[slot].T)
-                sync_point()
-                return acc_ref[...]
-
-            s = pl.run_scoped(qk, plgpu.ACC((_ROWS, keys), jnp.float32))
-            plgpu.barrier_arrive(k_free.at[slot])
-            return s
-
-        def pv_fresh(operand, slot):
-            """``P V`` into a fresh accumulator."""
-
-            def pv(acc_ref):
-                plgpu.wgmma(acc_ref, operand, v_smem.at[slot])
-                return acc_ref[...]
-
-            return pl.run_scoped(pv, plgpu.ACC((_ROWS, head_dim), jnp.float32))
-
-        def attend(carry, slot, entries, mask):
-            """One step (``mask`` as in ``softmax``)."""
-            acc, m, l = carry
-            plgpu.barrier_wait(k_bar.at[slot])
-            m_new, p, row_sum = softmax(scores(slot), m, entries, mask)
+            else:
+                s = s * qk_scale
+                if mask == "scores":
+                    # Column c holds key c % 64 of entry c // 64: its position is c + key_base.
+                    blk, bits = entries[0]
+                    key_base, col_bits = blk * _BLOCK, bits
+                    for i, (blk, bits) in enumerate(entries[1:], 1):
+                        later = col >= i * _BLOCK
+                        key_base = jnp.where(later, (blk - i) * _BLOCK, key_base)
+                        col_bits = jnp.where(later, bits, col_bits)
+                    valid = (col + key_base <= t_row) & (
+                        (lax.shift_right_logical(col_bits, bit_shift) & 1) == 1
+                    )
+                    s = jnp.where(valid, s, DEFAULT_MASK_VALUE)
+                m_new = jnp.maximum(m, s.max(axis=1))
+                p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
+                row_sum = p.sum(axis=1)
             alpha = jnp.exp2(m - m_new)
             l = l * alpha + row_sum
             p16 = p.astype(k_smem.dtype)
@@ -234,96 +212,22 @@ def _kernel(
             plgpu.barrier_wait(v_bar.at[slot])
             if config.pingpong:
                 plgpu.barrier_wait(sched)
+
+            if p_smem is not None:
+                # The Mosaic GPU interpreter only takes SMEM operands for wgmma.
+                p_smem.at[wg][...] = p16
+                plgpu.commit_smem()
+            p_operand = p16 if p_smem is None else p_smem.at[wg]
+
+            def pv(acc_ref):
+                plgpu.wgmma(acc_ref, p_operand, v_smem.at[slot])
+                return acc_ref[...]
+
             # A fresh accumulator, then one FMA per element: the same work as rescaling ``acc`` before
             # accumulating into it, and it keeps the rescale off the tensor cores' critical path.
-            pv_out = pv_fresh(p_operand(p16), slot)
+            pv_out = pl.run_scoped(pv, plgpu.ACC((_ROWS, head_dim), jnp.float32))
             plgpu.barrier_arrive(v_free.at[slot])
             return acc * lax.broadcast_in_dim(alpha, acc.shape, [0]) + pv_out, m_new, l
-
-        def first_overlapped(carry, slot, entries, mask):
-            """Step 0 of the overlapped schedule (``overlap_pv``): ``Q K^T`` and the softmax; its
-            ``P V`` runs in step 1. The carry is ``(acc, m, l, p16)`` of the previous step."""
-            acc, m, l, _ = carry
-            plgpu.barrier_wait(k_bar.at[slot])
-            m_new, p, row_sum = softmax(scores(slot), m, entries, mask)
-            if config.pingpong:
-                plgpu.barrier_arrive(sched)
-            alpha = jnp.exp2(m - m_new)
-            acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-            return acc, m_new, l * alpha + row_sum, p.astype(k_smem.dtype)
-
-        def overlapped(carry, slot, entries, mask):
-            """Step j >= 1: the tensor cores run ``Q K_j^T``, then step j - 1's ``P V`` into the output
-            accumulator, while the warpgroup computes step j's softmax (FlashAttention-3's
-            intra-warpgroup overlap); the accumulator is rescaled once the ``P V`` is done."""
-            acc, m, l, p_prev = carry
-            prev = lax.rem(slot + stages - 1, stages)
-            if config.pingpong:
-                plgpu.barrier_wait(sched)
-            plgpu.barrier_wait(k_bar.at[slot])
-            plgpu.barrier_wait(v_bar.at[prev])
-            operand = p_operand(p_prev)
-
-            def then_softmax(s_ref, issue_pv):
-                plgpu.wgmma(s_ref, my_q, k_smem.at[slot].T)
-                pv_result = issue_pv()
-                sync_point()
-                # Waits for Q K_j^T only: the P V (the last WGMMA group) stays in flight.
-                s = plgpu.wgmma_accumulator_load(s_ref, wait_n=1)
-                plgpu.barrier_arrive(k_free.at[slot])
-                m_new, p, row_sum = softmax(s, m, entries, mask)
-                if config.pingpong:
-                    plgpu.barrier_arrive(sched)
-                return m_new, p.astype(k_smem.dtype), row_sum, pv_result
-
-            if p_smem is None:
-
-                def in_place(refs):
-                    o_ref, (m_ref, p_ref, sum_ref) = refs
-
-                    def issue():
-                        plgpu.wgmma(o_ref, operand, v_smem.at[prev])
-
-                    m_ref[...], p_ref[...], sum_ref[...], _ = pl.run_scoped(
-                        lambda s_ref: then_softmax(s_ref, issue), plgpu.ACC((_ROWS, keys), jnp.float32)
-                    )
-
-                # run_state waits for every WGMMA group when it returns.
-                acc, (m_new, p16, row_sum) = pl.run_state(in_place)((plgpu.ACC.init(acc), (m, p_prev, l)))
-            else:
-                # The interpreter cannot run a preinitialised accumulator: a fresh one, added.
-                def fresh(s_ref, pv_ref):
-                    def issue():
-                        plgpu.wgmma(pv_ref, operand, v_smem.at[prev])
-                        return pv_ref
-
-                    m_new, p16, row_sum, pv_ref = then_softmax(s_ref, issue)
-                    return m_new, p16, row_sum, pv_ref[...]
-
-                m_new, p16, row_sum, pv_out = pl.run_scoped(
-                    fresh, plgpu.ACC((_ROWS, keys), jnp.float32), plgpu.ACC((_ROWS, head_dim), jnp.float32)
-                )
-                acc = acc + pv_out
-            plgpu.barrier_arrive(v_free.at[prev])
-            alpha = jnp.exp2(m - m_new)
-            acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-            return acc, m_new, l * alpha + row_sum, p16
-
-        def last_pv(carry, slot):
-            """The overlapped schedule's last ``P V`` (the previous step's, in ``slot``)."""
-            acc, _, _, p_prev = carry
-            if config.pingpong:
-                plgpu.barrier_wait(sched)
-            plgpu.barrier_wait(v_bar.at[slot])
-            operand = p_operand(p_prev)
-            if p_smem is None:
-                acc = pl.run_state(lambda o_ref: plgpu.wgmma(o_ref, operand, v_smem.at[slot]))(
-                    plgpu.ACC.init(acc)
-                )
-            else:
-                acc = acc + pv_fresh(operand, slot)
-            plgpu.barrier_arrive(v_free.at[slot])
-            return acc
 
         def pass_slot(carry, slot, entries):
             # None of this warpgroup's tokens selected the block: the same barrier traffic as
@@ -341,7 +245,7 @@ def _kernel(
 
         my_bits_mask = ((1 << _WG_TOKENS) - 1) << (wg * _WG_TOKENS)
 
-        def step(j, carry, attend_fn, skip):
+        def step(j, carry):
             slot = lax.rem(j, stages)
             entries = [list_entry(list_smem, j * per_step + i) for i in range(per_step)]
             any_bits = functools.reduce(lambda x, y: x | y, [bits for _, bits in entries])
@@ -353,27 +257,14 @@ def _kernel(
             # Every token of this warpgroup selected the step's blocks (padding has no bits).
             whole = before & (all_bits & my_bits_mask == my_bits_mask)
             paths = [
-                (pass_slot, skip and any_bits & my_bits_mask == 0),
-                (functools.partial(attend_fn, mask="none"), config.unmasked_path and whole),
-                (functools.partial(attend_fn, mask="rows"), config.row_masks and before),
-                (functools.partial(attend_fn, mask="scores"), True),
+                (pass_slot, config.skip_unselected and any_bits & my_bits_mask == 0),
+                (functools.partial(attend, mask="none"), config.unmasked_path and whole),
+                (functools.partial(attend, mask="rows"), config.row_masks and before),
+                (functools.partial(attend, mask="scores"), True),
             ]
             return run_first(paths, carry, slot, entries)
 
-        n_steps = _steps(count, per_step)
-        if config.overlap_pv:
-            # No skipped steps: a step's P V belongs to the next one.
-            carry = (acc, m, l, plgpu.layout_cast(jnp.zeros((_ROWS, keys), k_smem.dtype), wgmma_layout))
-            carry = lax.cond(n_steps > 0, lambda c: step(0, c, first_overlapped, False), lambda c: c, carry)
-            carry = lax.fori_loop(1, n_steps, lambda j, c: step(j, c, overlapped, False), carry)
-            acc = lax.cond(
-                n_steps > 0, lambda c: last_pv(c, lax.rem(n_steps - 1, stages)), lambda c: c[0], carry
-            )
-            m, l = carry[1], carry[2]
-        else:
-            acc, m, l = lax.fori_loop(
-                0, n_steps, lambda j, c: step(j, c, attend, config.skip_unselected), (acc, m, l)
-            )
+        acc, m, l = lax.fori_loop(0, _steps(count, per_step), step, (acc, m, l))
         pl.when(wg == 0)(sync_point)
         # The output staging buffer is the K ring's memory: wait until both warpgroups are done with it.
         plgpu.barrier_arrive(ring_done)

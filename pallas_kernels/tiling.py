@@ -62,9 +62,6 @@ class MosaicTile:
         steps; forward only).
       compute_registers, memory_registers: per-thread register budgets of the compute and memory
         warpgroups (``setmaxnreg``).
-      overlap_pv: forward only: step j issues its ``Q K^T`` and then step j - 1's ``P V`` (into the
-        output accumulator), and computes its softmax while that ``P V`` runs (FlashAttention-3's
-        intra-warpgroup overlap). No step is skipped then (``skip_unselected`` has no effect).
     """
 
     stages: int = 2
@@ -75,7 +72,6 @@ class MosaicTile:
     blocks_per_step: int = 1
     compute_registers: int = 232
     memory_registers: int = 40
-    overlap_pv: bool = False
 
     def __post_init__(self):
         if self.stages < 1:
@@ -119,11 +115,6 @@ class BlockSizes:
       mask_split: run the blocks that need no mask (all of the tile's tokens selected them and see
         all their keys) in a first loop without any masking. Off by default: on the H200 it saved
         1% in the tile phase and cost 10% in the token phase (experiments/results/NOTES_attention_kernels.md).
-      group_halves: order each tile list as the blocks that tokens of both halves of the tile selected,
-        then those that only first-half tokens did, then only second-half ones (each group ascending),
-        instead of ascending: the Mosaic forward's 2-block steps (``MosaicTile.blocks_per_step``)
-        then serve both compute warpgroups (one per half) or one, rarely one entry each. Needs an
-        even ``tile_tokens`` and no ``mask_split``.
       dkv_tokens: tokens stacked per step of the dK/dV walk (``dkv_tokens * 16`` rows).
       tile_warps, token_warps, dkv_warps: ``num_warps`` of the tile-phase, token-phase and dK/dV kernels.
       num_stages: Triton software-pipelining depth of every kernel.
@@ -148,7 +139,6 @@ class BlockSizes:
     tile_kv_blocks: int = 1
     token_kv_blocks: int = 1
     mask_split: bool = False
-    group_halves: bool = False
     dkv_tokens: int = 8
     tile_warps: int = 4
     token_warps: int = 2
@@ -162,15 +152,8 @@ class BlockSizes:
     def __post_init__(self):
         if (self.mosaic is not None or self.mosaic_dq is not None) and self.tile_tokens != 8:
             raise ValueError(f"the Mosaic tile phases run 8-token tiles, got tile_tokens={self.tile_tokens}")
-        if self.group_halves and (self.mask_split or self.tile_tokens % 2):
-            raise ValueError(
-                f"group_halves needs an even tile_tokens and no mask_split, got tile_tokens="
-                f"{self.tile_tokens}, mask_split={self.mask_split}"
-            )
         if self.mosaic_dq is not None and self.mosaic_dq.pingpong:
             raise ValueError("the Mosaic dQ tile phase has no ping-pong schedule (mosaic_dq.pingpong=True)")
-        if self.mosaic_dq is not None and self.mosaic_dq.overlap_pv:
-            raise ValueError("the Mosaic dQ tile phase has no P V to overlap (mosaic_dq.overlap_pv=True)")
         if self.mosaic_dq is not None and self.mosaic_dq.blocks_per_step != 1:
             raise ValueError(
                 "the Mosaic dQ tile phase takes one block per step "
@@ -282,8 +265,7 @@ def tile_lists(
     Within a tile of ``tile_tokens`` tokens, a block selected by ``n`` of its tokens goes to the tile
     phase (with an ``n``-bit token mask) when ``n >= min_share``, else to the token phase of each of
     those tokens. Lists that need no mask come first (``config.mask_split``), so the kernels run them
-    without any masking, as flash attention does for the blocks below the causal diagonal; or the
-    lists are grouped by the tile's halves (``config.group_halves``).
+    without any masking, as flash attention does for the blocks below the causal diagonal.
 
     Args:
       ids: ``canonical_blocks`` ids, ``[B, Hkv, Tp, K]``.
@@ -322,12 +304,7 @@ def tile_lists(
     # Entries that need no mask go first, then the masked ones, each group ascending.
     t0 = (q_offset + jnp.arange(tp // tq, dtype=jnp.int32) * tq)[None, None, :, None]
     free = (run_bits == (1 << tq) - 1) & (x * block_size + block_size - 1 <= t0) & config.mask_split
-    groups = (head & free, head & ~free)
-    if config.group_halves:
-        first = (run_bits & ((1 << (tq // 2)) - 1)) != 0
-        second = lax.shift_right_logical(run_bits, tq // 2) != 0
-        groups = (head & first & second, head & first & ~second, head & second & ~first)
-    tile_ids, tile_bits = _stable_partition(groups, (x, run_bits), fill=(0, 0))
+    tile_ids, tile_bits = _stable_partition((head & free, head & ~free), (x, run_bits), fill=(0, 0))
     tile_cnt = jnp.stack(
         [head.sum(axis=3, dtype=jnp.int32), (head & free).sum(axis=3, dtype=jnp.int32)], axis=-1
     )

@@ -67,8 +67,6 @@ TILINGS = {
     "8-token-tiles-share-3": BlockSizes(tile_tokens=8, min_share=3),
     "8-token-tiles-union-no-token-phase": BlockSizes(tile_tokens=8, min_share=1),
     "16-token-tiles-token-batch-2": BlockSizes(tile_tokens=16, min_share=2, token_batch=2),
-    "8-token-tiles-grouped-by-halves": BlockSizes(tile_tokens=8, min_share=2, group_halves=True),
-    "8-token-tiles-union-grouped-by-halves": BlockSizes(tile_tokens=8, min_share=1, group_halves=True),
 }
 
 
@@ -96,28 +94,6 @@ def test_lists_built_over_several_column_steps_equal_the_xla_lists(config):
     tiling = pallas_selection.BlockSizes(list_elems=64, list_warps=2, list_mask_dtype="int8")
     idx, lists = select_with_lists(q, k, SMALL, config, query_chunk=128, block_sizes=tiling)
     assert_lists_equal(lists, xla_lists(idx, config, SMALL))
-
-
-def test_grouped_lists_are_the_ascending_lists_grouped_by_halves():
-    # Blocks that tokens of both halves of the 8-token tile selected, then first-half-only, then
-    # second-half-only ones, each group in ascending order; the same entries and counts.
-    q, k, _ = qkv(0, 300)
-    idx, _ = select_with_lists(q, k, SMALL, TILINGS["8-token-tiles-share-2"], query_chunk=64)
-    plain = xla_lists(idx, TILINGS["8-token-tiles-share-2"], SMALL)
-    grouped = xla_lists(idx, TILINGS["8-token-tiles-grouped-by-halves"], SMALL)
-    np.testing.assert_array_equal(grouped.tile_cnt, plain.tile_cnt)
-    ids, bits = np.asarray(plain.tile_ids), np.asarray(plain.tile_bits)
-    valid = np.arange(ids.shape[-1]) < np.asarray(plain.tile_cnt)[..., :1]
-    first, second = (bits & 0xF) != 0, (bits >> 4) != 0
-    group = np.where(~valid, 3, np.where(first & second, 0, np.where(first, 1, 2)))
-    order = np.argsort(group, axis=-1, kind="stable")
-    np.testing.assert_array_equal(
-        np.asarray(grouped.tile_ids), np.take_along_axis(np.where(valid, ids, 0), order, -1)
-    )
-    np.testing.assert_array_equal(
-        np.asarray(grouped.tile_bits), np.take_along_axis(np.where(valid, bits, 0), order, -1)
-    )
-    assert {1, 2} <= set(np.unique(group[valid])), "the inputs have blocks of only one half"
 
 
 def test_list_kernel_launch_parameters_are_validated():

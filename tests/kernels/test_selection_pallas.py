@@ -14,12 +14,7 @@ What is checked:
   ``scale * q.K`` moves by at most ``u * scale * sum_d |q_d| |K_d|`` (delta1 for K1, delta2 for K2;
   lse2 moves by at most delta2), so ``p`` moves by at most a factor ``exp(delta1 + delta2)``; the
   ``"mma"`` group sum rounds ``p`` to bf16 (one more factor ``1 + u``); sums of positive terms and
-  max-pooling keep relative bounds; 1e-5 more covers float32 arithmetic (exp2, sums). With float16
-  probabilities (``MosaicScore.half_exp2``) each ``p * 2^4`` comes from an exponent ``y`` rounded to
-  float16 (a factor ``2^(2^-11 |y|)``, ``|y| <= max(16, 4 + log2(max score))`` for every term that is a
-  normal float16), PTX's ``ex2.approx.f16`` (relative error <= 2^-9.9) and 4 float16 pairwise sums (one
-  more factor ``1 + 2^-11`` each); smaller terms err by < 2^-22 in all, 2^-12 relative at the border
-  scores of >= 2^-10 that the tests check for.
+  max-pooling keep relative bounds; 1e-5 more covers float32 arithmetic (exp2, sums).
 - exact ties (constant keys) go to the lowest block ids, as with ``lax.top_k``.
 - a query slice at a traced ``q_offset`` (context parallelism) selects what the full sequence does.
 - end to end, ``infllmv2_attention(..., implementation="pallas")`` (this selection + the Pallas
@@ -115,9 +110,8 @@ def check_structure(idx, tokens, cfg):
     assert np.all(chosen[np.broadcast_to(forced, chosen.shape)]), "forced init/local blocks present"
 
 
-def bf16_score_tolerance(q, k, cfg, group_sum, scores=None):
-    """Relative block-score error bound of the bf16 kernel path (module docstring); ``group_sum`` "half"
-    (float16 probabilities) also needs the float32 reference ``scores``."""
+def bf16_score_tolerance(q, k, cfg, group_sum):
+    """Relative block-score error bound of the bf16 kernel path (module docstring)."""
     b, t, hq, d = q.shape
     hkv = k.shape[2]
     q_abs = jnp.abs(q.astype(jnp.float32)).reshape(b, t, hkv, hq // hkv, d)
@@ -131,24 +125,7 @@ def bf16_score_tolerance(q, k, cfg, group_sum, scores=None):
         deltas.append(float(jnp.max(bound, initial=0.0)) * d**-0.5)
     # 1e-6 relative slack on the float32 bound itself, 1e-5 for the kernel's float32 arithmetic.
     p_rounding = BF16_UNIT_ROUNDOFF if group_sum == "mma" else 0.0
-    if group_sum == "half":
-        p_rounding = half_exp2_error(scores)
     return float(np.exp(BF16_UNIT_ROUNDOFF * sum(deltas) * (1 + 1e-6)) * (1 + p_rounding) - 1) + 1e-5
-
-
-def half_exp2_error(scores):
-    """Relative block-score error of float16 probabilities (module docstring)."""
-    scores = np.asarray(scores)
-    positive = scores[np.isfinite(scores) & (scores > 0)]
-    y_max = max(16.0, 4.0 + float(np.log2(positive.max())))
-    return float(2.0 ** (2.0**-11 * y_max) * (1 + 2.0**-9.9) * (1 + 2.0**-11) ** 4 - 1) + 2.0**-12
-
-
-def assert_half_exp2_border_scores(idx, scores, tokens, cfg):
-    """``half_exp2_error``'s precondition: the border scores compared are at least 2^-10."""
-    lowest, highest = border_scores(idx, scores, tokens, cfg)
-    compared = np.isfinite(lowest) & np.isfinite(highest)
-    assert np.all(lowest[compared] >= 2.0**-10), "border scores too small for the float16 error bound"
 
 
 def assert_valid_topk(idx, scores, tokens, cfg, eps):
@@ -239,20 +216,17 @@ MOSAIC_TWO_STORE_BUFFERS = dataclasses.replace(
 )
 # The token-rows kernel: the group sum as a WGMMA on bf16 p.
 MOSAIC_TOKEN_ROWS = dataclasses.replace(MOSAIC, mosaic=MosaicScore(key_rows=False))
-MOSAIC_HALF_EXP2 = dataclasses.replace(MOSAIC, mosaic=MosaicScore(key_rows_from_blocks=0, half_exp2=True))
 
 
 def group_sum_of(block_sizes, nb):
     """The ``bf16_score_tolerance`` group sum of a tiling over ``nb`` key blocks: the keys-as-rows Mosaic
-    kernel sums float32 ``p`` in registers (as ``"reshape"``), or float16 ones (``"half"``); the
-    token-rows one and the Triton ``"mma"`` round it to bf16."""
+    kernel sums float32 ``p`` in registers (as ``"reshape"``); the token-rows one and the Triton
+    ``"mma"`` round it to bf16."""
     if block_sizes is None:
         block_sizes = pallas_selection.default_block_sizes(jnp.bfloat16, 128, 16, 4, interpret=INTERPRET)
     mosaic = block_sizes.mosaic
     if mosaic is not None:
-        if mosaic.key_rows and nb >= mosaic.key_rows_from_blocks:
-            return "half" if mosaic.half_exp2 else "reshape"
-        return "mma"
+        return "reshape" if mosaic.key_rows and nb >= mosaic.key_rows_from_blocks else "mma"
     return block_sizes.group_sum
 
 
@@ -292,10 +266,8 @@ def test_mosaic_scoring_is_a_valid_topk(cfg, t, hq, hkv, d, chunk, dtype, block_
     tokens = np.arange(t)
     check_structure(got, tokens, cfg)
     scores = np.asarray(block_scores(q.astype(jnp.float32), k.astype(jnp.float32), cfg), np.float64)
-    group_sum = group_sum_of(block_sizes, scores.shape[-1])
-    if group_sum == "half":
-        assert_half_exp2_border_scores(got, scores, tokens, cfg)
-    assert_valid_topk(got, scores, tokens, cfg, bf16_score_tolerance(q, k, cfg, group_sum, scores))
+    eps = bf16_score_tolerance(q, k, cfg, group_sum_of(block_sizes, scores.shape[-1]))
+    assert_valid_topk(got, scores, tokens, cfg, eps)
 
 
 @pytest.mark.parametrize(
@@ -304,15 +276,13 @@ def test_mosaic_scoring_is_a_valid_topk(cfg, t, hq, hkv, d, chunk, dtype, block_
         MOSAIC_TWO_STORE_BUFFERS.mosaic,
         dataclasses.replace(MOSAIC.mosaic, stages=1, store_buffers=1),
         dataclasses.replace(MOSAIC.mosaic, tree_group_sum=True),
-        MOSAIC_HALF_EXP2.mosaic,
         MOSAIC_TOKEN_ROWS.mosaic,
     ],
-    ids=["st2-two-store-buffers", "st1-one-store-buffer", "tree-group-sum", "half-exp2", "token-rows"],
+    ids=["st2-two-store-buffers", "st1-one-store-buffer", "tree-group-sum", "token-rows"],
 )
 def test_mosaic_scoring_options_are_a_valid_topk(mosaic):
     """Other ring depths and store buffers than the default (3 slots, one store buffer), the
-    pairwise group sum, float16 probabilities, and the token-rows kernel, over two coarse and five
-    fine key tiles."""
+    pairwise group sum, and the token-rows kernel, over two coarse and five fine key tiles."""
     block_sizes = dataclasses.replace(MOSAIC, mosaic=mosaic)
     test_mosaic_scoring_is_a_valid_topk(STRIDE1, 600, 16, 1, 64, 256, jnp.bfloat16, block_sizes=block_sizes)
 
@@ -360,7 +330,6 @@ _LOWERING_TILINGS = [
         "tree-group-sum",
         dataclasses.replace(MOSAIC, mosaic=MosaicScore(key_rows_from_blocks=0, tree_group_sum=True)),
     ),
-    ("half-exp2", MOSAIC_HALF_EXP2),
     ("token-rows", MOSAIC_TOKEN_ROWS),
 ]
 
@@ -603,14 +572,8 @@ def reference_scores_at(q, k, cfg, tokens):
 @pytest.mark.gpu
 @pytest.mark.parametrize(
     "block_sizes",
-    [None, pallas_selection.BlockSizes(), MOSAIC_TWO_STORE_BUFFERS, MOSAIC_TOKEN_ROWS, MOSAIC_HALF_EXP2],
-    ids=[
-        "default-tiling",
-        "triton-scoring",
-        "mosaic-st2-two-store-buffers",
-        "mosaic-token-rows",
-        "mosaic-half-exp2",
-    ],
+    [None, pallas_selection.BlockSizes(), MOSAIC_TWO_STORE_BUFFERS, MOSAIC_TOKEN_ROWS],
+    ids=["default-tiling", "triton-scoring", "mosaic-st2-two-store-buffers", "mosaic-token-rows"],
 )
 def test_gpu_shipped_config_32k_bf16_is_a_valid_topk(block_sizes):
     # The default tiling on an H100/H200 scores with the Mosaic GPU kernel; the Triton one elsewhere.
@@ -621,10 +584,7 @@ def test_gpu_shipped_config_32k_bf16_is_a_valid_topk(block_sizes):
     # Tokens past 6144 choose 62 of their past blocks by score; check a window at 8K and the tail.
     tokens = np.concatenate([np.arange(8000, 8256), np.arange(t - 256, t)])
     scores = reference_scores_at(q, k, SHIPPED, tokens)
-    group_sum = group_sum_of(block_sizes, t // SHIPPED.block_size)
-    if group_sum == "half":
-        assert_half_exp2_border_scores(got[:, :, tokens], scores, tokens, SHIPPED)
-    eps = bf16_score_tolerance(q[:, tokens], k, SHIPPED, group_sum, scores)
+    eps = bf16_score_tolerance(q[:, tokens], k, SHIPPED, group_sum_of(block_sizes, t // SHIPPED.block_size))
     assert_valid_topk(got[:, :, tokens], scores, tokens, SHIPPED, eps)
 
 

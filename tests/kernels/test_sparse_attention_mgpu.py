@@ -59,18 +59,6 @@ PAIRS_PINGPONG_UNION = dataclasses.replace(
     mosaic=dataclasses.replace(ROW_MASKS, blocks_per_step=2, pingpong=True),
     mosaic_dq=dataclasses.replace(ROW_MASKS, stages=1),
 )
-# FlashAttention-3's intra-warpgroup overlap in the forward: with the default's ping-pong, 128-key steps
-# and row masks; and without ping-pong, with a one-slot ring (K of step j and V of step j - 1 share
-# the slot), 64-key steps and every score masked.
-OVERLAP = dataclasses.replace(
-    MOSAIC_BLOCK_SIZES, mosaic=dataclasses.replace(MOSAIC_BLOCK_SIZES.mosaic, overlap_pv=True)
-)
-OVERLAP_ONE_SLOT = dataclasses.replace(
-    MOSAIC_BLOCK_SIZES, mosaic=dataclasses.replace(SCORE_MASKS, stages=1, overlap_pv=True)
-)
-# The default Mosaic tiling on tile lists grouped by the tiles' halves (odd groups: steps that pair
-# blocks of two groups).
-GROUPED = dataclasses.replace(MOSAIC_BLOCK_SIZES, group_halves=True)
 CASES = [
     Case(g=16, d=64, t=192, hkv=1, block_size=64, k=4, dtype=jnp.bfloat16, config=TRITON_BWD),
     # Block 0's list (~150 tokens) spans two 128-token chunks of the dK/dV kernel's list stream.
@@ -93,9 +81,6 @@ CASES = [
     # Lists of odd and even lengths: the last step of an odd list pairs its block with padding.
     Case(g=16, d=64, t=200, hkv=1, block_size=64, k=3, dtype=jnp.bfloat16, config=PAIRS),
     Case(g=3, d=128, t=130, hkv=1, block_size=64, k=3, dtype=jnp.float16, config=PAIRS_PINGPONG_UNION),
-    Case(g=16, d=64, t=200, hkv=1, block_size=64, k=3, dtype=jnp.bfloat16, config=OVERLAP),
-    Case(g=3, d=64, t=130, hkv=1, block_size=64, k=3, dtype=jnp.bfloat16, config=OVERLAP_ONE_SLOT),
-    Case(g=16, d=64, t=200, hkv=1, block_size=64, k=4, dtype=jnp.bfloat16, config=GROUPED),
 ]
 GPU_CASES = [
     Case(g=16, d=128, t=8192 + 37, block_size=64, k=24, dtype=jnp.bfloat16, config=TRITON_BWD),
@@ -106,19 +91,13 @@ GPU_CASES = [
     Case(g=16, d=64, t=4096 + 11, b=2, block_size=64, k=24, dtype=jnp.float16, config=MOSAIC_BLOCK_SIZES),
     Case(g=16, d=128, t=8192 + 37, block_size=64, k=25, dtype=jnp.bfloat16, config=PAIRS),
     Case(g=4, d=64, t=4096 + 5, b=2, block_size=64, k=15, dtype=jnp.bfloat16, config=PAIRS_PINGPONG_UNION),
-    Case(g=16, d=128, t=8192 + 37, block_size=64, k=25, dtype=jnp.bfloat16, config=OVERLAP),
-    Case(g=4, d=128, t=4096 + 5, b=2, block_size=64, k=15, dtype=jnp.bfloat16, config=OVERLAP_ONE_SLOT),
 ]
 
 
 def _ids(case):
     bwd = "".join(f"-{name}" for name in ("dkdv", "dq") if getattr(case.config, f"mosaic_{name}") is not None)
     pairs = "-pairs" if case.config.mosaic.blocks_per_step == 2 else ""
-    overlap = "-overlap-pv" if case.config.mosaic.overlap_pv else ""
-    grouped = "-grouped-lists" if case.config.group_halves else ""
-    return (
-        f"{case}-mosaic-{'union' if case.config.min_share == 1 else 'share2'}{pairs}{overlap}{grouped}{bwd}"
-    )
+    return f"{case}-mosaic-{'union' if case.config.min_share == 1 else 'share2'}{pairs}{bwd}"
 
 
 @pytest.mark.parametrize("case", CASES, ids=_ids)
@@ -145,8 +124,6 @@ def test_config_needs_8_token_tiles():
         BlockSizes(tile_tokens=4, mosaic_dq=MosaicTile())
     with pytest.raises(ValueError, match="no ping-pong"):
         BlockSizes(tile_tokens=8, mosaic_dq=MosaicTile(pingpong=True))
-    with pytest.raises(ValueError, match="no P V to overlap"):
-        BlockSizes(tile_tokens=8, mosaic_dq=MosaicTile(overlap_pv=True))
     with pytest.raises(ValueError, match="one block per step"):
         BlockSizes(tile_tokens=8, mosaic_dq=MosaicTile(blocks_per_step=2))
     with pytest.raises(ValueError, match="blocks_per_step must be 1 or 2"):
@@ -206,8 +183,6 @@ def _assert_lowers_for_cuda(fn, *args):
         PAIRS.mosaic,
         PAIRS_PINGPONG_UNION.mosaic,
         dataclasses.replace(MOSAIC_BLOCK_SIZES.mosaic, row_masks=False),
-        OVERLAP.mosaic,
-        OVERLAP_ONE_SLOT.mosaic,
     ],
     ids=[
         "default",
@@ -216,8 +191,6 @@ def _assert_lowers_for_cuda(fn, *args):
         "pairs",
         "pairs-pingpong-union",
         "default-score-masks",
-        "overlap-pv",
-        "overlap-pv-one-slot",
     ],
 )
 def test_lowers_for_cuda(mosaic):
