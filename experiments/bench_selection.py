@@ -98,10 +98,6 @@ SELECT_VARIANTS = {
     ),
     # The default scoring with a 4-slot ring (keys as rows from 128 blocks on, token rows below).
     "mosaic_st4": dataclasses.replace(pallas_selection.MOSAIC_SELECTION, mosaic=MosaicScore(stages=4)),
-    # The keys-as-rows kernel's group sum added pairwise (not yet timed; session 12's next lever).
-    "mosaic_tree_group_sum": dataclasses.replace(
-        pallas_selection.MOSAIC_SELECTION, mosaic=MosaicScore(tree_group_sum=True)
-    ),
 }
 
 
@@ -174,7 +170,6 @@ PREFILL_VARIANTS = {
     # The scoring kernel at every length: session 9's (token rows, E^T P group sum), or keys as rows.
     "scoring_token_rows": _prefill_tilings(select=dict(mosaic=MosaicScore(key_rows=False))),
     "scoring_key_rows": _prefill_tilings(select=dict(mosaic=MosaicScore(key_rows_from_blocks=0))),
-    "scoring_tree_group_sum": _prefill_tilings(select=dict(mosaic=MosaicScore(tree_group_sum=True))),
 }
 
 

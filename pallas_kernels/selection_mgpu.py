@@ -89,9 +89,6 @@ class MosaicScore:
         of 128-block pair tiles per warpgroup, so on short sequences the partly visible last one
         costs more than the group-sum WGMMA it saves. Session 12 measured the prefill with either
         kernel as fast from 128 blocks (8K tokens at block size 64) and keys as rows faster from 512.
-      tree_group_sum: with ``key_rows``, add the group's per-head probability slices pairwise (for 16
-        heads a chain of 4 dependent adds per element) instead of in order (15): written for a
-        kernel whose profile shows latency stalls (session 12), not yet timed on a GPU.
     """
 
     stages: int = 3
@@ -100,7 +97,6 @@ class MosaicScore:
     memory_registers: int = 40
     key_rows: bool = True
     key_rows_from_blocks: int = 128
-    tree_group_sum: bool = False
 
     def __post_init__(self):
         if self.stages < 1:

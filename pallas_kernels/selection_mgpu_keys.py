@@ -221,15 +221,7 @@ def _kernel(
                         p = jnp.where(kernel_end[:, cols] <= t_col[:, cols] + 1, p, 0.0)
                     return p
 
-                probs = [head_probs(g) for g in range(group)]
-                if config.tree_group_sum:
-                    # Pairwise: 4 dependent adds per element instead of 15.
-                    while len(probs) > 1:
-                        pairs = [probs[i : i + 2] for i in range(0, len(probs), 2)]
-                        probs = [pair[0] + pair[1] if len(pair) == 2 else pair[0] for pair in pairs]
-                    sums = probs[0]
-                else:
-                    sums = functools.reduce(jnp.add, probs)
+                sums = functools.reduce(jnp.add, [head_probs(g) for g in range(group)])
                 return jnp.maximum(pooled, sums), sums
 
             # Sums of probabilities are >= 0, so a max that starts at 0 is the max over the steps. A

@@ -275,14 +275,13 @@ def test_mosaic_scoring_is_a_valid_topk(cfg, t, hq, hkv, d, chunk, dtype, block_
     [
         MOSAIC_TWO_STORE_BUFFERS.mosaic,
         dataclasses.replace(MOSAIC.mosaic, stages=1, store_buffers=1),
-        dataclasses.replace(MOSAIC.mosaic, tree_group_sum=True),
         MOSAIC_TOKEN_ROWS.mosaic,
     ],
-    ids=["st2-two-store-buffers", "st1-one-store-buffer", "tree-group-sum", "token-rows"],
+    ids=["st2-two-store-buffers", "st1-one-store-buffer", "token-rows"],
 )
 def test_mosaic_scoring_options_are_a_valid_topk(mosaic):
-    """Other ring depths and store buffers than the default (3 slots, one store buffer), the
-    pairwise group sum, and the token-rows kernel, over two coarse and five fine key tiles."""
+    """Other ring depths and store buffers than the default (3 slots, one store buffer), and the
+    token-rows kernel, over two coarse and five fine key tiles."""
     block_sizes = dataclasses.replace(MOSAIC, mosaic=mosaic)
     test_mosaic_scoring_is_a_valid_topk(STRIDE1, 600, 16, 1, 64, 256, jnp.bfloat16, block_sizes=block_sizes)
 
@@ -326,10 +325,6 @@ def test_permute_fine_keys_puts_each_blocks_kernels_in_one_column_of_each_slice(
 _LOWERING_TILINGS = [
     ("default", MOSAIC),
     ("st2-two-store-buffers", MOSAIC_TWO_STORE_BUFFERS),
-    (
-        "tree-group-sum",
-        dataclasses.replace(MOSAIC, mosaic=MosaicScore(key_rows_from_blocks=0, tree_group_sum=True)),
-    ),
     ("token-rows", MOSAIC_TOKEN_ROWS),
 ]
 
