@@ -98,6 +98,10 @@ SELECT_VARIANTS = {
     ),
     # The default scoring with a 4-slot ring (keys as rows from 128 blocks on, token rows below).
     "mosaic_st4": dataclasses.replace(pallas_selection.MOSAIC_SELECTION, mosaic=MosaicScore(stages=4)),
+    # Pooled scores stored in bf16 (MosaicScore.bf16_scores), as the official kernel stores them.
+    "mosaic_bf16_scores": dataclasses.replace(
+        pallas_selection.MOSAIC_SELECTION, mosaic=MosaicScore(bf16_scores=True)
+    ),
 }
 
 
@@ -170,6 +174,7 @@ PREFILL_VARIANTS = {
     # The scoring kernel at every length: session 9's (token rows, E^T P group sum), or keys as rows.
     "scoring_token_rows": _prefill_tilings(select=dict(mosaic=MosaicScore(key_rows=False))),
     "scoring_key_rows": _prefill_tilings(select=dict(mosaic=MosaicScore(key_rows_from_blocks=0))),
+    "scoring_bf16_scores": _prefill_tilings(select=dict(mosaic=MosaicScore(bf16_scores=True))),
 }
 
 

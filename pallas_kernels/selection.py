@@ -238,7 +238,8 @@ def _topk_kernel(
 
     Refs (leading batch / KV-head dims squeezed):
       pos_ref: ``[2]`` int32: key position of the chunk's first query, and of the last query.
-      body_ref, halo_ref: ``[tq, >= nb_pad]`` float32 from the scoring kernel (Triton or Mosaic).
+      body_ref, halo_ref: ``[tq, >= nb_pad]`` float32 from the scoring kernel (Triton or Mosaic), or
+        bfloat16 (``MosaicScore.bf16_scores``).
       idx_ref: ``[tq, Kp]`` int32 out, ``Kp > num_selected``: ascending ids, then -1. Slot ``Kp - 1``
         is scratch for the masked scatter and is sliced away by the caller.
       mask_ref: optional ``[tq, nb_pad]`` int32 or int8 out: 1 where the token kept the block, 0
@@ -256,6 +257,9 @@ def _topk_kernel(
     # Column j of this window is block j - 1's last kernel (the score kernels' HALO_SHIFT).
     halo_cols = pl.ds(HALO_SHIFT - 1, nb_pad)
     halo = pltriton.load(halo_ref.at[:, halo_cols], mask=(j >= 1) & (pool * j <= n1_vis), other=0.0)
+    # bfloat16 scores are float32 ones with 16 zero low bits: a search over the top 16 bits is exact.
+    key_bits = 16 if body.dtype == jnp.bfloat16 else 32
+    body, halo = body.astype(jnp.float32), halo.astype(jnp.float32)
     score = jnp.where(jnp.maximum(pool * j - 1, 0) < n1, jnp.maximum(body, halo), -jnp.inf)
     q_block = lax.div(t, block_size)
     forced = (j < init_blocks) | ((j >= q_block - local_blocks) & (j <= q_block))
@@ -264,6 +268,9 @@ def _topk_kernel(
     # Order-preserving int32 keys (flip the magnitude bits of negatives); padding columns sort last.
     bits = lax.bitcast_convert_type(score, jnp.int32)
     key = bits ^ (lax.shift_right_arithmetic(bits, 31) & 0x7FFFFFFF)
+    if key_bits == 16:
+        # Negative scores' keys have their low bits flipped to ones; clearing them keeps the order.
+        key = key & ~0xFFFF
     key = jnp.where(j < nb, key, _INT32_MIN)
 
     # Largest threshold thr (in unsigned order, key ^ INT32_MIN) with count(key >= thr) >= k_sel,
@@ -285,7 +292,7 @@ def _topk_kernel(
             # A max over one axis at a time, not jnp.any: Pallas' Triton lowering has no reduce_or,
             # and it failed on a reduction over both axes at once (jax 0.11.2).
             open_rows = jnp.max((count_thr != k_sel).astype(jnp.int32), axis=1)
-            return (i < 32) & (jnp.max(open_rows, axis=0) > 0)
+            return (i < key_bits) & (jnp.max(open_rows, axis=0) > 0)
 
         def step(state):
             i, thr, count_thr = state
@@ -296,7 +303,7 @@ def _topk_kernel(
         state = (jnp.int32(0), thr, jnp.full((tq, 1), nb_pad, jnp.int32))
         _, thr, _ = lax.while_loop(searching, step, state)
     else:
-        thr = lax.fori_loop(0, 32, lambda i, thr: search_step(i, thr)[0], thr)
+        thr = lax.fori_loop(0, key_bits, lambda i, thr: search_step(i, thr)[0], thr)
     kth = thr ^ _INT32_MIN
     above = key > kth
     n_above = jnp.sum(above.astype(jnp.int32), axis=1, keepdims=True)

@@ -51,6 +51,7 @@ __all__ = [
     "TILE_TOKENS",
     "MosaicScore",
     "permute_fine_keys",
+    "score_dtype",
     "score_tiles_mgpu",
     "stream_key_tiles",
     "supported_mosaic_scoring",
@@ -89,6 +90,11 @@ class MosaicScore:
         of 128-block pair tiles per warpgroup, so on short sequences the partly visible last one
         costs more than the group-sum WGMMA it saves. Session 12 measured the prefill with either
         kernel as fast from 128 blocks (8K tokens at block size 64) and keys as rows faster from 512.
+      bf16_scores: the pooled block scores (``body``, ``halo``) go to HBM in bfloat16, rounded to
+        nearest from the float32 sums, as the official kernel stores its stage-1 scores (SPEC.md
+        §4, §13 item 4: rounding is monotonic, so pooling the rounded scores or rounding the pooled
+        ones is the same); half the bytes to write and for the top-k to read, whose bitwise search
+        then takes at most 16 passes. Off: float32.
     """
 
     stages: int = 3
@@ -97,6 +103,7 @@ class MosaicScore:
     memory_registers: int = 40
     key_rows: bool = True
     key_rows_from_blocks: int = 128
+    bf16_scores: bool = False
 
     def __post_init__(self):
         if self.stages < 1:
@@ -107,6 +114,11 @@ class MosaicScore:
             )
         if self.store_buffers not in (1, 2):
             raise ValueError(f"MosaicScore.store_buffers must be 1 or 2, got {self.store_buffers}")
+
+
+def score_dtype(config: MosaicScore):
+    """dtype of the Mosaic scoring kernels' pooled outputs (``MosaicScore.bf16_scores``)."""
+    return jnp.bfloat16 if config.bf16_scores else jnp.float32
 
 
 def supported_mosaic_scoring(dtype, head_dim: int, group: int, pool: int) -> str | None:
@@ -271,8 +283,8 @@ def _kernel(
             # The stores that last read this buffer (``buffers`` steps ago) must be done; with two
             # buffers the previous step's two may still be in flight.
             plgpu.wait_smem_to_gmem(2 * (buffers - 1), wait_read_only=True)
-            buf.at[0][...] = functools.reduce(jnp.maximum, parts)
-            buf.at[1][...] = parts[-1]
+            buf.at[0][...] = functools.reduce(jnp.maximum, parts).astype(score_dtype(config))
+            buf.at[1][...] = parts[-1].astype(score_dtype(config))
             plgpu.commit_smem()
             tokens = pl.ds(tok0, _WG_TOKENS)
             plgpu.copy_smem_to_gmem(
@@ -377,7 +389,8 @@ def score_tiles_mgpu(
       interpret: run in the Mosaic GPU interpreter (CPU tests).
 
     Returns:
-      ``body, halo [B, Hkv, C, width]`` float32; columns of blocks the token cannot see are unspecified.
+      ``body, halo [B, Hkv, C, width]`` float32 (bfloat16 with ``config.bf16_scores``); columns of
+      blocks the token cannot see are unspecified.
     """
     if config.key_rows:
         raise ValueError(
@@ -410,7 +423,7 @@ def score_tiles_mgpu(
             plgpu.SMEM((_COMPUTE_WGS, _ROWS, KEY_TILE), jnp.bfloat16, transforms=SWIZZLED_128B),
             plgpu.SMEM((_COMPUTE_WGS, _ROWS, _ROWS), jnp.bfloat16, transforms=SWIZZLED_128B),
             # Per warpgroup ``store_buffers`` buffers (alternate steps) of pooled maxima and halos.
-            plgpu.SMEM((_COMPUTE_WGS, config.store_buffers, 2, _ROWS, per_tile), jnp.float32),
+            plgpu.SMEM((_COMPUTE_WGS, config.store_buffers, 2, _ROWS, per_tile), score_dtype(config)),
         ),
         (
             # The queries: one copy per warpgroup, or one per token in place.
@@ -427,7 +440,7 @@ def score_tiles_mgpu(
     def infllmv2_select_scores_mgpu(*refs):
         pl.run_scoped(lambda *allocs: kernel(*refs, scratch=allocs), *scratch, collective_axes="wg")
 
-    out = jax.ShapeDtypeStruct((b, hkv, chunk, width), jnp.float32)
+    out = jax.ShapeDtypeStruct((b, hkv, chunk, width), score_dtype(config))
     return plgpu.kernel(
         infllmv2_select_scores_mgpu,
         out_type=(out, out),

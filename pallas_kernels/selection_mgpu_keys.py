@@ -47,6 +47,7 @@ from pallas_kernels.selection_mgpu import (
     KEY_TILE,
     TILE_TOKENS,
     MosaicScore,
+    score_dtype,
     stream_key_tiles,
     supported_mosaic_scoring,
     visible_kernels,
@@ -234,8 +235,9 @@ def _kernel(
             plgpu.wait_smem_to_gmem(2 * (buffers - 1), wait_read_only=True)
             # Transposed stores need the 2x2-transposed WGMMA layout (one shuffle per register pair).
             transposed = plgpu.Layout.WGMMA_TRANSPOSED
-            buf.at[0].T[...] = plgpu.layout_cast(pooled, transposed)
-            buf.at[1].T[...] = plgpu.layout_cast(sums, transposed)  # the last step: each block's last kernel
+            buf.at[0].T[...] = plgpu.layout_cast(pooled.astype(score_dtype(config)), transposed)
+            # The last step: each block's last kernel.
+            buf.at[1].T[...] = plgpu.layout_cast(sums.astype(score_dtype(config)), transposed)
             plgpu.commit_smem()
             blocks = pt * PAIR_BLOCKS + block0
             tokens = pl.ds(tile * TILE_TOKENS, TILE_TOKENS)
@@ -303,7 +305,8 @@ def score_tiles_mgpu_keys(
       interpret: run in the Mosaic GPU interpreter (CPU tests).
 
     Returns:
-      ``body, halo [B, Hkv, C, width]`` float32; columns of blocks the token cannot see are unspecified.
+      ``body, halo [B, Hkv, C, width]`` float32 (bfloat16 with ``config.bf16_scores``); columns of
+      blocks the token cannot see are unspecified.
     """
     if not config.key_rows:
         raise ValueError("MosaicScore(key_rows=False) is score_tiles_mgpu's configuration, not this kernel's")
@@ -343,7 +346,9 @@ def score_tiles_mgpu_keys(
             plgpu.SMEM((_ROWS,), jnp.float32),
             # Per warpgroup ``store_buffers`` buffers (alternate pair tiles) of pooled maxima and halos,
             # token-major.
-            plgpu.SMEM((_COMPUTE_WGS, config.store_buffers, 2, TILE_TOKENS, _HALF_BLOCKS), jnp.float32),
+            plgpu.SMEM(
+                (_COMPUTE_WGS, config.store_buffers, 2, TILE_TOKENS, _HALF_BLOCKS), score_dtype(config)
+            ),
         ),
         (
             # Per warpgroup, one arrival per query copy: 8 strided boxes in place, else one.
@@ -361,7 +366,7 @@ def score_tiles_mgpu_keys(
     def infllmv2_select_scores_mgpu_keys(*refs):
         pl.run_scoped(lambda *allocs: kernel(*refs, scratch=allocs), *scratch, collective_axes="wg")
 
-    out = jax.ShapeDtypeStruct((b, hkv, chunk, width), jnp.float32)
+    out = jax.ShapeDtypeStruct((b, hkv, chunk, width), score_dtype(config))
     return plgpu.kernel(
         infllmv2_select_scores_mgpu_keys,
         out_type=(out, out),

@@ -14,7 +14,9 @@ What is checked:
   ``scale * q.K`` moves by at most ``u * scale * sum_d |q_d| |K_d|`` (delta1 for K1, delta2 for K2;
   lse2 moves by at most delta2), so ``p`` moves by at most a factor ``exp(delta1 + delta2)``; the
   ``"mma"`` group sum rounds ``p`` to bf16 (one more factor ``1 + u``); sums of positive terms and
-  max-pooling keep relative bounds; 1e-5 more covers float32 arithmetic (exp2, sums).
+  max-pooling keep relative bounds; 1e-5 more covers float32 arithmetic (exp2, sums). Pooled scores
+  stored in bf16 (``MosaicScore.bf16_scores``) add one more factor ``1 + u``: rounding to nearest is
+  monotonic, so the kernel's set is a valid top-k of scores each within that factor.
 - exact ties (constant keys) go to the lowest block ids, as with ``lax.top_k``.
 - a query slice at a traced ``q_offset`` (context parallelism) selects what the full sequence does.
 - end to end, ``infllmv2_attention(..., implementation="pallas")`` (this selection + the Pallas
@@ -110,7 +112,7 @@ def check_structure(idx, tokens, cfg):
     assert np.all(chosen[np.broadcast_to(forced, chosen.shape)]), "forced init/local blocks present"
 
 
-def bf16_score_tolerance(q, k, cfg, group_sum):
+def bf16_score_tolerance(q, k, cfg, group_sum, bf16_scores=False):
     """Relative block-score error bound of the bf16 kernel path (module docstring)."""
     b, t, hq, d = q.shape
     hkv = k.shape[2]
@@ -125,7 +127,9 @@ def bf16_score_tolerance(q, k, cfg, group_sum):
         deltas.append(float(jnp.max(bound, initial=0.0)) * d**-0.5)
     # 1e-6 relative slack on the float32 bound itself, 1e-5 for the kernel's float32 arithmetic.
     p_rounding = BF16_UNIT_ROUNDOFF if group_sum == "mma" else 0.0
-    return float(np.exp(BF16_UNIT_ROUNDOFF * sum(deltas) * (1 + 1e-6)) * (1 + p_rounding) - 1) + 1e-5
+    score_rounding = BF16_UNIT_ROUNDOFF if bf16_scores else 0.0
+    bound = np.exp(BF16_UNIT_ROUNDOFF * sum(deltas) * (1 + 1e-6)) * (1 + p_rounding) * (1 + score_rounding)
+    return float(bound - 1) + 1e-5
 
 
 def assert_valid_topk(idx, scores, tokens, cfg, eps):
@@ -216,6 +220,11 @@ MOSAIC_TWO_STORE_BUFFERS = dataclasses.replace(
 )
 # The token-rows kernel: the group sum as a WGMMA on bf16 p.
 MOSAIC_TOKEN_ROWS = dataclasses.replace(MOSAIC, mosaic=MosaicScore(key_rows=False))
+# Pooled scores stored in bf16, with either kernel.
+MOSAIC_BF16_SCORES = dataclasses.replace(MOSAIC, mosaic=MosaicScore(key_rows_from_blocks=0, bf16_scores=True))
+MOSAIC_TOKEN_ROWS_BF16_SCORES = dataclasses.replace(
+    MOSAIC, mosaic=MosaicScore(key_rows=False, bf16_scores=True)
+)
 
 
 def group_sum_of(block_sizes, nb):
@@ -228,6 +237,13 @@ def group_sum_of(block_sizes, nb):
     if mosaic is not None:
         return "reshape" if mosaic.key_rows and nb >= mosaic.key_rows_from_blocks else "mma"
     return block_sizes.group_sum
+
+
+def bf16_scores_of(block_sizes):
+    """Whether a tiling's scoring kernel stores its pooled scores in bf16 (the Mosaic kernels' option)."""
+    if block_sizes is None:
+        block_sizes = pallas_selection.default_block_sizes(jnp.bfloat16, 128, 16, 4, interpret=INTERPRET)
+    return block_sizes.mosaic is not None and block_sizes.mosaic.bf16_scores
 
 
 POOL8 = SparseConfig(block_size=32, kernel_size=8, kernel_stride=4, window_size=32, topk=3, dense_len=-1)
@@ -266,7 +282,8 @@ def test_mosaic_scoring_is_a_valid_topk(cfg, t, hq, hkv, d, chunk, dtype, block_
     tokens = np.arange(t)
     check_structure(got, tokens, cfg)
     scores = np.asarray(block_scores(q.astype(jnp.float32), k.astype(jnp.float32), cfg), np.float64)
-    eps = bf16_score_tolerance(q, k, cfg, group_sum_of(block_sizes, scores.shape[-1]))
+    group_sum = group_sum_of(block_sizes, scores.shape[-1])
+    eps = bf16_score_tolerance(q, k, cfg, group_sum, bf16_scores_of(block_sizes))
     assert_valid_topk(got, scores, tokens, cfg, eps)
 
 
@@ -276,12 +293,21 @@ def test_mosaic_scoring_is_a_valid_topk(cfg, t, hq, hkv, d, chunk, dtype, block_
         MOSAIC_TWO_STORE_BUFFERS.mosaic,
         dataclasses.replace(MOSAIC.mosaic, stages=1, store_buffers=1),
         MOSAIC_TOKEN_ROWS.mosaic,
+        MOSAIC_BF16_SCORES.mosaic,
+        MOSAIC_TOKEN_ROWS_BF16_SCORES.mosaic,
     ],
-    ids=["st2-two-store-buffers", "st1-one-store-buffer", "token-rows"],
+    ids=[
+        "st2-two-store-buffers",
+        "st1-one-store-buffer",
+        "token-rows",
+        "bf16-scores",
+        "token-rows-bf16-scores",
+    ],
 )
 def test_mosaic_scoring_options_are_a_valid_topk(mosaic):
-    """Other ring depths and store buffers than the default (3 slots, one store buffer), and the
-    token-rows kernel, over two coarse and five fine key tiles."""
+    """Other ring depths and store buffers than the default (3 slots, one store buffer), the
+    token-rows kernel, and bf16 pooled scores with either kernel, over two coarse and five fine key
+    tiles."""
     block_sizes = dataclasses.replace(MOSAIC, mosaic=mosaic)
     test_mosaic_scoring_is_a_valid_topk(STRIDE1, 600, 16, 1, 64, 256, jnp.bfloat16, block_sizes=block_sizes)
 
@@ -326,6 +352,8 @@ _LOWERING_TILINGS = [
     ("default", MOSAIC),
     ("st2-two-store-buffers", MOSAIC_TWO_STORE_BUFFERS),
     ("token-rows", MOSAIC_TOKEN_ROWS),
+    ("bf16-scores", MOSAIC_BF16_SCORES),
+    ("token-rows-bf16-scores", MOSAIC_TOKEN_ROWS_BF16_SCORES),
 ]
 
 
@@ -567,8 +595,14 @@ def reference_scores_at(q, k, cfg, tokens):
 @pytest.mark.gpu
 @pytest.mark.parametrize(
     "block_sizes",
-    [None, pallas_selection.BlockSizes(), MOSAIC_TWO_STORE_BUFFERS, MOSAIC_TOKEN_ROWS],
-    ids=["default-tiling", "triton-scoring", "mosaic-st2-two-store-buffers", "mosaic-token-rows"],
+    [None, pallas_selection.BlockSizes(), MOSAIC_TWO_STORE_BUFFERS, MOSAIC_TOKEN_ROWS, MOSAIC_BF16_SCORES],
+    ids=[
+        "default-tiling",
+        "triton-scoring",
+        "mosaic-st2-two-store-buffers",
+        "mosaic-token-rows",
+        "mosaic-bf16-scores",
+    ],
 )
 def test_gpu_shipped_config_32k_bf16_is_a_valid_topk(block_sizes):
     # The default tiling on an H100/H200 scores with the Mosaic GPU kernel; the Triton one elsewhere.
@@ -579,7 +613,8 @@ def test_gpu_shipped_config_32k_bf16_is_a_valid_topk(block_sizes):
     # Tokens past 6144 choose 62 of their past blocks by score; check a window at 8K and the tail.
     tokens = np.concatenate([np.arange(8000, 8256), np.arange(t - 256, t)])
     scores = reference_scores_at(q, k, SHIPPED, tokens)
-    eps = bf16_score_tolerance(q[:, tokens], k, SHIPPED, group_sum_of(block_sizes, t // SHIPPED.block_size))
+    group_sum = group_sum_of(block_sizes, t // SHIPPED.block_size)
+    eps = bf16_score_tolerance(q[:, tokens], k, SHIPPED, group_sum, bf16_scores_of(block_sizes))
     assert_valid_topk(got[:, :, tokens], scores, tokens, SHIPPED, eps)
 
 
