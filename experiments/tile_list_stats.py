@@ -1,0 +1,123 @@
+"""What the Mosaic forward's 8-token tile lists hold for the benchmark's smooth q/k (CPU, no GPU needed).
+
+Selects blocks with ``select_blocks_reference`` for the last ``--queries`` tokens of a ``--seq-len`` sequence
+(``bench_attention.smooth_process`` q/k, the shipped config), builds the 8-token tile lists with
+``tiling.tile_lists`` (shares of 2 and, for comparison, the pure union) and reports per tile:
+
+- the list length, split into blocks that tokens of both compute warpgroups chose (tokens 0-3 and 4-7) and
+  blocks only one warpgroup's tokens chose;
+- the 2-block ring steps (``MosaicTile(blocks_per_step=2)``) that serve both warpgroups or one, with the
+  lists ascending (shipped) or grouped by warpgroup;
+- the share of the rows a warpgroup computes that belong to a token that chose the block.
+
+  python3 experiments/tile_list_stats.py [--seq-len 131072] [--queries 2048] [--out experiments/results]
+"""
+
+import argparse
+import datetime
+import json
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+
+# Sibling scripts, not package modules: importable because running experiments/<script>.py puts
+# experiments/ first on sys.path (the documented way to run these benchmarks).
+from bench_attention import BLOCK, smooth_process
+from bench_selection import DEFAULT_CORR, DEFAULT_NOISE
+
+from infllm_jax.config import SparseConfig
+from infllm_jax.ops.selection import select_blocks_reference
+from pallas_kernels.tiling import BlockSizes, canonical_blocks, tile_lists
+
+TILE_TOKENS = 8
+HALF = TILE_TOKENS // 2
+
+
+def warpgroup_classes(bits: np.ndarray) -> np.ndarray:
+    """0: tokens of both halves chose the block, 1: only the first half's, 2: only the second's."""
+    first, second = (bits & ((1 << HALF) - 1)) != 0, (bits >> HALF) != 0
+    return np.where(first & second, 0, np.where(first, 1, 2))
+
+
+def step_counts(bits: np.ndarray, grouped: bool) -> tuple[int, int]:
+    """Two-entry steps of one list (its entries' ``bits`` in list order) serving both warpgroups, and one."""
+    if grouped:
+        bits = bits[np.argsort(warpgroup_classes(bits), kind="stable")]
+    if len(bits) % 2:
+        bits = np.append(bits, 0)  # the kernel pairs an odd list's last entry with padding (no bits)
+    step_bits = bits[0::2] | bits[1::2]
+    first, second = (step_bits & ((1 << HALF) - 1)) != 0, (step_bits >> HALF) != 0
+    return int(np.sum(first & second)), int(np.sum(first ^ second))
+
+
+def list_stats(bits: np.ndarray, counts: np.ndarray) -> dict:
+    """Per-tile means over the token bitmasks ``[..., L]`` of ``tile_lists`` with ``counts`` valid entries."""
+    rows = [b[:n] for b, n in zip(bits.reshape(-1, bits.shape[-1]), counts.ravel(), strict=True)]
+    classes = np.concatenate([warpgroup_classes(b) for b in rows])
+    tiles = len(rows)
+    out = {
+        "list_blocks": float(np.mean(counts)),
+        "both_warpgroups": float(np.sum(classes == 0) / tiles),
+        "first_warpgroup_only": float(np.sum(classes == 1) / tiles),
+        "second_warpgroup_only": float(np.sum(classes == 2) / tiles),
+    }
+    for grouped in (False, True):
+        both, one = np.sum([step_counts(b, grouped) for b in rows], axis=0) / tiles
+        key = "grouped" if grouped else "ascending"
+        out[f"steps_both_{key}"], out[f"steps_one_{key}"] = float(both), float(one)
+    # Rows a warpgroup computes: 64 per entry whose bits touch its half; useful: 16 per token that chose it.
+    computed = useful = 0
+    for b in rows:
+        for half in range(2):
+            mine = (b >> (half * HALF)) & ((1 << HALF) - 1)
+            computed += HALF * np.count_nonzero(mine)
+            useful += sum(bin(int(x)).count("1") for x in mine)
+    out["useful_row_share"] = float(useful / computed)
+    return out
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seq-len", type=int, default=131072)
+    parser.add_argument(
+        "--queries", type=int, default=2048, help="the last tokens of the sequence to select for"
+    )
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    args = parser.parse_args(argv)
+    t, s = args.seq_len, args.queries
+    if s % TILE_TOKENS or not 0 < s <= t:
+        parser.error(f"--queries must be a multiple of {TILE_TOKENS} in (0, --seq-len]")
+    kq, kk = jax.random.split(jax.random.PRNGKey(0))
+    q = smooth_process(kq, t, 32, 128, DEFAULT_CORR, DEFAULT_NOISE)[:, t - s :]
+    k = smooth_process(kk, t, 2, 128, DEFAULT_CORR, DEFAULT_NOISE)
+    idx = select_blocks_reference(q, k, SparseConfig(dense_len=-1), query_chunk=256, q_offset=t - s)
+    ids, cnt = canonical_blocks(idx, padded_len=s, block_size=BLOCK, q_offset=t - s)
+    result = {
+        "command": "python3 experiments/tile_list_stats.py "
+        + " ".join(argv if argv is not None else sys.argv[1:]),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "device": "CPU (no kernels run)",
+        "jax_version": jax.__version__,
+        "inputs": f"bench_attention.smooth_process(corr={DEFAULT_CORR}, noise={DEFAULT_NOISE}), seed 0, "
+        f"queries [{t - s}, {t}) of T = {t}, select_blocks_reference with the shipped config",
+        "blocks_per_token": float(np.mean(cnt)),
+    }
+    for share in (2, 1):
+        lists = tile_lists(
+            ids, BlockSizes(tile_tokens=TILE_TOKENS, min_share=share), BLOCK, t - s, num_key_blocks=t // BLOCK
+        )
+        stats = list_stats(np.asarray(lists.tile_bits), np.asarray(lists.tile_cnt)[..., 0])
+        if lists.token_cnt is not None:
+            stats["private_blocks_per_token"] = float(np.mean(np.asarray(lists.token_cnt)[..., 0]))
+        result[f"min_share_{share}"] = stats
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"tile_list_stats_{t // 1024}k.json"
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

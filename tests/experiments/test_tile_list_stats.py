@@ -1,0 +1,49 @@
+"""experiments/tile_list_stats.py: the step counts on hand-made lists, and a small run end to end."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+EXPERIMENTS = Path(__file__).resolve().parents[2] / "experiments"
+
+
+@pytest.fixture
+def stats(monkeypatch):
+    # The script imports its siblings, as when run as experiments/tile_list_stats.py.
+    monkeypatch.syspath_prepend(str(EXPERIMENTS))
+    import tile_list_stats
+
+    return tile_list_stats
+
+
+def test_steps_pair_list_entries_in_list_order_or_grouped_by_warpgroup(stats):
+    # Tokens 0 and 1 (first warpgroup) and 4 and 5 (second), one block each, alternating.
+    bits = np.array([0x01, 0x10, 0x02, 0x20])
+    np.testing.assert_array_equal(stats.warpgroup_classes(np.array([0x11, 0x0F, 0xF0])), [0, 1, 2])
+    assert stats.step_counts(bits, grouped=False) == (2, 0)  # each step serves both warpgroups
+    assert stats.step_counts(bits, grouped=True) == (0, 2)  # each step serves one
+    # An odd list: the last entry pairs with padding (no bits).
+    assert stats.step_counts(np.array([0xFF, 0x01, 0x10]), grouped=True) == (1, 1)
+    got = stats.list_stats(bits[None], np.array([4]))
+    assert got["first_warpgroup_only"] == got["second_warpgroup_only"] == 2
+    # A warpgroup computes 4 token rows per entry it touches; one of them chose the block.
+    assert got["useful_row_share"] == 0.25
+
+
+def test_a_small_run_writes_consistent_statistics(stats, tmp_path):
+    stats.main(["--seq-len", "2048", "--queries", "64", "--out", str(tmp_path)])
+    result = json.loads((tmp_path / "tile_list_stats_2k.json").read_text())
+    assert {"command", "date", "device", "jax_version", "inputs"} <= result.keys()
+    for share in ("min_share_2", "min_share_1"):
+        got = result[share]
+        parts = got["both_warpgroups"] + got["first_warpgroup_only"] + got["second_warpgroup_only"]
+        assert parts == pytest.approx(got["list_blocks"])
+        for order in ("ascending", "grouped"):
+            steps = got[f"steps_both_{order}"] + got[f"steps_one_{order}"]
+            assert got["list_blocks"] / 2 <= steps <= got["list_blocks"] / 2 + 0.5
+        assert 0 < got["useful_row_share"] <= 1
+    # The union lists every block the share-2 lists do, and the tokens' private ones.
+    assert result["min_share_1"]["list_blocks"] >= result["min_share_2"]["list_blocks"]
+    assert "private_blocks_per_token" in result["min_share_2"]
