@@ -47,9 +47,9 @@ def step_counts(bits: np.ndarray, grouped: bool) -> tuple[int, int]:
         bits = bits[np.argsort(warpgroup_classes(bits), kind="stable")]
     if len(bits) % 2:
         bits = np.append(bits, 0)  # the kernel pairs an odd list's last entry with padding (no bits)
-    step_bits = bits[0::2] | bits[1::2]
-    first, second = (step_bits & ((1 << HALF) - 1)) != 0, (step_bits >> HALF) != 0
-    return int(np.sum(first & second)), int(np.sum(first ^ second))
+    # A step never has zero bits: padding only ever pairs with a listed block.
+    both = int(np.sum(warpgroup_classes(bits[0::2] | bits[1::2]) == 0))
+    return both, len(bits) // 2 - both
 
 
 def list_stats(bits: np.ndarray, counts: np.ndarray) -> dict:
@@ -67,14 +67,11 @@ def list_stats(bits: np.ndarray, counts: np.ndarray) -> dict:
         both, one = np.sum([step_counts(b, grouped) for b in rows], axis=0) / tiles
         key = "grouped" if grouped else "ascending"
         out[f"steps_both_{key}"], out[f"steps_one_{key}"] = float(both), float(one)
-    # Rows a warpgroup computes: 64 per entry whose bits touch its half; useful: 16 per token that chose it.
-    computed = useful = 0
-    for b in rows:
-        for half in range(2):
-            mine = (b >> (half * HALF)) & ((1 << HALF) - 1)
-            computed += HALF * np.count_nonzero(mine)
-            useful += sum(bin(int(x)).count("1") for x in mine)
-    out["useful_row_share"] = float(useful / computed)
+    # Token rows a warpgroup computes: its 4 per entry whose bits touch its half; useful: one per token
+    # that chose the entry. Class 0 entries touch both halves.
+    entries = np.concatenate(rows)
+    computed = HALF * (len(classes) + np.sum(classes == 0))
+    out["useful_row_share"] = float(np.sum(np.bitwise_count(entries)) / computed)
     return out
 
 
