@@ -98,9 +98,9 @@ SELECT_VARIANTS = {
     ),
     # The default scoring with a 4-slot ring (keys as rows from 128 blocks on, token rows below).
     "mosaic_st4": dataclasses.replace(pallas_selection.MOSAIC_SELECTION, mosaic=MosaicScore(stages=4)),
-    # Pooled scores stored in bf16 (MosaicScore.bf16_scores), as the official kernel stores them.
-    "mosaic_bf16_scores": dataclasses.replace(
-        pallas_selection.MOSAIC_SELECTION, mosaic=MosaicScore(bf16_scores=True)
+    # Pooled scores stored in float32 (the default stores bf16, as the official kernel does; session 13).
+    "mosaic_f32_scores": dataclasses.replace(
+        pallas_selection.MOSAIC_SELECTION, mosaic=MosaicScore(bf16_scores=False)
     ),
 }
 
@@ -174,7 +174,13 @@ PREFILL_VARIANTS = {
     # The scoring kernel at every length: session 9's (token rows, E^T P group sum), or keys as rows.
     "scoring_token_rows": _prefill_tilings(select=dict(mosaic=MosaicScore(key_rows=False))),
     "scoring_key_rows": _prefill_tilings(select=dict(mosaic=MosaicScore(key_rows_from_blocks=0))),
-    "scoring_bf16_scores": _prefill_tilings(select=dict(mosaic=MosaicScore(bf16_scores=True))),
+    "scoring_f32_scores": _prefill_tilings(select=dict(mosaic=MosaicScore(bf16_scores=False))),
+    # The forward tile kernel with one tile per CTA (the default before session 14; now persistent).
+    "fwd_one_tile_per_cta": _prefill_tilings(
+        attention=dict(
+            mosaic=dataclasses.replace(sparse_attention.MOSAIC_BLOCK_SIZES.mosaic, persistent=False)
+        )
+    ),
 }
 
 

@@ -525,13 +525,15 @@ def _attention_jit(q, k, v, block_idx, q_offset, lists, *, block_size, config, i
 # and the Mosaic GPU dK/dV kernel; the token phases stay Triton
 # (experiments/results/bench_attention_sweep_h200_rows.json and bench_attention_h200_session6.json compare
 # the variants). Forward chunks of up to 1 GiB of fp32 state: 3 chunks at 128K instead of 9, 1 at 16K
-# instead of 2 (fewer launches and tails), for ~0.5 GiB more peak memory at 128K.
+# instead of 2 (fewer launches and tails), for ~0.5 GiB more peak memory at 128K. The forward tile
+# kernel runs persistent (one CTA per SM; 27.46 vs 27.77 ms at 128K, 3.60 vs 3.72 ms for the 16K prefill,
+# bench_selection_h200_persistent.json).
 MOSAIC_BLOCK_SIZES = BlockSizes(
     tile_tokens=8,
     min_share=2,
     tile_warps=8,
     fwd_chunk_bytes=1 << 30,
-    mosaic=MosaicTile(blocks_per_step=2, pingpong=True, unmasked_path=False),
+    mosaic=MosaicTile(blocks_per_step=2, pingpong=True, unmasked_path=False, persistent=True),
     mosaic_dkdv=MosaicDkdv(),
     mosaic_dq=MosaicTile(),
 )

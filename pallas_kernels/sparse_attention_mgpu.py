@@ -29,6 +29,10 @@ FlashAttention-3 is: one CTA has two *compute* warpgroups and one *memory* warpg
 - The output staging buffer shares SMEM with the K ring (both warpgroups are done with the ring
   once they pass the epilogue barrier), which leaves room for two 128-key slots at head dim 128
   with an fp32 output.
+- Optionally (``persistent``, the default tiling's choice) one CTA per SM runs a strided share of the
+  tiles: the memory warpgroup prefetches the next tile's list and query rows into a second buffer
+  and keeps the K/V ring streaming across tiles, so a CTA's start-up and epilogue overlap the
+  neighbouring tiles' steps; the output is then staged through the warpgroup's own query buffer.
 
 Only bf16/fp16 inputs, head dims 64/128, 64-key blocks (``sparse_attention.supported_mosaic`` says why not).
 """
@@ -60,6 +64,8 @@ _COMPUTE_WGS = 2
 _BLOCK = 64
 # Packed list entries per SMEM row (TMA boxes are at most 256 elements wide).
 _LIST_COLS = 128
+# SMs of an H100/H200, for persistent launches lowered where the device does not say (CPU lowering tests).
+_H100_SMS = 132
 _BITS_SHIFT = 8
 
 
@@ -99,37 +105,190 @@ def _steps(count, per_step: int):
     return lax.div(count + per_step - 1, per_step)
 
 
+def _attend_tile(smem, bars, my_q, list_smem, count, t0, base, *, wg, config: MosaicTile):
+    """A compute warpgroup's online softmax over one tile's list (ring steps ``base ...`` of the CTA).
+
+    Args:
+      smem: ``(k_ring, v_ring, p_smem)`` (``p_smem`` only in interpret mode, else ``None``).
+      bars: the ring's K and V arrival and release barriers and the ping-pong barrier.
+      my_q: ``[64, D]`` SMEM, the warpgroup's query rows; list_smem: the tile's packed list.
+      count: list entries; t0: key position of the warpgroup's first token.
+      base: ring steps the CTA ran before this tile (slot ``(base + j) % stages`` holds step ``j``).
+
+    Returns:
+      ``(acc [64, D], m [64], l [64])`` fp32, the unnormalised state (WGMMA layouts).
+    """
+    k_smem, v_smem, p_smem = smem
+    k_bar, v_bar, k_free, v_free, sched = bars
+    stages = config.stages
+    head_dim = my_q.shape[-1]
+    keys = k_smem.shape[1]  # keys per step
+    per_step = keys // _BLOCK  # list entries per step
+
+    def sync_point():
+        if config.pingpong:
+            plgpu.barrier_arrive(sched)
+            plgpu.barrier_wait(sched)
+
+    wgmma_layout = plgpu.Layout.WGMMA
+    row = plgpu.broadcasted_iota(jnp.int32, (_ROWS, keys), 0, layout=wgmma_layout)
+    col = plgpu.broadcasted_iota(jnp.int32, (_ROWS, keys), 1, layout=wgmma_layout)
+    tok_row = row // GROUP_ROWS
+    t_row = t0 + tok_row
+    bit_shift = tok_row + wg * _WG_TOKENS
+    qk_scale = head_dim**-0.5 * LOG2E
+
+    row_layout = wgmma_layout.reduce(1)
+    m = plgpu.layout_cast(jnp.full((_ROWS,), DEFAULT_MASK_VALUE, jnp.float32), row_layout)
+    l = plgpu.layout_cast(jnp.zeros((_ROWS,), jnp.float32), row_layout)
+    acc = plgpu.layout_cast(jnp.zeros((_ROWS, head_dim), jnp.float32), wgmma_layout)
+
+    pl.when(wg == 1)(sync_point)
+
+    def attend(carry, slot, entries, mask):
+        """One step; ``mask``: "none" (every row sees every key), "rows" (every key is before
+        the warpgroup's tokens, so a row sees a whole entry or none of it) or "scores"."""
+        acc, m, l = carry
+        plgpu.barrier_wait(k_bar.at[slot])
+
+        def qk(acc_ref):
+            plgpu.wgmma(acc_ref, my_q, k_smem.at[slot].T)
+            sync_point()
+            return acc_ref[...]
+
+        s = pl.run_scoped(qk, plgpu.ACC((_ROWS, keys), jnp.float32))
+        plgpu.barrier_arrive(k_free.at[slot])
+        if mask == "rows":
+            # The mask is constant over an entry's 64 columns of a row, so it acts on row
+            # statistics only: an unselected entry leaves the row maximum alone and its
+            # exponentials get an infinite shift (exactly 0). No per-score work, unlike "scores".
+            parts = [s[:, i * _BLOCK : (i + 1) * _BLOCK] for i in range(per_step)]
+            selected = [rows_selecting(bits, wg, row_layout) for _, bits in entries]
+            part_max = [
+                jnp.where(sel, part.max(axis=1) * qk_scale, DEFAULT_MASK_VALUE)
+                for sel, part in zip(selected, parts, strict=True)
+            ]
+            m_new = functools.reduce(jnp.maximum, part_max, m)
+            p_parts = [
+                jnp.exp2(
+                    part * qk_scale - lax.broadcast_in_dim(jnp.where(sel, m_new, jnp.inf), part.shape, [0])
+                )
+                for sel, part in zip(selected, parts, strict=True)
+            ]
+            row_sum = functools.reduce(jnp.add, [part.sum(axis=1) for part in p_parts])
+            p = p_parts[0] if per_step == 1 else jnp.concatenate(p_parts, axis=1)
+        else:
+            s = s * qk_scale
+            if mask == "scores":
+                # Column c holds key c % 64 of entry c // 64: its position is c + key_base.
+                blk, bits = entries[0]
+                key_base, col_bits = blk * _BLOCK, bits
+                for i, (blk, bits) in enumerate(entries[1:], 1):
+                    later = col >= i * _BLOCK
+                    key_base = jnp.where(later, (blk - i) * _BLOCK, key_base)
+                    col_bits = jnp.where(later, bits, col_bits)
+                valid = (col + key_base <= t_row) & ((lax.shift_right_logical(col_bits, bit_shift) & 1) == 1)
+                s = jnp.where(valid, s, DEFAULT_MASK_VALUE)
+            m_new = jnp.maximum(m, s.max(axis=1))
+            p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
+            row_sum = p.sum(axis=1)
+        alpha = jnp.exp2(m - m_new)
+        l = l * alpha + row_sum
+        p16 = p.astype(k_smem.dtype)
+        if config.pingpong:
+            plgpu.barrier_arrive(sched)
+        plgpu.barrier_wait(v_bar.at[slot])
+        if config.pingpong:
+            plgpu.barrier_wait(sched)
+
+        if p_smem is not None:
+            # The Mosaic GPU interpreter only takes SMEM operands for wgmma.
+            p_smem.at[wg][...] = p16
+            plgpu.commit_smem()
+        p_operand = p16 if p_smem is None else p_smem.at[wg]
+
+        def pv(acc_ref):
+            plgpu.wgmma(acc_ref, p_operand, v_smem.at[slot])
+            return acc_ref[...]
+
+        # A fresh accumulator, then one FMA per element: the same work as rescaling ``acc`` before
+        # accumulating into it, and it keeps the rescale off the tensor cores' critical path.
+        pv_out = pl.run_scoped(pv, plgpu.ACC((_ROWS, head_dim), jnp.float32))
+        plgpu.barrier_arrive(v_free.at[slot])
+        return acc * lax.broadcast_in_dim(alpha, acc.shape, [0]) + pv_out, m_new, l
+
+    def pass_slot(carry, slot, entries):
+        # None of this warpgroup's tokens selected the block: the same barrier traffic as
+        # ``attend`` (phases stay in step with the other warpgroups), no math.
+        plgpu.barrier_wait(k_bar.at[slot])
+        sync_point()
+        plgpu.barrier_arrive(k_free.at[slot])
+        if config.pingpong:
+            plgpu.barrier_arrive(sched)
+        plgpu.barrier_wait(v_bar.at[slot])
+        if config.pingpong:
+            plgpu.barrier_wait(sched)
+        plgpu.barrier_arrive(v_free.at[slot])
+        return carry
+
+    my_bits_mask = ((1 << _WG_TOKENS) - 1) << (wg * _WG_TOKENS)
+
+    def step(j, carry):
+        slot = lax.rem(base + j, stages)
+        entries = [list_entry(list_smem, j * per_step + i) for i in range(per_step)]
+        any_bits = functools.reduce(lambda x, y: x | y, [bits for _, bits in entries])
+        all_bits = functools.reduce(lambda x, y: x & y, [bits for _, bits in entries])
+        last_blk = functools.reduce(jnp.maximum, [blk for blk, _ in entries])
+        # Every key of the step is before all of this warpgroup's tokens (list padding, block 0
+        # with no bits, is too: it is simply unselected).
+        before = last_blk * _BLOCK + _BLOCK - 1 <= t0
+        # Every token of this warpgroup selected the step's blocks (padding has no bits).
+        whole = before & (all_bits & my_bits_mask == my_bits_mask)
+        paths = [
+            (pass_slot, config.skip_unselected and any_bits & my_bits_mask == 0),
+            (functools.partial(attend, mask="none"), config.unmasked_path and whole),
+            (functools.partial(attend, mask="rows"), config.row_masks and before),
+            (functools.partial(attend, mask="scores"), True),
+        ]
+        return run_first(paths, carry, slot, entries)
+
+    acc, m, l = lax.fori_loop(0, _steps(count, per_step), step, (acc, m, l))
+    pl.when(wg == 0)(sync_point)
+    return acc, m, l
+
+
+def _normalise(acc, m, l):
+    """``(o, lse)`` of a softmax state: rows that never saw a key (``m`` still at the mask value)
+    output 0 with ``lse = -inf``."""
+    seen = m > 0.5 * DEFAULT_MASK_VALUE
+    l = jnp.where(seen, l, 1.0)
+    o = acc / lax.broadcast_in_dim(l, acc.shape, [0])
+    o = jnp.where(lax.broadcast_in_dim(seen, acc.shape, [0]), o, 0.0)
+    return o, jnp.where(seen, m + jnp.log2(l), -jnp.inf)
+
+
 def _kernel(
     off_ref, q_ref, k_ref, v_ref, list_ref, cnt_ref, o_ref, lse_ref, *, scratch, first, config: MosaicTile
 ):
-    """One CTA: warpgroups 0 and 1 compute tokens ``4w .. 4w + 3`` of tile ``first + tile``, warpgroup 2
-    feeds them (refs and shapes as in ``tile_phase_mgpu``; ``p_smem`` exists only in interpret mode)."""
+    """Warpgroups 0 and 1 compute tokens ``4w .. 4w + 3`` of a tile, warpgroup 2 feeds them (refs and
+    shapes as in ``tile_phase_mgpu``; ``p_smem`` exists only in interpret mode). One tile per CTA, or
+    with ``config.persistent`` a strided share of all tiles (``_persistent_kernel``)."""
     (q_smem, k_and_out, v_smem, list_smem, lse_smem, p_smem), barriers = scratch
     k_smem, o_smem = k_and_out
     q_bar, k_bar, v_bar, list_bar, k_free, v_free, sched, ring_done = barriers
     local, b, h = lax.axis_index("tile"), lax.axis_index("batch"), lax.axis_index("kv")
     tile = first + local  # among all local query tiles (lists and q5 rows)
     wg = lax.axis_index("wg")
-    stages = config.stages
-    head_dim = q_smem.shape[-1]
-    keys = k_smem.shape[1]  # keys per step
-    per_step = keys // _BLOCK  # list entries per step
     count = cnt_ref[b, h, tile, 0]
-
-    def schedule_barrier():
-        plgpu.barrier_arrive(sched)
-        plgpu.barrier_wait(sched)
-
-    def sync_point():
-        if config.pingpong:
-            schedule_barrier()
+    attend_tile = functools.partial(
+        _attend_tile, (k_smem, v_smem, p_smem), (k_bar, v_bar, k_free, v_free, sched), wg=wg, config=config
+    )
 
     @pl.when(wg < _COMPUTE_WGS)
     def _compute():
         plgpu.set_max_registers(config.compute_registers, action="increase")
         row0 = tile * TILE_TOKENS + wg * _WG_TOKENS  # first q5 row (local token) of this warpgroup
         out0 = local * TILE_TOKENS + wg * _WG_TOKENS  # its first output row
-        t0 = off_ref[0] + out0  # and its key position
         my_q = q_smem.at[wg]
         for i in range(_WG_TOKENS):
             plgpu.copy_gmem_to_smem(
@@ -138,145 +297,13 @@ def _kernel(
         for i in range(_WG_TOKENS):
             plgpu.barrier_wait(q_bar.at[wg, i])
         plgpu.barrier_wait(list_bar)
-
-        wgmma_layout = plgpu.Layout.WGMMA
-        row = plgpu.broadcasted_iota(jnp.int32, (_ROWS, keys), 0, layout=wgmma_layout)
-        col = plgpu.broadcasted_iota(jnp.int32, (_ROWS, keys), 1, layout=wgmma_layout)
-        tok_row = row // GROUP_ROWS
-        t_row = t0 + tok_row
-        bit_shift = tok_row + wg * _WG_TOKENS
-        qk_scale = head_dim**-0.5 * LOG2E
-
-        row_layout = wgmma_layout.reduce(1)
-        m = plgpu.layout_cast(jnp.full((_ROWS,), DEFAULT_MASK_VALUE, jnp.float32), row_layout)
-        l = plgpu.layout_cast(jnp.zeros((_ROWS,), jnp.float32), row_layout)
-        acc = plgpu.layout_cast(jnp.zeros((_ROWS, head_dim), jnp.float32), wgmma_layout)
-
-        pl.when(wg == 1)(sync_point)
-
-        def attend(carry, slot, entries, mask):
-            """One step; ``mask``: "none" (every row sees every key), "rows" (every key is before
-            the warpgroup's tokens, so a row sees a whole entry or none of it) or "scores"."""
-            acc, m, l = carry
-            plgpu.barrier_wait(k_bar.at[slot])
-
-            def qk(acc_ref):
-                plgpu.wgmma(acc_ref, my_q, k_smem.at[slot].T)
-                sync_point()
-                return acc_ref[...]
-
-            s = pl.run_scoped(qk, plgpu.ACC((_ROWS, keys), jnp.float32))
-            plgpu.barrier_arrive(k_free.at[slot])
-            if mask == "rows":
-                # The mask is constant over an entry's 64 columns of a row, so it acts on row
-                # statistics only: an unselected entry leaves the row maximum alone and its
-                # exponentials get an infinite shift (exactly 0). No per-score work, unlike "scores".
-                parts = [s[:, i * _BLOCK : (i + 1) * _BLOCK] for i in range(per_step)]
-                selected = [rows_selecting(bits, wg, row_layout) for _, bits in entries]
-                part_max = [
-                    jnp.where(sel, part.max(axis=1) * qk_scale, DEFAULT_MASK_VALUE)
-                    for sel, part in zip(selected, parts, strict=True)
-                ]
-                m_new = functools.reduce(jnp.maximum, part_max, m)
-                p_parts = [
-                    jnp.exp2(
-                        part * qk_scale
-                        - lax.broadcast_in_dim(jnp.where(sel, m_new, jnp.inf), part.shape, [0])
-                    )
-                    for sel, part in zip(selected, parts, strict=True)
-                ]
-                row_sum = functools.reduce(jnp.add, [part.sum(axis=1) for part in p_parts])
-                p = p_parts[0] if per_step == 1 else jnp.concatenate(p_parts, axis=1)
-            else:
-                s = s * qk_scale
-                if mask == "scores":
-                    # Column c holds key c % 64 of entry c // 64: its position is c + key_base.
-                    blk, bits = entries[0]
-                    key_base, col_bits = blk * _BLOCK, bits
-                    for i, (blk, bits) in enumerate(entries[1:], 1):
-                        later = col >= i * _BLOCK
-                        key_base = jnp.where(later, (blk - i) * _BLOCK, key_base)
-                        col_bits = jnp.where(later, bits, col_bits)
-                    valid = (col + key_base <= t_row) & (
-                        (lax.shift_right_logical(col_bits, bit_shift) & 1) == 1
-                    )
-                    s = jnp.where(valid, s, DEFAULT_MASK_VALUE)
-                m_new = jnp.maximum(m, s.max(axis=1))
-                p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
-                row_sum = p.sum(axis=1)
-            alpha = jnp.exp2(m - m_new)
-            l = l * alpha + row_sum
-            p16 = p.astype(k_smem.dtype)
-            if config.pingpong:
-                plgpu.barrier_arrive(sched)
-            plgpu.barrier_wait(v_bar.at[slot])
-            if config.pingpong:
-                plgpu.barrier_wait(sched)
-
-            if p_smem is not None:
-                # The Mosaic GPU interpreter only takes SMEM operands for wgmma.
-                p_smem.at[wg][...] = p16
-                plgpu.commit_smem()
-            p_operand = p16 if p_smem is None else p_smem.at[wg]
-
-            def pv(acc_ref):
-                plgpu.wgmma(acc_ref, p_operand, v_smem.at[slot])
-                return acc_ref[...]
-
-            # A fresh accumulator, then one FMA per element: the same work as rescaling ``acc`` before
-            # accumulating into it, and it keeps the rescale off the tensor cores' critical path.
-            pv_out = pl.run_scoped(pv, plgpu.ACC((_ROWS, head_dim), jnp.float32))
-            plgpu.barrier_arrive(v_free.at[slot])
-            return acc * lax.broadcast_in_dim(alpha, acc.shape, [0]) + pv_out, m_new, l
-
-        def pass_slot(carry, slot, entries):
-            # None of this warpgroup's tokens selected the block: the same barrier traffic as
-            # ``attend`` (phases stay in step with the other warpgroups), no math.
-            plgpu.barrier_wait(k_bar.at[slot])
-            sync_point()
-            plgpu.barrier_arrive(k_free.at[slot])
-            if config.pingpong:
-                plgpu.barrier_arrive(sched)
-            plgpu.barrier_wait(v_bar.at[slot])
-            if config.pingpong:
-                plgpu.barrier_wait(sched)
-            plgpu.barrier_arrive(v_free.at[slot])
-            return carry
-
-        my_bits_mask = ((1 << _WG_TOKENS) - 1) << (wg * _WG_TOKENS)
-
-        def step(j, carry):
-            slot = lax.rem(j, stages)
-            entries = [list_entry(list_smem, j * per_step + i) for i in range(per_step)]
-            any_bits = functools.reduce(lambda x, y: x | y, [bits for _, bits in entries])
-            all_bits = functools.reduce(lambda x, y: x & y, [bits for _, bits in entries])
-            last_blk = functools.reduce(jnp.maximum, [blk for blk, _ in entries])
-            # Every key of the step is before all of this warpgroup's tokens (list padding, block 0
-            # with no bits, is too: it is simply unselected).
-            before = last_blk * _BLOCK + _BLOCK - 1 <= t0
-            # Every token of this warpgroup selected the step's blocks (padding has no bits).
-            whole = before & (all_bits & my_bits_mask == my_bits_mask)
-            paths = [
-                (pass_slot, config.skip_unselected and any_bits & my_bits_mask == 0),
-                (functools.partial(attend, mask="none"), config.unmasked_path and whole),
-                (functools.partial(attend, mask="rows"), config.row_masks and before),
-                (functools.partial(attend, mask="scores"), True),
-            ]
-            return run_first(paths, carry, slot, entries)
-
-        acc, m, l = lax.fori_loop(0, _steps(count, per_step), step, (acc, m, l))
-        pl.when(wg == 0)(sync_point)
+        acc, m, l = attend_tile(my_q, list_smem, count, off_ref[0] + out0, 0)
         # The output staging buffer is the K ring's memory: wait until both warpgroups are done with it.
         plgpu.barrier_arrive(ring_done)
         plgpu.barrier_wait(ring_done)
-
-        # Rows that never saw a key (m still at the mask value) output 0 with lse = -inf.
-        seen = m > 0.5 * DEFAULT_MASK_VALUE
-        l = jnp.where(seen, l, 1.0)
-        o = acc / lax.broadcast_in_dim(l, acc.shape, [0])
-        o = jnp.where(lax.broadcast_in_dim(seen, acc.shape, [0]), o, 0.0)
+        o, lse = _normalise(acc, m, l)
         o_smem.at[wg][...] = o.astype(o_smem.dtype)
-        lse_smem.at[wg][...] = jnp.where(seen, m + jnp.log2(l), -jnp.inf)
+        lse_smem.at[wg][...] = lse
         plgpu.commit_smem()
         for i in range(_WG_TOKENS):
             rows = pl.ds(i * GROUP_ROWS, GROUP_ROWS)
@@ -297,6 +324,132 @@ def _kernel(
     )
 
 
+def _persistent_kernel(
+    off_ref, q_ref, k_ref, v_ref, list_ref, cnt_ref, o_ref, lse_ref, *, scratch, first, config: MosaicTile
+):
+    """``config.persistent``: CTA ``c`` of ``C`` runs tiles ``c, c + C, ...`` of the ``(batch, kv head,
+    tile)`` grid in that order (tiles fastest, so concurrent CTAs read the same keys, as in the
+    one-tile-per-CTA launch).
+
+    The memory warpgroup loads each tile's list and query rows into one of two buffers while the
+    compute warpgroups still work on the previous tile, and streams K/V through the ring across tiles
+    (global step numbers), so a tile's first blocks arrive during the previous tile's last steps and
+    epilogue. A compute warpgroup stages its output through its own query buffer, which it no longer
+    reads (in column slices when the output dtype is wider than the query's), and then releases the
+    tile's buffers (``item_free``).
+    """
+    (q_and_out, k_smem, v_smem, list_smem, lse_smem, p_smem), barriers = scratch
+    q_smem, o_smem = q_and_out
+    q_bar, k_bar, v_bar, list_bar, k_free, v_free, sched, item_free = barriers
+    wg = lax.axis_index("wg")
+    batch, length, hkv = o_ref.shape[:3]
+    grid = (batch, hkv, length // TILE_TOKENS)
+    part_cols = o_smem.shape[-1]
+    parts = q_smem.shape[-1] // part_cols
+    stages = k_smem.shape[0]
+    per_step = k_smem.shape[1] // _BLOCK
+
+    def tile_of(loop_info):
+        b, h, local = loop_info.index
+        return b, h, local, first + local, lax.rem(loop_info.local_index, 2)
+
+    @pl.when(wg < _COMPUTE_WGS)
+    def _compute():
+        plgpu.set_max_registers(config.compute_registers, action="increase")
+
+        @plgpu.nd_loop(grid, collective_axes="cta", init_carry=jnp.int32(0))
+        def _tiles(loop_info, carry):
+            b, h, local, tile, buf = tile_of(loop_info)
+            count = cnt_ref[b, h, tile, 0]
+            out0 = local * TILE_TOKENS + wg * _WG_TOKENS
+            my_q = q_smem.at[buf, wg]
+            plgpu.barrier_wait(q_bar.at[buf, wg])
+            plgpu.barrier_wait(list_bar.at[buf])
+            acc, m, l = _attend_tile(
+                (k_smem, v_smem, p_smem),
+                (k_bar, v_bar, k_free, v_free, sched),
+                my_q,
+                list_smem.at[buf],
+                count,
+                off_ref[0] + out0,
+                carry,
+                wg=wg,
+                config=config,
+            )
+            o, lse = _normalise(acc, m, l)
+            for part in range(parts):
+                cols = slice(part * part_cols, (part + 1) * part_cols)
+                # The previous slice's TMA stores must have read the buffer (the first one: the
+                # previous tile's LSE stores).
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                o_smem.at[buf, wg][...] = o[:, cols].astype(o_smem.dtype)
+                if part == 0:
+                    lse_smem.at[wg][...] = lse
+                plgpu.commit_smem()
+                for i in range(_WG_TOKENS):
+                    rows = pl.ds(i * GROUP_ROWS, GROUP_ROWS)
+                    plgpu.copy_smem_to_gmem(
+                        o_smem.at[buf, wg, rows],
+                        o_ref.at[b, out0 + i, h, :, pl.ds(part * part_cols, part_cols)],
+                    )
+                    if part == 0:
+                        plgpu.copy_smem_to_gmem(lse_smem.at[wg, rows], lse_ref.at[b, out0 + i, h])
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+            plgpu.barrier_arrive(item_free.at[buf])
+            return carry + _steps(count, per_step)
+
+        plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(wg == _COMPUTE_WGS)
+    def _memory():
+        plgpu.set_max_registers(config.memory_registers, action="decrease")
+
+        @plgpu.nd_loop(grid, collective_axes="cta", init_carry=(jnp.int32(0),) * 2)
+        def totals(loop_info, carry):
+            b, h, _, tile, buf = tile_of(loop_info)
+            count = cnt_ref[b, h, tile, 0]
+
+            @pl.when(loop_info.local_index >= 2)
+            def _():
+                plgpu.barrier_wait(item_free.at[buf])
+
+            plgpu.copy_gmem_to_smem(list_ref.at[b, h, tile], list_smem.at[buf], list_bar.at[buf])
+            for w in range(_COMPUTE_WGS):
+                for i in range(_WG_TOKENS):
+                    plgpu.copy_gmem_to_smem(
+                        q_ref.at[b, tile * TILE_TOKENS + w * _WG_TOKENS + i, h],
+                        q_smem.at[buf, w, pl.ds(i * GROUP_ROWS, GROUP_ROWS)],
+                        q_bar.at[buf, w],
+                    )
+            plgpu.barrier_wait(list_bar.at[buf])
+            steps = _steps(count, per_step)
+            stream_steps(
+                (k_ref.at[b, :, h], v_ref.at[b, :, h]),
+                (list_smem.at[buf], k_smem, v_smem),
+                (k_bar, v_bar, k_free, v_free),
+                steps=steps,
+                base=carry[0],
+            )
+            return carry[0] + steps, carry[1] + 1
+
+        total_steps, n_local = totals
+        wait_ring_released((k_free, v_free), total_steps, stages)
+        # The last two tiles' buffer releases too, so that every barrier phase is consumed before the
+        # CTA exits.
+
+        @pl.loop(jnp.maximum(n_local - 2, 0), n_local)
+        def _(n):
+            plgpu.barrier_wait(item_free.at[lax.rem(n, 2)])
+
+
+def _persistent_ctas(interpret: bool) -> int:
+    """CTAs of a persistent launch: one per SM (two in the interpreter, so that each runs several
+    tiles)."""
+    if interpret:
+        return 2
+    return getattr(jax.devices()[0], "core_count", None) or _H100_SMS
+
+
 def run_first(paths, *args):
     """Runs the first branch of ``paths`` (``(branch, condition)`` pairs, the last one's condition
     ``True``) whose condition holds; a condition that is ``False`` in Python drops its branch from
@@ -311,11 +464,10 @@ def run_first(paths, *args):
 
 
 def stream_blocks(gmem, smem, bars, *, index, count, registers):
-    """The memory warpgroup of a tile kernel (forward or dQ).
+    """The memory warpgroup of a one-tile-per-CTA tile kernel (forward or dQ).
 
-    Copies tile ``tile``'s packed list into SMEM, then the listed 64-key blocks of K and V, ``per_step``
-    consecutive entries per ring slot (``k_ring.shape[1] / 64``), step ``j`` into slot ``j % stages``
-    once the compute warpgroups released the step that held it.
+    Copies tile ``tile``'s packed list into SMEM, then the listed 64-key blocks of K and V
+    (``stream_steps``), then waits until the compute warpgroups released the ring.
 
     Args:
       gmem: ``(k, v, lists)``: ``[B, Tk, Hkv, D]`` keys and values, ``pack_tile_lists`` output.
@@ -327,15 +479,31 @@ def stream_blocks(gmem, smem, bars, *, index, count, registers):
       registers: the memory warpgroup's register budget.
     """
     plgpu.set_max_registers(registers, action="decrease")
-    (k_ref, v_ref, list_ref), (list_smem, k_smem, v_smem) = gmem, smem
-    list_bar, k_bar, v_bar, k_free, v_free = bars
+    (k_ref, v_ref, list_ref), (list_smem, k_smem, _) = gmem, smem
+    list_bar, *ring_bars = bars
     b, h, tile = index
-    k_ref, v_ref = k_ref.at[b, :, h], v_ref.at[b, :, h]
-    stages = k_smem.shape[0]
-    per_step = k_smem.shape[1] // _BLOCK
-    steps = _steps(count, per_step)
+    steps = _steps(count, k_smem.shape[1] // _BLOCK)
     plgpu.copy_gmem_to_smem(list_ref.at[b, h, tile], list_smem, list_bar)
     plgpu.barrier_wait(list_bar)
+    stream_steps((k_ref.at[b, :, h], v_ref.at[b, :, h]), smem, ring_bars, steps=steps, base=0)
+    wait_ring_released(ring_bars[2:], steps, k_smem.shape[0])
+
+
+def stream_steps(gmem, smem, bars, *, steps, base):
+    """Copies a list's blocks of K and V into the ring, ``per_step`` consecutive entries per slot
+    (``k_ring.shape[1] / 64``): step ``j`` is the CTA's ring step ``base + j``, which goes into slot
+    ``(base + j) % stages`` once the compute warpgroups released the step that held it.
+
+    Args:
+      gmem: ``(k, v)`` ``[Tk, D]`` (one batch row and KV head).
+      smem: ``(list, k_ring, v_ring)``: the packed list and the ring ``[stages, 64 * per_step, D]``.
+      bars: the ring's K and V arrival barriers (``per_step`` arrivals each) and release barriers.
+      steps, base: steps of this list, and ring steps the CTA ran before it.
+    """
+    (k_ref, v_ref), (list_smem, k_smem, v_smem) = gmem, smem
+    k_bar, v_bar, k_free, v_free = bars
+    stages = k_smem.shape[0]
+    per_step = k_smem.shape[1] // _BLOCK
 
     def copy_step(src, dst, bar, j):
         # Entry j * per_step + i goes to keys [64 i, 64 i + 64) of the slot; each copy is one of the
@@ -347,22 +515,27 @@ def stream_blocks(gmem, smem, bars, *, index, count, registers):
 
     @pl.loop(0, steps)
     def _(j):
-        slot = lax.rem(j, stages)
+        slot = lax.rem(base + j, stages)
 
-        @pl.when(j >= stages)
+        @pl.when(base + j >= stages)
         def _():
             plgpu.barrier_wait(k_free.at[slot])
 
         copy_step(k_ref, k_smem.at[slot], k_bar.at[slot], j)
 
-        @pl.when(j >= stages)
+        @pl.when(base + j >= stages)
         def _():
             plgpu.barrier_wait(v_free.at[slot])
 
         copy_step(v_ref, v_smem.at[slot], v_bar.at[slot], j)
 
-    # Wait for the last releases too, so that every barrier phase is consumed before the CTA exits.
-    @pl.loop(jnp.maximum(steps - stages, 0), steps)
+
+def wait_ring_released(free_bars, total, stages):
+    """Waits for the releases of the last ``stages`` of ``total`` ring steps (those no later copy
+    waited for), so that every barrier phase is consumed before the CTA exits."""
+    k_free, v_free = free_bars
+
+    @pl.loop(jnp.maximum(total - stages, 0), total)
     def _(j):
         slot = lax.rem(j, stages)
         plgpu.barrier_wait(k_free.at[slot])
@@ -409,38 +582,73 @@ def tile_phase_mgpu(
     list_rows = packed_lists.shape[-2]
     stages, per_step = config.stages, config.blocks_per_step
     keys = per_step * _BLOCK
-    scratch = (
-        (
-            plgpu.SMEM((_COMPUTE_WGS, _ROWS, d), in_dtype, transforms=SWIZZLED_128B),
-            plgpu.RefUnion(
-                plgpu.SMEM((stages, keys, d), in_dtype, transforms=SWIZZLED_128B),
-                plgpu.SMEM((_COMPUTE_WGS, _ROWS, d), out_dtype),
-            ),
-            plgpu.SMEM((stages, keys, d), in_dtype, transforms=SWIZZLED_128B),
-            plgpu.SMEM((list_rows, _LIST_COLS), jnp.int32),
-            plgpu.SMEM((_COMPUTE_WGS, _ROWS), jnp.float32),
-            (
-                plgpu.SMEM((_COMPUTE_WGS, _ROWS, keys), in_dtype, transforms=SWIZZLED_128B)
-                if interpret
-                else None
-            ),
-        ),
-        (
-            plgpu.Barrier(num_barriers=(_COMPUTE_WGS, _WG_TOKENS)),
-            plgpu.Barrier(num_arrivals=per_step, num_barriers=stages),
-            plgpu.Barrier(num_arrivals=per_step, num_barriers=stages),
-            plgpu.Barrier(),
-            plgpu.Barrier(num_arrivals=_COMPUTE_WGS, num_barriers=stages),
-            plgpu.Barrier(num_arrivals=_COMPUTE_WGS, num_barriers=stages),
-            plgpu.Barrier(num_arrivals=_COMPUTE_WGS),
-            plgpu.Barrier(num_arrivals=_COMPUTE_WGS),
-        ),
+    ring = plgpu.SMEM((stages, keys, d), in_dtype, transforms=SWIZZLED_128B)
+    q_rows = plgpu.SMEM((_COMPUTE_WGS, _ROWS, d), in_dtype, transforms=SWIZZLED_128B)
+    p_smem = (
+        plgpu.SMEM((_COMPUTE_WGS, _ROWS, keys), in_dtype, transforms=SWIZZLED_128B) if interpret else None
     )
+    ring_bars = (
+        plgpu.Barrier(num_arrivals=per_step, num_barriers=stages),
+        plgpu.Barrier(num_arrivals=per_step, num_barriers=stages),
+    )
+    free_bars = (
+        plgpu.Barrier(num_arrivals=_COMPUTE_WGS, num_barriers=stages),
+        plgpu.Barrier(num_arrivals=_COMPUTE_WGS, num_barriers=stages),
+    )
+    if config.persistent:
+        # Two buffers of query rows and lists; a warpgroup's output staging is its query buffer, in
+        # column slices (two for an fp32 output of bf16 queries).
+        parts = max(1, jnp.dtype(out_dtype).itemsize // jnp.dtype(in_dtype).itemsize)
+        scratch = (
+            (
+                plgpu.RefUnion(
+                    plgpu.SMEM((2, _COMPUTE_WGS, _ROWS, d), in_dtype, transforms=SWIZZLED_128B),
+                    plgpu.SMEM((2, _COMPUTE_WGS, _ROWS, d // parts), out_dtype),
+                ),
+                ring,
+                ring,
+                plgpu.SMEM((2, list_rows, _LIST_COLS), jnp.int32),
+                plgpu.SMEM((_COMPUTE_WGS, _ROWS), jnp.float32),
+                p_smem,
+            ),
+            (
+                plgpu.Barrier(num_arrivals=_WG_TOKENS, num_barriers=(2, _COMPUTE_WGS)),
+                *ring_bars,
+                plgpu.Barrier(num_barriers=2),
+                *free_bars,
+                plgpu.Barrier(num_arrivals=_COMPUTE_WGS),
+                plgpu.Barrier(num_arrivals=_COMPUTE_WGS, num_barriers=2),
+            ),
+        )
+        kernel = _persistent_kernel
+        n_tiles = b * hkv * (length // TILE_TOKENS)
+        grid, grid_names = (min(n_tiles, _persistent_ctas(interpret)),), ("cta",)
+    else:
+        scratch = (
+            (
+                q_rows,
+                plgpu.RefUnion(ring, plgpu.SMEM((_COMPUTE_WGS, _ROWS, d), out_dtype)),
+                ring,
+                plgpu.SMEM((list_rows, _LIST_COLS), jnp.int32),
+                plgpu.SMEM((_COMPUTE_WGS, _ROWS), jnp.float32),
+                p_smem,
+            ),
+            (
+                plgpu.Barrier(num_barriers=(_COMPUTE_WGS, _WG_TOKENS)),
+                *ring_bars,
+                plgpu.Barrier(),
+                *free_bars,
+                plgpu.Barrier(num_arrivals=_COMPUTE_WGS),
+                plgpu.Barrier(num_arrivals=_COMPUTE_WGS),
+            ),
+        )
+        kernel = _kernel
+        grid, grid_names = (length // TILE_TOKENS, b, hkv), ("tile", "batch", "kv")
 
     # The profiler names the kernel after this function.
     def sparse_attn_fwd_tile_mgpu(*refs):
         pl.run_scoped(
-            lambda *allocs: _kernel(*refs, scratch=allocs, first=start // TILE_TOKENS, config=config),
+            lambda *allocs: kernel(*refs, scratch=allocs, first=start // TILE_TOKENS, config=config),
             *scratch,
             collective_axes="wg",
         )
@@ -451,8 +659,8 @@ def tile_phase_mgpu(
             jax.ShapeDtypeStruct((b, length, hkv, gp, d), out_dtype),
             jax.ShapeDtypeStruct((b, length, hkv, gp), jnp.float32),
         ),
-        grid=(length // TILE_TOKENS, b, hkv),
-        grid_names=("tile", "batch", "kv"),
+        grid=grid,
+        grid_names=grid_names,
         num_threads=_COMPUTE_WGS + 1,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),

@@ -60,6 +60,9 @@ class MosaicTile:
         these blocks mask every score.
       blocks_per_step: list entries per ring slot and softmax round: 1 (64-key steps) or 2 (128-key
         steps; forward only).
+      persistent: one CTA per SM, each running a strided share of the tiles, so that a tile's list,
+        query rows and first K/V blocks load during the previous tile's last steps and epilogue
+        (forward only).
       compute_registers, memory_registers: per-thread register budgets of the compute and memory
         warpgroups (``setmaxnreg``).
     """
@@ -70,6 +73,7 @@ class MosaicTile:
     unmasked_path: bool = True
     row_masks: bool = True
     blocks_per_step: int = 1
+    persistent: bool = False
     compute_registers: int = 232
     memory_registers: int = 40
 
@@ -159,6 +163,8 @@ class BlockSizes:
                 "the Mosaic dQ tile phase takes one block per step "
                 f"(mosaic_dq.blocks_per_step={self.mosaic_dq.blocks_per_step})"
             )
+        if self.mosaic_dq is not None and self.mosaic_dq.persistent:
+            raise ValueError("the Mosaic dQ tile phase has no persistent launch (mosaic_dq.persistent=True)")
         if self.tile_tokens not in (0, 1, 2, 4, 8, 16):
             raise ValueError(f"tile_tokens must be 0 or a power of two <= 16, got {self.tile_tokens}")
         if self.min_share < 1:

@@ -220,10 +220,10 @@ MOSAIC_TWO_STORE_BUFFERS = dataclasses.replace(
 )
 # The token-rows kernel: the group sum as a WGMMA on bf16 p.
 MOSAIC_TOKEN_ROWS = dataclasses.replace(MOSAIC, mosaic=MosaicScore(key_rows=False))
-# Pooled scores stored in bf16, with either kernel.
-MOSAIC_BF16_SCORES = dataclasses.replace(MOSAIC, mosaic=MosaicScore(key_rows_from_blocks=0, bf16_scores=True))
-MOSAIC_TOKEN_ROWS_BF16_SCORES = dataclasses.replace(
-    MOSAIC, mosaic=MosaicScore(key_rows=False, bf16_scores=True)
+# Pooled scores stored in float32 instead of the default bf16, with either kernel.
+MOSAIC_F32_SCORES = dataclasses.replace(MOSAIC, mosaic=MosaicScore(key_rows_from_blocks=0, bf16_scores=False))
+MOSAIC_TOKEN_ROWS_F32_SCORES = dataclasses.replace(
+    MOSAIC, mosaic=MosaicScore(key_rows=False, bf16_scores=False)
 )
 
 
@@ -293,21 +293,21 @@ def test_mosaic_scoring_is_a_valid_topk(cfg, t, hq, hkv, d, chunk, dtype, block_
         MOSAIC_TWO_STORE_BUFFERS.mosaic,
         dataclasses.replace(MOSAIC.mosaic, stages=1, store_buffers=1),
         MOSAIC_TOKEN_ROWS.mosaic,
-        MOSAIC_BF16_SCORES.mosaic,
-        MOSAIC_TOKEN_ROWS_BF16_SCORES.mosaic,
+        MOSAIC_F32_SCORES.mosaic,
+        MOSAIC_TOKEN_ROWS_F32_SCORES.mosaic,
     ],
     ids=[
         "st2-two-store-buffers",
         "st1-one-store-buffer",
         "token-rows",
-        "bf16-scores",
-        "token-rows-bf16-scores",
+        "f32-scores",
+        "token-rows-f32-scores",
     ],
 )
 def test_mosaic_scoring_options_are_a_valid_topk(mosaic):
     """Other ring depths and store buffers than the default (3 slots, one store buffer), the
-    token-rows kernel, and bf16 pooled scores with either kernel, over two coarse and five fine key
-    tiles."""
+    token-rows kernel, and float32 pooled scores (the default stores bf16) with either kernel, over
+    two coarse and five fine key tiles."""
     block_sizes = dataclasses.replace(MOSAIC, mosaic=mosaic)
     test_mosaic_scoring_is_a_valid_topk(STRIDE1, 600, 16, 1, 64, 256, jnp.bfloat16, block_sizes=block_sizes)
 
@@ -352,8 +352,8 @@ _LOWERING_TILINGS = [
     ("default", MOSAIC),
     ("st2-two-store-buffers", MOSAIC_TWO_STORE_BUFFERS),
     ("token-rows", MOSAIC_TOKEN_ROWS),
-    ("bf16-scores", MOSAIC_BF16_SCORES),
-    ("token-rows-bf16-scores", MOSAIC_TOKEN_ROWS_BF16_SCORES),
+    ("f32-scores", MOSAIC_F32_SCORES),
+    ("token-rows-f32-scores", MOSAIC_TOKEN_ROWS_F32_SCORES),
 ]
 
 
@@ -595,13 +595,13 @@ def reference_scores_at(q, k, cfg, tokens):
 @pytest.mark.gpu
 @pytest.mark.parametrize(
     "block_sizes",
-    [None, pallas_selection.BlockSizes(), MOSAIC_TWO_STORE_BUFFERS, MOSAIC_TOKEN_ROWS, MOSAIC_BF16_SCORES],
+    [None, pallas_selection.BlockSizes(), MOSAIC_TWO_STORE_BUFFERS, MOSAIC_TOKEN_ROWS, MOSAIC_F32_SCORES],
     ids=[
         "default-tiling",
         "triton-scoring",
         "mosaic-st2-two-store-buffers",
         "mosaic-token-rows",
-        "mosaic-bf16-scores",
+        "mosaic-f32-scores",
     ],
 )
 def test_gpu_shipped_config_32k_bf16_is_a_valid_topk(block_sizes):

@@ -59,6 +59,12 @@ PAIRS_PINGPONG_UNION = dataclasses.replace(
     mosaic=dataclasses.replace(ROW_MASKS, blocks_per_step=2, pingpong=True),
     mosaic_dq=dataclasses.replace(ROW_MASKS, stages=1),
 )
+# The default forward launch is persistent (one CTA per SM running a strided share of the tiles; two
+# CTAs in the interpreter), its fp32 state staged in two column slices; here with a bf16/fp16 output
+# staged in one (pure union). PAIRS and the configs above run one tile per CTA.
+PERSISTENT_UNION = dataclasses.replace(
+    PAIRS_PINGPONG_UNION, mosaic=dataclasses.replace(PAIRS_PINGPONG_UNION.mosaic, persistent=True)
+)
 CASES = [
     Case(g=16, d=64, t=192, hkv=1, block_size=64, k=4, dtype=jnp.bfloat16, config=TRITON_BWD),
     # Block 0's list (~150 tokens) spans two 128-token chunks of the dK/dV kernel's list stream.
@@ -81,6 +87,9 @@ CASES = [
     # Lists of odd and even lengths: the last step of an odd list pairs its block with padding.
     Case(g=16, d=64, t=200, hkv=1, block_size=64, k=3, dtype=jnp.bfloat16, config=PAIRS),
     Case(g=3, d=128, t=130, hkv=1, block_size=64, k=3, dtype=jnp.float16, config=PAIRS_PINGPONG_UNION),
+    # Persistent launches: 26 and 34 tiles over two CTAs, two KV heads / batch rows in the tile order.
+    Case(g=16, d=64, t=100, hkv=2, block_size=64, k=3, dtype=jnp.bfloat16, config=MOSAIC_BLOCK_SIZES),
+    Case(g=3, d=128, t=130, b=2, hkv=1, block_size=64, k=3, dtype=jnp.float16, config=PERSISTENT_UNION),
 ]
 GPU_CASES = [
     Case(g=16, d=128, t=8192 + 37, block_size=64, k=24, dtype=jnp.bfloat16, config=TRITON_BWD),
@@ -91,13 +100,16 @@ GPU_CASES = [
     Case(g=16, d=64, t=4096 + 11, b=2, block_size=64, k=24, dtype=jnp.float16, config=MOSAIC_BLOCK_SIZES),
     Case(g=16, d=128, t=8192 + 37, block_size=64, k=25, dtype=jnp.bfloat16, config=PAIRS),
     Case(g=4, d=64, t=4096 + 5, b=2, block_size=64, k=15, dtype=jnp.bfloat16, config=PAIRS_PINGPONG_UNION),
+    Case(g=16, d=128, t=8192 + 37, block_size=64, k=25, dtype=jnp.bfloat16, config=MOSAIC_BLOCK_SIZES),
+    Case(g=4, d=64, t=4096 + 5, b=2, block_size=64, k=15, dtype=jnp.bfloat16, config=PERSISTENT_UNION),
 ]
 
 
 def _ids(case):
     bwd = "".join(f"-{name}" for name in ("dkdv", "dq") if getattr(case.config, f"mosaic_{name}") is not None)
     pairs = "-pairs" if case.config.mosaic.blocks_per_step == 2 else ""
-    return f"{case}-mosaic-{'union' if case.config.min_share == 1 else 'share2'}{pairs}{bwd}"
+    persistent = "-persistent" if case.config.mosaic.persistent else ""
+    return f"{case}-mosaic-{'union' if case.config.min_share == 1 else 'share2'}{pairs}{persistent}{bwd}"
 
 
 @pytest.mark.parametrize("case", CASES, ids=_ids)
@@ -126,6 +138,8 @@ def test_config_needs_8_token_tiles():
         BlockSizes(tile_tokens=8, mosaic_dq=MosaicTile(pingpong=True))
     with pytest.raises(ValueError, match="one block per step"):
         BlockSizes(tile_tokens=8, mosaic_dq=MosaicTile(blocks_per_step=2))
+    with pytest.raises(ValueError, match="no persistent launch"):
+        BlockSizes(tile_tokens=8, mosaic_dq=MosaicTile(persistent=True))
     with pytest.raises(ValueError, match="blocks_per_step must be 1 or 2"):
         MosaicTile(blocks_per_step=3)
 
@@ -183,6 +197,8 @@ def _assert_lowers_for_cuda(fn, *args):
         PAIRS.mosaic,
         PAIRS_PINGPONG_UNION.mosaic,
         dataclasses.replace(MOSAIC_BLOCK_SIZES.mosaic, row_masks=False),
+        dataclasses.replace(MOSAIC_BLOCK_SIZES.mosaic, persistent=False),
+        PERSISTENT_UNION.mosaic,
     ],
     ids=[
         "default",
@@ -191,6 +207,8 @@ def _assert_lowers_for_cuda(fn, *args):
         "pairs",
         "pairs-pingpong-union",
         "default-score-masks",
+        "default-one-tile-per-cta",
+        "persistent-pairs-pingpong-union",
     ],
 )
 def test_lowers_for_cuda(mosaic):
