@@ -94,14 +94,18 @@ SELECT_VARIANTS = {
         pallas_selection.MOSAIC_SELECTION, mosaic=MosaicScore(key_rows=False)
     ),
     "mosaic_key_rows": dataclasses.replace(
-        pallas_selection.MOSAIC_SELECTION, mosaic=MosaicScore(key_rows_from_blocks=0)
+        pallas_selection.MOSAIC_SELECTION, mosaic=MosaicScore(key_rows_from_blocks=0, persistent=True)
     ),
     # The default scoring with a 4-slot ring (keys as rows from 128 blocks on, token rows below).
-    "mosaic_st4": dataclasses.replace(pallas_selection.MOSAIC_SELECTION, mosaic=MosaicScore(stages=4)),
+    "mosaic_st4": dataclasses.replace(
+        pallas_selection.MOSAIC_SELECTION, mosaic=MosaicScore(stages=4, persistent=True)
+    ),
     # Pooled scores stored in float32 (the default stores bf16, as the official kernel does; session 13).
     "mosaic_f32_scores": dataclasses.replace(
-        pallas_selection.MOSAIC_SELECTION, mosaic=MosaicScore(bf16_scores=False)
+        pallas_selection.MOSAIC_SELECTION, mosaic=MosaicScore(bf16_scores=False, persistent=True)
     ),
+    # The scoring kernel with one tile per CTA (the default before session 14; now persistent).
+    "mosaic_one_tile_per_cta": dataclasses.replace(pallas_selection.MOSAIC_SELECTION, mosaic=MosaicScore()),
 }
 
 
@@ -167,14 +171,22 @@ PREFILL_VARIANTS = {
     "lists_whole_rows_8_warps": _prefill_tilings(select=dict(list_elems=16384, list_warps=8)),
     # The masks' dtype before session 9's last run (int32 since).
     "lists_int8_masks": _prefill_tilings(select=dict(list_mask_dtype="int8")),
-    # Selection chunks of up to 16K tokens (one chunk at 16K): within noise of two 8K chunks (session 9).
-    "select_chunks_16k": _prefill_tilings(select=dict(max_chunk=16384)),
+    # Selection chunks of up to 16K / 32K tokens (a chunk's pooled scores within 1 / 2 GiB as float32):
+    # fewer launches, so fewer partly idle last waves. Session 9's 16K variant (max_chunk only) still
+    # had 8K chunks at 128K, held by chunk_bytes; at 16K it was within noise of two 8K chunks.
+    "select_chunks_16k": _prefill_tilings(select=dict(max_chunk=16384, chunk_bytes=1 << 30)),
+    "select_chunks_32k": _prefill_tilings(select=dict(max_chunk=32768, chunk_bytes=2 << 30)),
     # The forward chunks before session 9: 256 MiB of fp32 state per chunk instead of 1 GiB.
     "fwd_chunks_256mib": _prefill_tilings(attention=dict(fwd_chunk_bytes=256 << 20)),
     # The scoring kernel at every length: session 9's (token rows, E^T P group sum), or keys as rows.
     "scoring_token_rows": _prefill_tilings(select=dict(mosaic=MosaicScore(key_rows=False))),
-    "scoring_key_rows": _prefill_tilings(select=dict(mosaic=MosaicScore(key_rows_from_blocks=0))),
-    "scoring_f32_scores": _prefill_tilings(select=dict(mosaic=MosaicScore(bf16_scores=False))),
+    "scoring_key_rows": _prefill_tilings(
+        select=dict(mosaic=MosaicScore(key_rows_from_blocks=0, persistent=True))
+    ),
+    "scoring_f32_scores": _prefill_tilings(
+        select=dict(mosaic=MosaicScore(bf16_scores=False, persistent=True))
+    ),
+    "scoring_one_tile_per_cta": _prefill_tilings(select=dict(mosaic=MosaicScore())),
     # The forward tile kernel with one tile per CTA (the default before session 14; now persistent).
     "fwd_one_tile_per_cta": _prefill_tilings(
         attention=dict(

@@ -50,12 +50,14 @@ __all__ = [
     "KEY_TILE",
     "TILE_TOKENS",
     "MosaicScore",
+    "copy_key_tiles",
     "permute_fine_keys",
     "score_dtype",
     "score_tiles_mgpu",
     "stream_key_tiles",
     "supported_mosaic_scoring",
     "visible_kernels",
+    "wait_key_ring_released",
 ]
 
 # Tokens per CTA: two compute warpgroups of 4 tokens x 16 rows each.
@@ -90,6 +92,10 @@ class MosaicScore:
         of 128-block pair tiles per warpgroup, so on short sequences the partly visible last one
         costs more than the group-sum WGMMA it saves. Session 12 measured the prefill with either
         kernel as fast from 128 blocks (8K tokens at block size 64) and keys as rows faster from 512.
+      persistent: with ``key_rows``, one CTA per SM runs a strided share of the tiles: the memory
+        warpgroup loads the next tile's query rows into a second buffer and keeps the key ring
+        streaming across tiles, so a CTA's start-up and last stores overlap the neighbouring tiles'
+        steps.
       bf16_scores: the pooled block scores (``body``, ``halo``) go to HBM in bfloat16, rounded to
         nearest from the float32 sums, as the official kernel stores its stage-1 scores (SPEC.md
         §4, §13 item 4: rounding is monotonic, so pooling the rounded scores or rounding the pooled
@@ -104,6 +110,7 @@ class MosaicScore:
     memory_registers: int = 40
     key_rows: bool = True
     key_rows_from_blocks: int = 128
+    persistent: bool = False
     bf16_scores: bool = True
 
     def __post_init__(self):
@@ -115,6 +122,8 @@ class MosaicScore:
             )
         if self.store_buffers not in (1, 2):
             raise ValueError(f"MosaicScore.store_buffers must be 1 or 2, got {self.store_buffers}")
+        if self.persistent and not self.key_rows:
+            raise ValueError("MosaicScore.persistent needs the keys-as-rows kernel (key_rows=True)")
 
 
 def score_dtype(config: MosaicScore):
@@ -315,10 +324,8 @@ def _kernel(
 
 
 def stream_key_tiles(keys, smem, *, n2_tiles, total, registers):
-    """The memory warpgroup of a scoring kernel (this module's or ``selection_mgpu_keys``').
-
-    Copies ``n2_tiles`` 128-key tiles of coarse keys, then ``total - n2_tiles`` of fine ones, tile ``j``
-    into ring slot ``j % stages`` once both compute warpgroups released the tile that held it.
+    """The memory warpgroup of a one-tile-per-CTA scoring kernel (this module's or
+    ``selection_mgpu_keys``'): ``copy_key_tiles``, then waits until the ring is released.
 
     Args:
       keys: ``(coarse, fine)`` GMEM refs ``[n_pad, D]`` of one (batch row, KV head).
@@ -327,14 +334,22 @@ def stream_key_tiles(keys, smem, *, n2_tiles, total, registers):
       registers: the memory warpgroup's register budget.
     """
     plgpu.set_max_registers(registers, action="decrease")
+    copy_key_tiles(keys, smem, n2_tiles=n2_tiles, total=total, base=0)
+    wait_key_ring_released(smem[2], total, smem[0].shape[0])
+
+
+def copy_key_tiles(keys, smem, *, n2_tiles, total, base):
+    """Copies ``n2_tiles`` 128-key tiles of coarse keys, then ``total - n2_tiles`` of fine ones: tile
+    ``j`` is the CTA's ring step ``base + j``, which goes into slot ``(base + j) % stages`` once both
+    compute warpgroups released the step that held it (arguments as in ``stream_key_tiles``)."""
     (coarse_keys, fine_keys), (ring, k_bar, k_free) = keys, smem
     stages = ring.shape[0]
 
     @pl.loop(0, total)
     def _(j):
-        slot = lax.rem(j, stages)
+        slot = lax.rem(base + j, stages)
 
-        @pl.when(j >= stages)
+        @pl.when(base + j >= stages)
         def _():
             plgpu.barrier_wait(k_free.at[slot])
 
@@ -348,7 +363,11 @@ def stream_key_tiles(keys, smem, *, n2_tiles, total, registers):
             tile = pl.ds(pl.multiple_of((j - n2_tiles) * KEY_TILE, KEY_TILE), KEY_TILE)
             plgpu.copy_gmem_to_smem(fine_keys.at[tile], ring.at[slot], k_bar.at[slot])
 
-    # Wait for the last releases too, so that every barrier phase is consumed before the CTA exits.
+
+def wait_key_ring_released(k_free, total, stages):
+    """Waits for the releases of the last ``stages`` of a CTA's ``total`` ring steps (those no later
+    copy waited for), so that every barrier phase is consumed before the CTA exits."""
+
     @pl.loop(jnp.maximum(total - stages, 0), total)
     def _(j):
         plgpu.barrier_wait(k_free.at[lax.rem(j, stages)])

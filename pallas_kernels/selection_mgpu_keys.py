@@ -47,12 +47,14 @@ from pallas_kernels.selection_mgpu import (
     KEY_TILE,
     TILE_TOKENS,
     MosaicScore,
+    copy_key_tiles,
     score_dtype,
     stream_key_tiles,
     supported_mosaic_scoring,
     visible_kernels,
+    wait_key_ring_released,
 )
-from pallas_kernels.tiling import DEFAULT_MASK_VALUE, GROUP_ROWS, LOG2E
+from pallas_kernels.tiling import DEFAULT_MASK_VALUE, GROUP_ROWS, LOG2E, persistent_ctas
 
 __all__ = ["PAIR_BLOCKS", "query_rows_head_major", "score_tiles_mgpu_keys"]
 
@@ -70,6 +72,189 @@ def query_rows_head_major(q_c: jax.Array) -> jax.Array:
     b, h, c, g, d = q_c.shape
     q_c = q_c.reshape(b, h, c // TILE_TOKENS, TILE_TOKENS, g, d).swapaxes(3, 4)
     return q_c.reshape(b, h, c * g, d)
+
+
+def _geometry(pos_ref, tile, *, n1: int, n2: int, stride: int, pool: int):
+    """Key positions and step counts of tile ``tile`` (8 tokens): ``(t_first, t_end, n2_tiles,
+    blocks_seen, blocks_whole, n_pairs)``: its first token's key position, the sequence's last one,
+    its coarse ring steps, the blocks with at least one kernel its last token sees, the blocks all of
+    whose kernels its first token sees, and its pair tiles."""
+    size1, size2, stride2 = 2 * stride, 8 * stride, 4 * stride  # kernel sizes are 2x the strides
+    t_end = pos_ref[1]
+    t_first = jnp.minimum(pos_ref[0] + tile * TILE_TOKENS, t_end)
+    cta_last = jnp.minimum(pos_ref[0] + tile * TILE_TOKENS + TILE_TOKENS - 1, t_end)
+    n2_tiles = lax.div(visible_kernels(cta_last, size2, stride2, n2) + KEY_TILE - 1, KEY_TILE)
+    blocks_seen = lax.div(visible_kernels(cta_last, size1, stride, n1) + pool - 1, pool)
+    blocks_whole = lax.div(visible_kernels(t_first, size1, stride, n1), pool)
+    n_pairs = lax.div(blocks_seen + PAIR_BLOCKS - 1, PAIR_BLOCKS)
+    return t_first, t_end, n2_tiles, blocks_seen, blocks_whole, n_pairs
+
+
+def _load_queries(pos_ref, q_ref, q_smem, q_bar, *, w, tile, b, h, in_place: bool):
+    """Copies compute warpgroup ``w``'s 64 query rows (heads ``8 w .. 8 w + 7``) of tile ``tile`` into
+    ``q_smem`` (``[128, D]``, row ``head * 8 + token``), arriving on ``q_bar``."""
+    w = jnp.int32(w)
+    wg_rows = _HEADS_PER_WG * TILE_TOKENS
+    if in_place:
+        # The whole query [B, T, Hkv * 16, D], T a multiple of 8: head g of the tile's 8 tokens is
+        # one strided box. Tiles past the last token repeat the last tile.
+        start = pl.multiple_of(
+            jnp.minimum(pos_ref[2] + tile * TILE_TOKENS, pos_ref[3] + 1 - TILE_TOKENS), TILE_TOKENS
+        )
+        # ``start`` must be provably a multiple of 8 (the SMEM tiling) for layout inference.
+        for i in range(_HEADS_PER_WG):
+            g = w * _HEADS_PER_WG + i
+            plgpu.copy_gmem_to_smem(
+                q_ref.at[b, pl.ds(start, TILE_TOKENS), h * GROUP_ROWS + g],
+                q_smem.at[pl.ds(pl.multiple_of(g * TILE_TOKENS, TILE_TOKENS), TILE_TOKENS)],
+                q_bar,
+            )
+    else:
+        rows = pl.ds(tile * _ROWS + w * wg_rows, wg_rows)
+        plgpu.copy_gmem_to_smem(
+            q_ref.at[b, h, rows], q_smem.at[pl.ds(pl.multiple_of(w * wg_rows, wg_rows), wg_rows)], q_bar
+        )
+
+
+def _score_tile(
+    refs, smem, bars, geometry, *, w, tile, b, h, base, n1, n2, stride, group, pool, config: MosaicScore
+):
+    """Compute warpgroup ``w``'s two passes over one tile (ring steps ``base ...`` of the CTA) and the
+    TMA stores of its pooled scores (issued, not waited for).
+
+    Args:
+      refs: ``(pos, body, halo)`` GMEM refs; smem: ``(q [128, D], ring, lse [128], output buffers)``;
+        bars: the ring's arrival and release barriers and the LSE exchange barrier.
+      geometry: ``_geometry`` of the tile.
+    """
+    pos_ref, body_ref, halo_ref = refs
+    q_smem, ring, lse_smem, out_smem = smem
+    k_bar, k_free, lse_bar = bars
+    t_first, t_end, n2_tiles, blocks_seen, blocks_whole, n_pairs = geometry
+    stages = config.stages
+    head_dim = q_smem.shape[-1]
+    size1, size2, stride2 = 2 * stride, 8 * stride, 4 * stride
+    wg_rows = _HEADS_PER_WG * TILE_TOKENS
+    my_rows = pl.ds(pl.multiple_of(w * wg_rows, wg_rows), wg_rows)
+
+    layout = plgpu.Layout.WGMMA
+    qk_scale = head_dim**-0.5 * LOG2E
+
+    # Pass 1: rows head * 8 + token of this warpgroup's 8 heads against 128 coarse keys per step.
+    row = plgpu.broadcasted_iota(jnp.int32, (64, KEY_TILE), 0, layout=layout)
+    col = plgpu.broadcasted_iota(jnp.int32, (64, KEY_TILE), 1, layout=layout)
+    t_row = jnp.minimum(pos_ref[0] + tile * TILE_TOKENS + row % TILE_TOKENS, t_end)
+    row_layout = layout.reduce(1)
+    head = w * _HEADS_PER_WG + plgpu.broadcasted_iota(jnp.int32, (64,), 0, layout=row_layout) // TILE_TOKENS
+
+    def coarse(j, carry, masked):
+        m, l = carry
+        slot = lax.rem(base + j, stages)
+        plgpu.barrier_wait(k_bar.at[slot])
+
+        def qk(acc_ref):
+            plgpu.wgmma(acc_ref, q_smem.at[my_rows], ring.at[slot].T)
+            return acc_ref[...]
+
+        s = pl.run_scoped(qk, plgpu.ACC((64, KEY_TILE), jnp.float32))
+        plgpu.barrier_arrive(k_free.at[slot])
+        s = s * qk_scale
+        if masked:
+            s = jnp.where((j * KEY_TILE + col) * stride2 + size2 <= t_row + 1, s, DEFAULT_MASK_VALUE)
+        m_new = jnp.maximum(m, s.max(axis=1))
+        p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
+        return m_new, l * jnp.exp2(m - m_new) + p.sum(axis=1)
+
+    m = plgpu.layout_cast(jnp.full((64,), DEFAULT_MASK_VALUE, jnp.float32), row_layout)
+    l = plgpu.layout_cast(jnp.zeros((64,), jnp.float32), row_layout)
+    n2_all = jnp.minimum(lax.div(visible_kernels(t_first, size2, stride2, n2), KEY_TILE), n2_tiles)
+    carry = lax.fori_loop(0, n2_all, functools.partial(coarse, masked=False), (m, l))
+    m, l = lax.fori_loop(n2_all, n2_tiles, functools.partial(coarse, masked=True), carry)
+    # A row that saw no coarse key (m still at the mask value) or a padding head scores 0.
+    ok = (m > 0.5 * DEFAULT_MASK_VALUE) & (head < group)
+    lse_smem.at[my_rows][...] = jnp.where(ok, m + jnp.log2(jnp.where(ok, l, 1.0)), jnp.inf)
+    plgpu.barrier_arrive(lse_bar)
+    plgpu.barrier_wait(lse_bar)
+    lse = plgpu.load(lse_smem, layout=layout.reduce(0))  # [128]: column c's row
+
+    # Pass 2: S^T = K1 Q^T over this warpgroup's 64 kernels of each ring slot.
+    key_row = plgpu.broadcasted_iota(jnp.int32, (64, _ROWS), 0, layout=layout)
+    q_col = plgpu.broadcasted_iota(jnp.int32, (64, _ROWS), 1, layout=layout)
+    t_col = jnp.minimum(pos_ref[0] + tile * TILE_TOKENS + q_col % TILE_TOKENS, t_end)
+    lse_cols = lax.broadcast_in_dim(lse, (64, _ROWS), [1])
+    block0 = w * _HALF_BLOCKS  # this warpgroup's first block of a pair tile
+
+    def fine_step(j):
+        slot = lax.rem(base + j, stages)
+        plgpu.barrier_wait(k_bar.at[slot])
+
+        def kq(acc_ref):
+            plgpu.wgmma(acc_ref, ring.at[slot, pl.ds(pl.multiple_of(w * 64, 64), 64)], q_smem.T)
+            return acc_ref[...]
+
+        s = pl.run_scoped(kq, plgpu.ACC((64, _ROWS), jnp.float32))
+        plgpu.barrier_arrive(k_free.at[slot])
+        return s
+
+    def pair(pt, carry, mode):
+        """Pair tile ``pt``: ``pool`` ring steps; ``mode`` "none" (every token sees every kernel of
+        this half), "mask" or "pass" (no token sees any: barrier traffic only)."""
+        first_step = n2_tiles + pt * pool
+        if mode == "pass":
+            for i in range(pool):
+                slot = lax.rem(base + first_step + i, stages)
+                plgpu.barrier_wait(k_bar.at[slot])
+                plgpu.barrier_arrive(k_free.at[slot])
+            return carry
+
+        def pool_step(i, carry):
+            pooled, _ = carry
+            x = fine_step(first_step + i) * qk_scale - lse_cols
+            if mode == "mask":
+                kernel_end = pool * (pt * PAIR_BLOCKS + block0 + key_row) + i
+                kernel_end = kernel_end * stride + size1  # one past the kernel's last key
+
+            def head_probs(g):
+                # Column 8 * head + token: the group sum adds whole 8-column slices.
+                cols = slice(g * TILE_TOKENS, (g + 1) * TILE_TOKENS)
+                p = jnp.exp2(x[:, cols])
+                if mode == "mask":
+                    p = jnp.where(kernel_end[:, cols] <= t_col[:, cols] + 1, p, 0.0)
+                return p
+
+            sums = functools.reduce(jnp.add, [head_probs(g) for g in range(group)])
+            return jnp.maximum(pooled, sums), sums
+
+        # Sums of probabilities are >= 0, so a max that starts at 0 is the max over the steps. A
+        # loop, not ``pool`` copies of the step: less code to fetch (and to lower).
+        zeros = plgpu.layout_cast(jnp.zeros((64, TILE_TOKENS), jnp.float32), layout)
+        pooled, sums = lax.fori_loop(0, pool, pool_step, (zeros, zeros))
+        buffers = config.store_buffers
+        buf = out_smem.at[w, lax.rem(pt, buffers)]
+        # The stores that last read this buffer (``buffers`` pair tiles ago) must be done.
+        plgpu.wait_smem_to_gmem(2 * (buffers - 1), wait_read_only=True)
+        # Transposed stores need the 2x2-transposed WGMMA layout (one shuffle per register pair).
+        transposed = plgpu.Layout.WGMMA_TRANSPOSED
+        buf.at[0].T[...] = plgpu.layout_cast(pooled.astype(score_dtype(config)), transposed)
+        # The last step: each block's last kernel.
+        buf.at[1].T[...] = plgpu.layout_cast(sums.astype(score_dtype(config)), transposed)
+        plgpu.commit_smem()
+        blocks = pt * PAIR_BLOCKS + block0
+        tokens = pl.ds(tile * TILE_TOKENS, TILE_TOKENS)
+        plgpu.copy_smem_to_gmem(buf.at[0], body_ref.at[b, h, tokens, pl.ds(blocks, _HALF_BLOCKS)])
+        plgpu.copy_smem_to_gmem(
+            buf.at[1], halo_ref.at[b, h, tokens, pl.ds(blocks + HALO_SHIFT, _HALF_BLOCKS)]
+        )
+        return carry
+
+    # Pair tiles whose half every token sees entirely; those some token sees at all.
+    n_whole = jnp.minimum(lax.div(blocks_whole + _HALF_BLOCKS - block0, PAIR_BLOCKS), n_pairs)
+    n_seen = jnp.minimum(
+        lax.div(jnp.maximum(blocks_seen - block0, 0) + PAIR_BLOCKS - 1, PAIR_BLOCKS), n_pairs
+    )
+    lax.fori_loop(0, n_whole, functools.partial(pair, mode="none"), 0)
+    lax.fori_loop(n_whole, n_seen, functools.partial(pair, mode="mask"), 0)
+    lax.fori_loop(n_seen, n_pairs, functools.partial(pair, mode="pass"), 0)
 
 
 def _kernel(
@@ -91,170 +276,38 @@ def _kernel(
 ):
     """One CTA: warpgroups 0 and 1 score tile ``tile``'s 8 tokens, warpgroup 2 streams the keys (refs
     and shapes as in ``score_tiles_mgpu_keys``)."""
-    (q_smem, ring, lse_smem, out_smem), (q_bar, k_bar, k_free, lse_bar) = scratch
+    (q_tiles, ring, lse_tiles, out_smem), (q_bars, k_bar, k_free, lse_bar, _) = scratch
+    q_smem, lse_smem = q_tiles.at[0], lse_tiles.at[0]  # one tile: one buffer
     tile, b, h = lax.axis_index("tile"), lax.axis_index("batch"), lax.axis_index("kv")
     wg = lax.axis_index("wg")
-    stages = config.stages
-    head_dim = q_smem.shape[-1]
-    size1, size2, stride2 = 2 * stride, 8 * stride, 4 * stride  # kernel sizes are 2x the strides
-    t_end = pos_ref[1]
-    t_first = jnp.minimum(pos_ref[0] + tile * TILE_TOKENS, t_end)
-    cta_last = jnp.minimum(pos_ref[0] + tile * TILE_TOKENS + TILE_TOKENS - 1, t_end)
-    n2_tiles = lax.div(visible_kernels(cta_last, size2, stride2, n2) + KEY_TILE - 1, KEY_TILE)
-    # Blocks with at least one kernel the CTA's last token sees, and blocks all of whose kernels its
-    # first token sees.
-    blocks_seen = lax.div(visible_kernels(cta_last, size1, stride, n1) + pool - 1, pool)
-    blocks_whole = lax.div(visible_kernels(t_first, size1, stride, n1), pool)
-    n_pairs = lax.div(blocks_seen + PAIR_BLOCKS - 1, PAIR_BLOCKS)
+    geometry = _geometry(pos_ref, tile, n1=n1, n2=n2, stride=stride, pool=pool)
+    n2_tiles, n_pairs = geometry[2], geometry[5]
 
     @pl.when(wg < _COMPUTE_WGS)
     def _compute():
         # One body for both compute warpgroups (``w`` traced), not a copy each: half the code to fetch.
-        w = wg
         plgpu.set_max_registers(config.compute_registers, action="increase")
-        wg_rows = _HEADS_PER_WG * TILE_TOKENS
-        my_rows = pl.ds(pl.multiple_of(w * wg_rows, wg_rows), wg_rows)
-        if in_place:
-            # The whole query [B, T, Hkv * 16, D], T a multiple of 8: head g of the tile's 8 tokens is
-            # one strided box. Tiles past the last token repeat the last tile.
-            start = pl.multiple_of(
-                jnp.minimum(pos_ref[2] + tile * TILE_TOKENS, pos_ref[3] + 1 - TILE_TOKENS), TILE_TOKENS
-            )
-            # ``start`` must be provably a multiple of 8 (the SMEM tiling) for layout inference.
-            for i in range(_HEADS_PER_WG):
-                g = w * _HEADS_PER_WG + i
-                plgpu.copy_gmem_to_smem(
-                    q_ref.at[b, pl.ds(start, TILE_TOKENS), h * GROUP_ROWS + g],
-                    q_smem.at[pl.ds(pl.multiple_of(g * TILE_TOKENS, TILE_TOKENS), TILE_TOKENS)],
-                    q_bar.at[w],
-                )
-        else:
-            rows = pl.ds(tile * _ROWS + w * wg_rows, wg_rows)
-            plgpu.copy_gmem_to_smem(q_ref.at[b, h, rows], q_smem.at[my_rows], q_bar.at[w])
+        _load_queries(pos_ref, q_ref, q_smem, q_bars.at[0, wg], w=wg, tile=tile, b=b, h=h, in_place=in_place)
         # Both warpgroups read all 128 rows in pass 2.
         for bar in range(_COMPUTE_WGS):
-            plgpu.barrier_wait(q_bar.at[bar])
-
-        layout = plgpu.Layout.WGMMA
-        qk_scale = head_dim**-0.5 * LOG2E
-
-        # Pass 1: rows head * 8 + token of this warpgroup's 8 heads against 128 coarse keys per step.
-        row = plgpu.broadcasted_iota(jnp.int32, (64, KEY_TILE), 0, layout=layout)
-        col = plgpu.broadcasted_iota(jnp.int32, (64, KEY_TILE), 1, layout=layout)
-        t_row = jnp.minimum(pos_ref[0] + tile * TILE_TOKENS + row % TILE_TOKENS, t_end)
-        row_layout = layout.reduce(1)
-        head = (
-            w * _HEADS_PER_WG + plgpu.broadcasted_iota(jnp.int32, (64,), 0, layout=row_layout) // TILE_TOKENS
+            plgpu.barrier_wait(q_bars.at[0, bar])
+        _score_tile(
+            (pos_ref, body_ref, halo_ref),
+            (q_smem, ring, lse_smem, out_smem),
+            (k_bar, k_free, lse_bar),
+            geometry,
+            w=wg,
+            tile=tile,
+            b=b,
+            h=h,
+            base=0,
+            n1=n1,
+            n2=n2,
+            stride=stride,
+            group=group,
+            pool=pool,
+            config=config,
         )
-
-        def coarse(j, carry, masked):
-            m, l = carry
-            slot = lax.rem(j, stages)
-            plgpu.barrier_wait(k_bar.at[slot])
-
-            def qk(acc_ref):
-                plgpu.wgmma(acc_ref, q_smem.at[my_rows], ring.at[slot].T)
-                return acc_ref[...]
-
-            s = pl.run_scoped(qk, plgpu.ACC((64, KEY_TILE), jnp.float32))
-            plgpu.barrier_arrive(k_free.at[slot])
-            s = s * qk_scale
-            if masked:
-                s = jnp.where((j * KEY_TILE + col) * stride2 + size2 <= t_row + 1, s, DEFAULT_MASK_VALUE)
-            m_new = jnp.maximum(m, s.max(axis=1))
-            p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
-            return m_new, l * jnp.exp2(m - m_new) + p.sum(axis=1)
-
-        m = plgpu.layout_cast(jnp.full((64,), DEFAULT_MASK_VALUE, jnp.float32), row_layout)
-        l = plgpu.layout_cast(jnp.zeros((64,), jnp.float32), row_layout)
-        n2_all = jnp.minimum(lax.div(visible_kernels(t_first, size2, stride2, n2), KEY_TILE), n2_tiles)
-        carry = lax.fori_loop(0, n2_all, functools.partial(coarse, masked=False), (m, l))
-        m, l = lax.fori_loop(n2_all, n2_tiles, functools.partial(coarse, masked=True), carry)
-        # A row that saw no coarse key (m still at the mask value) or a padding head scores 0.
-        ok = (m > 0.5 * DEFAULT_MASK_VALUE) & (head < group)
-        lse_smem.at[my_rows][...] = jnp.where(ok, m + jnp.log2(jnp.where(ok, l, 1.0)), jnp.inf)
-        plgpu.barrier_arrive(lse_bar)
-        plgpu.barrier_wait(lse_bar)
-        lse = plgpu.load(lse_smem, layout=layout.reduce(0))  # [128]: column c's row
-
-        # Pass 2: S^T = K1 Q^T over this warpgroup's 64 kernels of each ring slot.
-        key_row = plgpu.broadcasted_iota(jnp.int32, (64, _ROWS), 0, layout=layout)
-        q_col = plgpu.broadcasted_iota(jnp.int32, (64, _ROWS), 1, layout=layout)
-        t_col = jnp.minimum(pos_ref[0] + tile * TILE_TOKENS + q_col % TILE_TOKENS, t_end)
-        lse_cols = lax.broadcast_in_dim(lse, (64, _ROWS), [1])
-        block0 = w * _HALF_BLOCKS  # this warpgroup's first block of a pair tile
-
-        def fine_step(j):
-            slot = lax.rem(j, stages)
-            plgpu.barrier_wait(k_bar.at[slot])
-
-            def kq(acc_ref):
-                plgpu.wgmma(acc_ref, ring.at[slot, pl.ds(pl.multiple_of(w * 64, 64), 64)], q_smem.T)
-                return acc_ref[...]
-
-            s = pl.run_scoped(kq, plgpu.ACC((64, _ROWS), jnp.float32))
-            plgpu.barrier_arrive(k_free.at[slot])
-            return s
-
-        def pair(pt, carry, mode):
-            """Pair tile ``pt``: ``pool`` ring steps; ``mode`` "none" (every token sees every kernel of
-            this half), "mask" or "pass" (no token sees any: barrier traffic only)."""
-            first_step = n2_tiles + pt * pool
-            if mode == "pass":
-                for i in range(pool):
-                    slot = lax.rem(first_step + i, stages)
-                    plgpu.barrier_wait(k_bar.at[slot])
-                    plgpu.barrier_arrive(k_free.at[slot])
-                return carry
-
-            def pool_step(i, carry):
-                pooled, _ = carry
-                x = fine_step(first_step + i) * qk_scale - lse_cols
-                if mode == "mask":
-                    kernel_end = pool * (pt * PAIR_BLOCKS + block0 + key_row) + i
-                    kernel_end = kernel_end * stride + size1  # one past the kernel's last key
-
-                def head_probs(g):
-                    # Column 8 * head + token: the group sum adds whole 8-column slices.
-                    cols = slice(g * TILE_TOKENS, (g + 1) * TILE_TOKENS)
-                    p = jnp.exp2(x[:, cols])
-                    if mode == "mask":
-                        p = jnp.where(kernel_end[:, cols] <= t_col[:, cols] + 1, p, 0.0)
-                    return p
-
-                sums = functools.reduce(jnp.add, [head_probs(g) for g in range(group)])
-                return jnp.maximum(pooled, sums), sums
-
-            # Sums of probabilities are >= 0, so a max that starts at 0 is the max over the steps. A
-            # loop, not ``pool`` copies of the step: less code to fetch (and to lower).
-            zeros = plgpu.layout_cast(jnp.zeros((64, TILE_TOKENS), jnp.float32), layout)
-            pooled, sums = lax.fori_loop(0, pool, pool_step, (zeros, zeros))
-            buffers = config.store_buffers
-            buf = out_smem.at[w, lax.rem(pt, buffers)]
-            # The stores that last read this buffer (``buffers`` pair tiles ago) must be done.
-            plgpu.wait_smem_to_gmem(2 * (buffers - 1), wait_read_only=True)
-            # Transposed stores need the 2x2-transposed WGMMA layout (one shuffle per register pair).
-            transposed = plgpu.Layout.WGMMA_TRANSPOSED
-            buf.at[0].T[...] = plgpu.layout_cast(pooled.astype(score_dtype(config)), transposed)
-            # The last step: each block's last kernel.
-            buf.at[1].T[...] = plgpu.layout_cast(sums.astype(score_dtype(config)), transposed)
-            plgpu.commit_smem()
-            blocks = pt * PAIR_BLOCKS + block0
-            tokens = pl.ds(tile * TILE_TOKENS, TILE_TOKENS)
-            plgpu.copy_smem_to_gmem(buf.at[0], body_ref.at[b, h, tokens, pl.ds(blocks, _HALF_BLOCKS)])
-            plgpu.copy_smem_to_gmem(
-                buf.at[1], halo_ref.at[b, h, tokens, pl.ds(blocks + HALO_SHIFT, _HALF_BLOCKS)]
-            )
-            return carry
-
-        # Pair tiles whose half every token sees entirely; those some token sees at all.
-        n_whole = jnp.minimum(lax.div(blocks_whole + _HALF_BLOCKS - block0, PAIR_BLOCKS), n_pairs)
-        n_seen = jnp.minimum(
-            lax.div(jnp.maximum(blocks_seen - block0, 0) + PAIR_BLOCKS - 1, PAIR_BLOCKS), n_pairs
-        )
-        lax.fori_loop(0, n_whole, functools.partial(pair, mode="none"), 0)
-        lax.fori_loop(n_whole, n_seen, functools.partial(pair, mode="mask"), 0)
-        lax.fori_loop(n_seen, n_pairs, functools.partial(pair, mode="pass"), 0)
         plgpu.wait_smem_to_gmem(0)
 
     pl.when(wg == _COMPUTE_WGS)(
@@ -267,6 +320,119 @@ def _kernel(
             registers=config.memory_registers,
         )
     )
+
+
+def _persistent_kernel(
+    pos_ref,
+    q_ref,
+    k1_ref,
+    k2_ref,
+    body_ref,
+    halo_ref,
+    *,
+    scratch,
+    n1: int,
+    n2: int,
+    stride: int,
+    group: int,
+    pool: int,
+    config: MosaicScore,
+    in_place: bool,
+):
+    """``config.persistent``: CTA ``c`` of ``C`` scores tiles ``c, c + C, ...`` of the ``(batch, kv head,
+    tile)`` grid (tiles fastest, so concurrent CTAs read the same keys, as in the one-tile-per-CTA
+    launch). The memory warpgroup loads each tile's query rows into one of two buffers while the
+    compute warpgroups still score the previous tile, and streams the key tiles through the ring
+    across tiles (global step numbers); the LSE exchange is double-buffered too, since a tile without
+    key steps lets a warpgroup reach the next exchange before the other one read the last."""
+    (q_smem, ring, lse_smem, out_smem), (q_bar, k_bar, k_free, lse_bar, tile_free) = scratch
+    wg = lax.axis_index("wg")
+    batch, hkv, chunk = body_ref.shape[:3]
+    grid = (batch, hkv, chunk // TILE_TOKENS)
+    geometry_of = functools.partial(_geometry, pos_ref, n1=n1, n2=n2, stride=stride, pool=pool)
+
+    def tile_of(loop_info):
+        b, h, tile = loop_info.index
+        return b, h, tile, lax.rem(loop_info.local_index, 2)
+
+    @pl.when(wg < _COMPUTE_WGS)
+    def _compute():
+        plgpu.set_max_registers(config.compute_registers, action="increase")
+
+        @plgpu.nd_loop(grid, collective_axes="cta", init_carry=jnp.int32(0))
+        def _tiles(loop_info, carry):
+            b, h, tile, buf = tile_of(loop_info)
+            geometry = geometry_of(tile)
+            for bar in range(_COMPUTE_WGS):
+                plgpu.barrier_wait(q_bar.at[buf, bar])
+            _score_tile(
+                (pos_ref, body_ref, halo_ref),
+                (q_smem.at[buf], ring, lse_smem.at[buf], out_smem),
+                (k_bar, k_free, lse_bar),
+                geometry,
+                w=wg,
+                tile=tile,
+                b=b,
+                h=h,
+                base=carry,
+                n1=n1,
+                n2=n2,
+                stride=stride,
+                group=group,
+                pool=pool,
+                config=config,
+            )
+            plgpu.barrier_arrive(tile_free.at[buf])
+            if config.store_buffers > 1:
+                # The next tile's first pair tile takes output buffer 0 again, whatever this one's last took.
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+            return carry + geometry[2] + geometry[5] * pool
+
+        plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(wg == _COMPUTE_WGS)
+    def _memory():
+        plgpu.set_max_registers(config.memory_registers, action="decrease")
+
+        @plgpu.nd_loop(grid, collective_axes="cta", init_carry=(jnp.int32(0),) * 2)
+        def totals(loop_info, carry):
+            b, h, tile, buf = tile_of(loop_info)
+            geometry = geometry_of(tile)
+
+            @pl.when(loop_info.local_index >= 2)
+            def _():
+                plgpu.barrier_wait(tile_free.at[buf])
+
+            for w in range(_COMPUTE_WGS):
+                _load_queries(
+                    pos_ref,
+                    q_ref,
+                    q_smem.at[buf],
+                    q_bar.at[buf, w],
+                    w=w,
+                    tile=tile,
+                    b=b,
+                    h=h,
+                    in_place=in_place,
+                )
+            steps = geometry[2] + geometry[5] * pool
+            copy_key_tiles(
+                (k2_ref.at[b, h], k1_ref.at[b, h]),
+                (ring, k_bar, k_free),
+                n2_tiles=geometry[2],
+                total=steps,
+                base=carry[0],
+            )
+            return carry[0] + steps, carry[1] + 1
+
+        total, n_local = totals
+        wait_key_ring_released(k_free, total, config.stages)
+        # The last two tiles' buffer releases too, so that every barrier phase is consumed before the
+        # CTA exits.
+
+        @pl.loop(jnp.maximum(n_local - 2, 0), n_local)
+        def _(n):
+            plgpu.barrier_wait(tile_free.at[lax.rem(n, 2)])
 
 
 def score_tiles_mgpu_keys(
@@ -339,11 +505,14 @@ def score_tiles_mgpu_keys(
     if width < k1.shape[2] // pool + HALO_SHIFT:
         raise ValueError(f"width {width} < {k1.shape[2] // pool} blocks + {HALO_SHIFT}")
     stages = config.stages
+    # Per tile: one arrival per query copy of a warpgroup, 8 strided boxes in place, else one.
+    q_arrivals = _HEADS_PER_WG if in_place else 1
+    q_tiles = 2 if config.persistent else 1  # query (and LSE) buffers
     scratch = (
         (
-            plgpu.SMEM((_ROWS, d), q_rows.dtype, transforms=SWIZZLED_128B),
+            plgpu.SMEM((q_tiles, _ROWS, d), q_rows.dtype, transforms=SWIZZLED_128B),
             plgpu.SMEM((stages, KEY_TILE, d), q_rows.dtype, transforms=SWIZZLED_128B),
-            plgpu.SMEM((_ROWS,), jnp.float32),
+            plgpu.SMEM((q_tiles, _ROWS), jnp.float32),
             # Per warpgroup ``store_buffers`` buffers (alternate pair tiles) of pooled maxima and halos,
             # token-major.
             plgpu.SMEM(
@@ -351,16 +520,28 @@ def score_tiles_mgpu_keys(
             ),
         ),
         (
-            # Per warpgroup, one arrival per query copy: 8 strided boxes in place, else one.
-            plgpu.Barrier(num_arrivals=_HEADS_PER_WG if in_place else 1, num_barriers=_COMPUTE_WGS),
+            plgpu.Barrier(num_arrivals=q_arrivals, num_barriers=(q_tiles, _COMPUTE_WGS)),
             plgpu.Barrier(num_barriers=stages),
             plgpu.Barrier(num_arrivals=_COMPUTE_WGS, num_barriers=stages),
             plgpu.Barrier(num_arrivals=_COMPUTE_WGS),
+            plgpu.Barrier(num_arrivals=_COMPUTE_WGS, num_barriers=2),
         ),
     )
     kernel = functools.partial(
-        _kernel, n1=n1, n2=n2, stride=stride, group=group, pool=pool, config=config, in_place=in_place
+        _persistent_kernel if config.persistent else _kernel,
+        n1=n1,
+        n2=n2,
+        stride=stride,
+        group=group,
+        pool=pool,
+        config=config,
+        in_place=in_place,
     )
+    if config.persistent:
+        n_tiles = b * hkv * (chunk // TILE_TOKENS)
+        grid, grid_names = (min(n_tiles, persistent_ctas(interpret)),), ("cta",)
+    else:
+        grid, grid_names = (chunk // TILE_TOKENS, b, hkv), ("tile", "batch", "kv")
 
     # The profiler names the kernel after this function.
     def infllmv2_select_scores_mgpu_keys(*refs):
@@ -370,8 +551,8 @@ def score_tiles_mgpu_keys(
     return plgpu.kernel(
         infllmv2_select_scores_mgpu_keys,
         out_type=(out, out),
-        grid=(chunk // TILE_TOKENS, b, hkv),
-        grid_names=("tile", "batch", "kv"),
+        grid=grid,
+        grid_names=grid_names,
         num_threads=_COMPUTE_WGS + 1,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),

@@ -44,7 +44,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from pallas_kernels._compat import SWIZZLED_128B, pl, plgpu
-from pallas_kernels.tiling import DEFAULT_MASK_VALUE, GROUP_ROWS, LOG2E, MosaicTile
+from pallas_kernels.tiling import DEFAULT_MASK_VALUE, GROUP_ROWS, LOG2E, MosaicTile, persistent_ctas
 
 __all__ = [
     "TILE_TOKENS",
@@ -64,8 +64,6 @@ _COMPUTE_WGS = 2
 _BLOCK = 64
 # Packed list entries per SMEM row (TMA boxes are at most 256 elements wide).
 _LIST_COLS = 128
-# SMs of an H100/H200, for persistent launches lowered where the device does not say (CPU lowering tests).
-_H100_SMS = 132
 _BITS_SHIFT = 8
 
 
@@ -442,14 +440,6 @@ def _persistent_kernel(
             plgpu.barrier_wait(item_free.at[lax.rem(n, 2)])
 
 
-def _persistent_ctas(interpret: bool) -> int:
-    """CTAs of a persistent launch: one per SM (two in the interpreter, so that each runs several
-    tiles)."""
-    if interpret:
-        return 2
-    return getattr(jax.devices()[0], "core_count", None) or _H100_SMS
-
-
 def run_first(paths, *args):
     """Runs the first branch of ``paths`` (``(branch, condition)`` pairs, the last one's condition
     ``True``) whose condition holds; a condition that is ``False`` in Python drops its branch from
@@ -622,7 +612,7 @@ def tile_phase_mgpu(
         )
         kernel = _persistent_kernel
         n_tiles = b * hkv * (length // TILE_TOKENS)
-        grid, grid_names = (min(n_tiles, _persistent_ctas(interpret)),), ("cta",)
+        grid, grid_names = (min(n_tiles, persistent_ctas(interpret)),), ("cta",)
     else:
         scratch = (
             (

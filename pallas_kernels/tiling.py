@@ -28,6 +28,7 @@ __all__ = [
     "TileLists",
     "canonical_blocks",
     "next_pow2",
+    "persistent_ctas",
     "round_up",
     "tile_lists",
 ]
@@ -185,6 +186,18 @@ class BlockSizes:
     def align(self) -> int:
         """Tokens every launch of the kernels covers a multiple of (tile and token-batch spans)."""
         return max(self.tile_tokens, self.token_batch)
+
+
+# SMs of an H100/H200: persistent launches lowered where the device does not say (CPU lowering tests).
+_H100_SMS = 132
+
+
+def persistent_ctas(interpret: bool) -> int:
+    """CTAs of a persistent Mosaic GPU launch: one per SM of the default device (two in the
+    interpreter, so that each runs several tiles)."""
+    if interpret:
+        return 2
+    return getattr(jax.devices()[0], "core_count", None) or _H100_SMS
 
 
 def next_pow2(x: int) -> int:

@@ -225,6 +225,8 @@ MOSAIC_F32_SCORES = dataclasses.replace(MOSAIC, mosaic=MosaicScore(key_rows_from
 MOSAIC_TOKEN_ROWS_F32_SCORES = dataclasses.replace(
     MOSAIC, mosaic=MosaicScore(key_rows=False, bf16_scores=False)
 )
+# One CTA per SM running a strided share of the tiles (two CTAs in the interpreter).
+MOSAIC_PERSISTENT = dataclasses.replace(MOSAIC, mosaic=MosaicScore(key_rows_from_blocks=0, persistent=True))
 
 
 def group_sum_of(block_sizes, nb):
@@ -312,6 +314,25 @@ def test_mosaic_scoring_options_are_a_valid_topk(mosaic):
     test_mosaic_scoring_is_a_valid_topk(STRIDE1, 600, 16, 1, 64, 256, jnp.bfloat16, block_sizes=block_sizes)
 
 
+@pytest.mark.parametrize(
+    "cfg,t,hq,hkv,chunk,store_buffers",
+    [
+        pytest.param(STRIDE1, 600, 16, 1, 256, 1, id="T600-q-in-place"),
+        pytest.param(SMALL, 100, 32, 2, None, 2, id="T100-Hkv2-chunk-rows-two-store-buffers"),
+    ],
+)
+def test_mosaic_persistent_scoring_selects_what_one_tile_per_cta_does(cfg, t, hq, hkv, chunk, store_buffers):
+    """The persistent launch (tiles pipelined through double-buffered queries and LSEs, the key ring
+    streaming across tiles) computes every score as the one-tile-per-CTA launch does: same selection."""
+    q, k = qk(3 * t + hq, 1, t, hq, hkv, 64, jnp.bfloat16)
+    one = MosaicScore(key_rows_from_blocks=0, stages=2, store_buffers=store_buffers)
+    tilings = [
+        dataclasses.replace(MOSAIC, mosaic=dataclasses.replace(one, persistent=p)) for p in (False, True)
+    ]
+    want, got = (np.asarray(pallas_select(q, k, cfg, query_chunk=chunk, block_sizes=x)) for x in tilings)
+    np.testing.assert_array_equal(got, want)
+
+
 def test_mosaic_query_slice_at_a_traced_offset_matches_the_full_selection():
     # Every token's scores depend on its own rows only, so a slice (other 8-token tiles, other chunk
     # boundaries, more masked tiles) selects bit-identically.
@@ -354,6 +375,7 @@ _LOWERING_TILINGS = [
     ("token-rows", MOSAIC_TOKEN_ROWS),
     ("f32-scores", MOSAIC_F32_SCORES),
     ("token-rows-f32-scores", MOSAIC_TOKEN_ROWS_F32_SCORES),
+    ("persistent", MOSAIC_PERSISTENT),
 ]
 
 
@@ -507,6 +529,8 @@ def test_block_size_options_are_validated():
         MosaicScore(store_buffers=3)
     with pytest.raises(ValueError, match="stages must be >= 1"):
         MosaicScore(stages=0)
+    with pytest.raises(ValueError, match="persistent needs the keys-as-rows kernel"):
+        MosaicScore(key_rows=False, persistent=True)
 
 
 def test_registered_as_pallas_select_blocks():
@@ -595,13 +619,21 @@ def reference_scores_at(q, k, cfg, tokens):
 @pytest.mark.gpu
 @pytest.mark.parametrize(
     "block_sizes",
-    [None, pallas_selection.BlockSizes(), MOSAIC_TWO_STORE_BUFFERS, MOSAIC_TOKEN_ROWS, MOSAIC_F32_SCORES],
+    [
+        None,
+        pallas_selection.BlockSizes(),
+        MOSAIC_TWO_STORE_BUFFERS,
+        MOSAIC_TOKEN_ROWS,
+        MOSAIC_F32_SCORES,
+        MOSAIC_PERSISTENT,
+    ],
     ids=[
         "default-tiling",
         "triton-scoring",
         "mosaic-st2-two-store-buffers",
         "mosaic-token-rows",
         "mosaic-f32-scores",
+        "mosaic-persistent",
     ],
 )
 def test_gpu_shipped_config_32k_bf16_is_a_valid_topk(block_sizes):
