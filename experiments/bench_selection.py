@@ -171,11 +171,11 @@ PREFILL_VARIANTS = {
     "lists_whole_rows_8_warps": _prefill_tilings(select=dict(list_elems=16384, list_warps=8)),
     # The masks' dtype before session 9's last run (int32 since).
     "lists_int8_masks": _prefill_tilings(select=dict(list_mask_dtype="int8")),
-    # Selection chunks of up to 16K / 32K tokens (a chunk's pooled scores within 1 / 2 GiB as float32):
-    # fewer launches, so fewer partly idle last waves. Session 9's 16K variant (max_chunk only) still
-    # had 8K chunks at 128K, held by chunk_bytes; at 16K it was within noise of two 8K chunks.
-    "select_chunks_16k": _prefill_tilings(select=dict(max_chunk=16384, chunk_bytes=1 << 30)),
-    "select_chunks_32k": _prefill_tilings(select=dict(max_chunk=32768, chunk_bytes=2 << 30)),
+    # Selection chunks of up to 8K tokens (the default before session 14, now 32K) and 64K (a chunk's
+    # pooled scores within 512 MiB / 4 GiB as float32): session 14's 16K chunks took 51.90 ms at 128K,
+    # 32K ones 51.44, 8K ones 52.19 (bench_selection_h200_chunks_session14.json).
+    "select_chunks_8k": _prefill_tilings(select=dict(max_chunk=8192, chunk_bytes=512 << 20)),
+    "select_chunks_64k": _prefill_tilings(select=dict(max_chunk=65536, chunk_bytes=4 << 30)),
     # The forward chunks before session 9: 256 MiB of fp32 state per chunk instead of 1 GiB.
     "fwd_chunks_256mib": _prefill_tilings(attention=dict(fwd_chunk_bytes=256 << 20)),
     # The scoring kernel at every length: session 9's (token rows, E^T P group sum), or keys as rows.
