@@ -35,13 +35,14 @@ chunk (``lax.map`` over chunks of ``C`` tokens, so only one chunk's intermediate
    lists (what ``tiling.tile_lists`` builds from the ids), so the prefill sorts nothing in XLA.
 
 Memory: besides the inputs, one chunk of ``body``/``halo`` (``2 * B * Hkv * C * (nb_pad + 32) * 4``
-bytes, at most ``BlockSizes.chunk_bytes``; 260 MiB with C = 8K tokens at 128K and Hkv = 2), a copy of
-the chunk's queries (64 MiB there; none for the Mosaic kernels with groups of 16 heads, which read
-``q`` in place, the keys-as-rows one when ``T`` is a multiple of 8) and the int32 ids of all chunks
-(128 MiB). The compiled program's temporaries at 128K,
-32/2 heads, hd 128, compiled for the H200: 393 MiB with either scoring kernel
-(``experiments/results/bench_selection_h200.json``), against 4.3 GB for the group-summed score matrix
-alone.
+bytes in float32, at most ``BlockSizes.chunk_bytes``; 260 MiB with C = 8K tokens at 128K and Hkv = 2;
+half that per token in bf16, the Mosaic default, whose ``MOSAIC_SELECTION`` chunks are 32K tokens:
+~520 MiB), a copy of the chunk's queries (64 MiB for 8K tokens; none for the Mosaic kernels with groups
+of 16 heads, which read ``q`` in place, the keys-as-rows one when ``T`` is a multiple of 8), with
+``lists_for`` the chunk's int32 masks (``B * Hkv * C * nb_pad * 4`` bytes) and the int32 ids of all
+chunks (128 MiB). The compiled program's temporaries at 128K, 32/2 heads, hd 128, compiled for the H200:
+393 MiB with 8K chunks (``experiments/results/bench_selection_h200.json``), under 1 GiB with the 32K ones
+(``test_gpu_128k_selection_memory_is_bounded``), against 4.3 GB for the group-summed score matrix alone.
 
 On Hopper GPUs the scoring runs instead as a warp-specialised Mosaic GPU kernel with the same outputs
 (``BlockSizes.mosaic``; ``default_block_sizes`` picks it): from ``MosaicScore.key_rows_from_blocks`` key
