@@ -541,7 +541,10 @@ def _select_blocks(
             group=g,
             pool=pool,
             width=width,
-            config=dataclasses.replace(bs.mosaic, key_rows=key_rows),
+            # Only the keys-as-rows kernel has a persistent launch; the token-rows one keeps one tile per CTA.
+            config=dataclasses.replace(
+                bs.mosaic, key_rows=key_rows, persistent=bs.mosaic.persistent and key_rows
+            ),
             chunk=chunk if in_place else None,
             interpret=interpret,
         )

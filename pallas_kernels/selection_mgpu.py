@@ -92,10 +92,11 @@ class MosaicScore:
         of 128-block pair tiles per warpgroup, so on short sequences the partly visible last one
         costs more than the group-sum WGMMA it saves. Session 12 measured the prefill with either
         kernel as fast from 128 blocks (8K tokens at block size 64) and keys as rows faster from 512.
-      persistent: with ``key_rows``, one CTA per SM runs a strided share of the tiles: the memory
-        warpgroup loads the next tile's query rows into a second buffer and keeps the key ring
-        streaming across tiles, so a CTA's start-up and last stores overlap the neighbouring tiles'
-        steps.
+      persistent: one CTA per SM runs a strided share of the tiles: the memory warpgroup loads the
+        next tile's query rows into a second buffer and keeps the key ring streaming across tiles, so
+        a CTA's start-up and last stores overlap the neighbouring tiles' steps. Keys-as-rows kernel
+        only: below ``key_rows_from_blocks`` ``select_blocks`` launches the token-rows kernel with one
+        tile per CTA.
       bf16_scores: the pooled block scores (``body``, ``halo``) go to HBM in bfloat16, rounded to
         nearest from the float32 sums, as the official kernel stores its stage-1 scores (SPEC.md
         §4, §13 item 4: rounding is monotonic, so pooling the rounded scores or rounding the pooled
