@@ -651,6 +651,21 @@ def test_gpu_shipped_config_32k_bf16_is_a_valid_topk(block_sizes):
 
 
 @pytest.mark.gpu
+def test_gpu_shipped_tiling_below_128_blocks_is_a_valid_topk():
+    # 8000 tokens = 125 blocks: the default tiling scores with the token-rows Mosaic kernel, one tile per
+    # CTA, although MOSAIC_SELECTION asks for a persistent launch (which only the keys-as-rows one has).
+    # Tokens past 6144 choose 62 of their past blocks by score.
+    t = 8000
+    q, k = qk(2, 1, t, 32, 2, 128, jnp.bfloat16)
+    got = np.asarray(pallas_select(q, k, SHIPPED))
+    check_structure(got, np.arange(t), SHIPPED)
+    tokens = np.arange(t - 256, t)
+    scores = reference_scores_at(q, k, SHIPPED, tokens)
+    eps = bf16_score_tolerance(q[:, tokens], k, SHIPPED, group_sum_of(None, t // 64), bf16_scores_of(None))
+    assert_valid_topk(got[:, :, tokens], scores, tokens, SHIPPED, eps)
+
+
+@pytest.mark.gpu
 def test_gpu_fp32_8k_matches_reference_up_to_near_ties():
     cfg = dataclasses.replace(SHIPPED, window_size=256, topk=16)
     q, k = qk(1, 1, 8192, 32, 2, 128)
