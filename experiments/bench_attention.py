@@ -31,6 +31,7 @@ import dataclasses
 import datetime
 import functools
 import glob
+import itertools
 import json
 import os
 import statistics
@@ -161,9 +162,8 @@ def timed(fn, *args, reps):
     return statistics.median(times) * 1e3, compile_s
 
 
-def kernel_times(fn, *args, calls=2, top=12):
-    """Device time per call of the ``top`` slowest GPU kernels and the sum of the others (ms), from a
-    profiler trace; {} where unavailable."""
+def _trace(fn, args, calls):
+    """``jax.profiler.ProfileData`` of ``calls`` synchronised calls of ``fn``, or None (logged)."""
     with tempfile.TemporaryDirectory() as tmp:
         try:
             jax.profiler.start_trace(tmp)
@@ -171,10 +171,67 @@ def kernel_times(fn, *args, calls=2, top=12):
                 jax.block_until_ready(fn(*args))
             jax.profiler.stop_trace()
             (path,) = glob.glob(os.path.join(tmp, "**", "*.xplane.pb"), recursive=True)
-            data = jax.profiler.ProfileData.from_file(path)
+            return jax.profiler.ProfileData.from_file(path)
         except Exception as err:  # the profiler is an extra: never lose the timings for it
             log(f"  (profiler unavailable: {err!r:.200})")
-            return {}
+            return None
+
+
+def _stream_events(data):
+    """Every kernel event of the GPU planes' stream lines (one event per launch)."""
+    events = []
+    for plane in data.planes:
+        if plane.name.startswith("/device:GPU"):
+            lines = [line for line in plane.lines if "Stream" in line.name] or list(plane.lines)
+            for line in lines:
+                events += [(e.start_ns, e.end_ns, e.name) for e in line.events]
+    return sorted(events)
+
+
+def gpu_timeline(data, calls, gap_ns=50_000, widest=5):
+    """How busy the GPU was during each call: per call (averaged) the span from the first kernel's
+    start to the last one's end, the time some kernel ran, the idle rest, the number of launches, and
+    the ``widest`` idle gaps longer than ``gap_ns`` with the kernels on either side. Calls are told
+    apart as the ``calls`` runs of launches separated by the widest gaps (each call ends with a host
+    synchronisation, so the gap between calls is the host's turnaround)."""
+    events = _stream_events(data)
+    if len(events) < calls:
+        return {}
+    # Idle gaps between consecutive kernels (overlapping kernels leave none).
+    gaps, end = [], events[0][1]
+    for i in range(1, len(events)):
+        gaps.append((events[i][0] - end, i))
+        end = max(end, events[i][1])
+    cuts = sorted(i for _, i in sorted(gaps, reverse=True)[: calls - 1])
+    bounds = [0, *cuts, len(events)]
+    span = busy = 0
+    for lo, hi in itertools.pairwise(bounds):
+        run = events[lo:hi]
+        span += max(e for _, e, _ in run) - run[0][0]
+        cover, cover_end = 0, run[0][0]
+        for s, e, _ in run:
+            cover += max(0, e - max(s, cover_end))
+            cover_end = max(cover_end, e)
+        busy += cover
+    in_call = [(g, i) for g, i in gaps if i not in cuts and g > gap_ns]
+    return {
+        "span_ms": round(span / calls / 1e6, 3),
+        "busy_ms": round(busy / calls / 1e6, 3),
+        "idle_ms": round((span - busy) / calls / 1e6, 3),
+        "launches": len(events) // calls,
+        "widest_gaps_us": [
+            [round(g / 1e3, 1), events[i - 1][2], events[i][2]]
+            for g, i in sorted(in_call, reverse=True)[:widest]
+        ],
+    }
+
+
+def kernel_times(fn, *args, calls=2, top=12, timeline=False):
+    """Device time per call of the ``top`` slowest GPU kernels and the sum of the others (ms), from a
+    profiler trace; {} where unavailable. With ``timeline``: ``(kernels, gpu_timeline(...))``."""
+    data = _trace(fn, args, calls)
+    if data is None:
+        return ({}, {}) if timeline else {}
     per_line = {}
     for plane in data.planes:
         if plane.name.startswith("/device:GPU"):
@@ -194,7 +251,7 @@ def kernel_times(fn, *args, calls=2, top=12):
     kept = {k: round(v, 3) for k, v in ranked[:top]}
     if len(ranked) > top:
         kept[f"({len(ranked) - top} other kernels)"] = round(sum(v for _, v in ranked[top:]), 3)
-    return kept
+    return (kept, gpu_timeline(data, calls)) if timeline else kept
 
 
 def random_selection(key, t, hkv, n_random=62, local=33, chunk=4096):

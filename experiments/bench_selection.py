@@ -14,7 +14,8 @@ Rows (ANCHORS.md "How to report"), all measured in one run on one device:
 - ``select`` rows (``"sweep": true``) for other Triton tilings at 32K, to guide tuning; they stop
   once the run has used 120 s (``--no-sweep`` skips them).
 - ``--profile-lens``: those lengths' Pallas rows also record ``kernels``, the device time per call of
-  the slowest GPU kernels (profiler). ``--select-lens`` / ``--prefill-lens`` choose the lengths.
+  the slowest GPU kernels, and ``gpu_timeline``, how much of a call's span the GPU sat idle between
+  kernels and where (profiler). ``--select-lens`` / ``--prefill-lens`` choose the lengths.
 
 Inputs (``--inputs``, every row says which in ``"inputs"``): ``random`` draws q and k i.i.d. normal,
 so neighbouring tokens select unrelated blocks, the worst case for the sparse kernel's tiling (it
@@ -187,6 +188,16 @@ PREFILL_VARIANTS = {
         select=dict(mosaic=MosaicScore(bf16_scores=False, persistent=True))
     ),
     "scoring_one_tile_per_cta": _prefill_tilings(select=dict(mosaic=MosaicScore())),
+    # Launch parameters of the small Triton kernels that were last tuned before the Mosaic kernels
+    # (session 15 sweep): the top-k's warps and elements per program, the token phase's warps,
+    # pipelining depth (``num_stages``: only the token phase is Triton in the Mosaic forward), tokens
+    # per program and blocks per step.
+    **{f"topk_{n}_warp{'s' * (n > 1)}": _prefill_tilings(select=dict(topk_warps=n)) for n in (1, 2, 8)},
+    **{f"topk_{n}_elems": _prefill_tilings(select=dict(topk_elems=n)) for n in (2048, 8192)},
+    **{f"token_{n}_warp{'s' * (n > 1)}": _prefill_tilings(attention=dict(token_warps=n)) for n in (1, 4)},
+    **{f"token_{n}_stages": _prefill_tilings(attention=dict(num_stages=n)) for n in (2, 4)},
+    "token_batch_2": _prefill_tilings(attention=dict(token_batch=2)),
+    "token_2_blocks": _prefill_tilings(attention=dict(token_kv_blocks=2)),
     # The forward tile kernel with one tile per CTA (the default before session 14; now persistent).
     "fwd_one_tile_per_cta": _prefill_tilings(
         attention=dict(
@@ -351,7 +362,8 @@ def run(
       corr, noise: parameters of the ``smooth`` inputs (``smooth_process``).
       profile_lens: lengths whose Pallas prefill and select rows also get ``kernels``: device time per
         call of the ``profile_top`` slowest GPU kernels and the sum of the others (ms, from a profiler
-        trace).
+        trace), and ``gpu_timeline``: the GPU's busy and idle time within a call
+        (``bench_attention.gpu_timeline``).
       extra_select: names in ``SELECT_VARIANTS`` also timed at every select length
         (``implementation`` ``pallas_<name>``).
       extra_prefill: names in ``PREFILL_VARIANTS`` also timed at every prefill length
@@ -398,7 +410,8 @@ def run(
         if t in dense_ms and "median_ms" in row:
             row["speedup_vs_cudnn_dense"] = dense_ms[t] / row["median_ms"]
         if compiled is not None and impl.startswith("pallas") and t in profile_lens:
-            row["kernels"] = kernel_times(compiled, *args, top=profile_top)
+            kernels, timeline = kernel_times(compiled, *args, top=profile_top, timeline=True)
+            row["kernels"], row["gpu_timeline"] = kernels, timeline
         if pass_ == "select" and t in PAPER_A100_SELECT_MS:
             row["paper_a100_select_ms"] = PAPER_A100_SELECT_MS[t]
         rows.append(row)
@@ -406,6 +419,8 @@ def run(
         if "kernels" in row:
             # After its row's line (before it, a log read as if it belonged to the row above).
             log("    kernels (ms/call): " + ", ".join(f"{k} {v}" for k, v in row["kernels"].items()))
+            if row.get("gpu_timeline"):
+                log(f"    gpu timeline (per call): {row['gpu_timeline']}")
         if on_row is not None:
             on_row(rows)
         return row, compiled

@@ -1,0 +1,54 @@
+"""experiments/bench_attention.gpu_timeline: busy and idle GPU time per call from profiler events."""
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+EXPERIMENTS = Path(__file__).resolve().parents[2] / "experiments"
+
+
+def _profile(kernels, other_lines=()):
+    """A stand-in for ``jax.profiler.ProfileData``: one GPU plane whose stream line holds ``kernels``
+    (``(name, start_us, end_us)``), plus summary lines that must be ignored."""
+    events = [SimpleNamespace(name=n, start_ns=s * 1000, end_ns=e * 1000) for n, s, e in kernels]
+    lines = [SimpleNamespace(name="Stream #13(Compute)", events=events)]
+    lines += [SimpleNamespace(name=name, events=events) for name in other_lines]
+    host = SimpleNamespace(name="/host:CPU", planes=(), lines=[SimpleNamespace(name="Stream", events=events)])
+    return SimpleNamespace(planes=[host, SimpleNamespace(name="/device:GPU:0", lines=lines)])
+
+
+@pytest.fixture
+def gpu_timeline(monkeypatch):
+    monkeypatch.syspath_prepend(str(EXPERIMENTS))
+    import bench_attention
+
+    return bench_attention.gpu_timeline
+
+
+def test_two_calls_split_at_the_host_turnaround_and_gaps_inside_them_are_idle(gpu_timeline):
+    # Call 1: a [0, 100), b [100, 160), a 90 us gap, c [250, 300). Host turnaround 5 ms.
+    # Call 2: a [5300, 5400), b [5410, 5470), c [5470, 5600): a 10 us gap only.
+    kernels = [
+        ("a", 0, 100), ("b", 100, 160), ("c", 250, 300),
+        ("a", 5300, 5400), ("b", 5410, 5470), ("c", 5470, 5600),
+    ]  # fmt: skip
+    got = gpu_timeline(_profile(kernels, other_lines=["XLA Ops"]), calls=2, gap_ns=50_000)
+    assert got["launches"] == 3
+    assert got["span_ms"] == pytest.approx((300 + 300) / 2 / 1e3)
+    assert got["busy_ms"] == pytest.approx((210 + 290) / 2 / 1e3)
+    assert got["idle_ms"] == pytest.approx((90 + 10) / 2 / 1e3)
+    # Only the gap above 50 us is listed, with the kernels on either side; not the turnaround.
+    assert got["widest_gaps_us"] == [[90.0, "b", "c"]]
+
+
+def test_overlapping_kernels_count_once(gpu_timeline):
+    got = gpu_timeline(_profile([("a", 0, 100), ("copy", 50, 120), ("b", 150, 200)]), calls=1)
+    assert got["span_ms"] == pytest.approx(0.2)
+    assert got["busy_ms"] == pytest.approx(0.17)
+    assert got["idle_ms"] == pytest.approx(0.03)
+    assert got["widest_gaps_us"] == []
+
+
+def test_fewer_events_than_calls_give_no_timeline(gpu_timeline):
+    assert gpu_timeline(_profile([("a", 0, 100)]), calls=2) == {}
