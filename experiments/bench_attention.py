@@ -34,6 +34,7 @@ import glob
 import itertools
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -162,8 +163,9 @@ def timed(fn, *args, reps):
     return statistics.median(times) * 1e3, compile_s
 
 
-def _trace(fn, args, calls):
-    """``jax.profiler.ProfileData`` of ``calls`` synchronised calls of ``fn``, or None (logged)."""
+def _trace(fn, args, calls, keep=None):
+    """``jax.profiler.ProfileData`` of ``calls`` synchronised calls of ``fn``, or None (logged); with
+    ``keep`` (a path) the trace file (``.xplane.pb``: TensorBoard, Perfetto via xprof) is copied there."""
     with tempfile.TemporaryDirectory() as tmp:
         try:
             jax.profiler.start_trace(tmp)
@@ -171,6 +173,8 @@ def _trace(fn, args, calls):
                 jax.block_until_ready(fn(*args))
             jax.profiler.stop_trace()
             (path,) = glob.glob(os.path.join(tmp, "**", "*.xplane.pb"), recursive=True)
+            if keep is not None:
+                shutil.copyfile(path, keep)
             return jax.profiler.ProfileData.from_file(path)
         except Exception as err:  # the profiler is an extra: never lose the timings for it
             log(f"  (profiler unavailable: {err!r:.200})")
@@ -226,10 +230,11 @@ def gpu_timeline(data, calls, gap_ns=50_000, widest=5):
     }
 
 
-def kernel_times(fn, *args, calls=2, top=12, timeline=False):
+def kernel_times(fn, *args, calls=2, top=12, timeline=False, keep_trace=None):
     """Device time per call of the ``top`` slowest GPU kernels and the sum of the others (ms), from a
-    profiler trace; {} where unavailable. With ``timeline``: ``(kernels, gpu_timeline(...))``."""
-    data = _trace(fn, args, calls)
+    profiler trace; {} where unavailable. With ``timeline``: ``(kernels, gpu_timeline(...))``; with
+    ``keep_trace`` (a path) the trace file is kept there."""
+    data = _trace(fn, args, calls, keep_trace)
     if data is None:
         return ({}, {}) if timeline else {}
     per_line = {}

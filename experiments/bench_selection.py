@@ -195,7 +195,10 @@ PREFILL_VARIANTS = {
     **{f"topk_{n}_warp{'s' * (n > 1)}": _prefill_tilings(select=dict(topk_warps=n)) for n in (1, 2, 8)},
     **{f"topk_{n}_elems": _prefill_tilings(select=dict(topk_elems=n)) for n in (2048, 8192)},
     **{f"token_{n}_warp{'s' * (n > 1)}": _prefill_tilings(attention=dict(token_warps=n)) for n in (1, 4)},
-    **{f"token_{n}_stages": _prefill_tilings(attention=dict(num_stages=n)) for n in (2, 4)},
+    **{f"token_{n}_stage{'s' * (n > 1)}": _prefill_tilings(attention=dict(num_stages=n)) for n in (1, 2, 4)},
+    "topk_2048_elems_token_2_stages": _prefill_tilings(
+        select=dict(topk_elems=2048), attention=dict(num_stages=2)
+    ),
     "token_batch_2": _prefill_tilings(attention=dict(token_batch=2)),
     "token_2_blocks": _prefill_tilings(attention=dict(token_kv_blocks=2)),
     # The forward tile kernel with one tile per CTA (the default before session 14; now persistent).
@@ -341,6 +344,7 @@ def run(
     noise: float = DEFAULT_NOISE,
     profile_lens=(),
     profile_top: int = 12,
+    trace_dir: Path | None = None,
     extra_select=(),
     extra_prefill=(),
     log=print,
@@ -364,6 +368,7 @@ def run(
         call of the ``profile_top`` slowest GPU kernels and the sum of the others (ms, from a profiler
         trace), and ``gpu_timeline``: the GPU's busy and idle time within a call
         (``bench_attention.gpu_timeline``).
+      trace_dir: keep those rows' profiler traces there (``<implementation>_<pass>_<inputs>_<T>.xplane.pb``).
       extra_select: names in ``SELECT_VARIANTS`` also timed at every select length
         (``implementation`` ``pallas_<name>``).
       extra_prefill: names in ``PREFILL_VARIANTS`` also timed at every prefill length
@@ -379,6 +384,8 @@ def run(
     for kind in input_kinds:
         describe_inputs(kind)
     started = time.perf_counter()
+    if trace_dir is not None:
+        trace_dir.mkdir(parents=True, exist_ok=True)
     on_cpu = jax.default_backend() == "cpu"
     dense_impl = "xla" if on_cpu else "cudnn"
     rows: list[dict] = []
@@ -410,7 +417,8 @@ def run(
         if t in dense_ms and "median_ms" in row:
             row["speedup_vs_cudnn_dense"] = dense_ms[t] / row["median_ms"]
         if compiled is not None and impl.startswith("pallas") and t in profile_lens:
-            kernels, timeline = kernel_times(compiled, *args, top=profile_top, timeline=True)
+            keep = None if trace_dir is None else trace_dir / f"{impl}_{pass_}_{inputs}_{t}.xplane.pb"
+            kernels, timeline = kernel_times(compiled, *args, top=profile_top, timeline=True, keep_trace=keep)
             row["kernels"], row["gpu_timeline"] = kernels, timeline
         if pass_ == "select" and t in PAPER_A100_SELECT_MS:
             row["paper_a100_select_ms"] = PAPER_A100_SELECT_MS[t]
@@ -715,6 +723,9 @@ def main(argv=None) -> None:
         "--profile-top", type=int, default=12, help="kernels listed by name in each profile (the rest summed)"
     )
     parser.add_argument(
+        "--trace-dir", type=Path, help="keep the profiled rows' traces (.xplane.pb) in this directory"
+    )
+    parser.add_argument(
         "--select-variants",
         nargs="*",
         choices=sorted(SELECT_VARIANTS),
@@ -737,6 +748,7 @@ def main(argv=None) -> None:
         noise=args.noise,
         profile_lens=tuple(args.profile_lens),
         profile_top=args.profile_top,
+        trace_dir=args.trace_dir,
         extra_select=tuple(args.select_variants),
         extra_prefill=tuple(args.prefill_variants),
     )
