@@ -188,19 +188,17 @@ PREFILL_VARIANTS = {
         select=dict(mosaic=MosaicScore(bf16_scores=False, persistent=True))
     ),
     "scoring_one_tile_per_cta": _prefill_tilings(select=dict(mosaic=MosaicScore())),
-    # Launch parameters of the small Triton kernels that were last tuned before the Mosaic kernels
-    # (session 15 sweep): the top-k's warps and elements per program, the token phase's warps,
-    # pipelining depth (``num_stages``: only the token phase is Triton in the Mosaic forward), tokens
-    # per program and blocks per step.
+    # Launch parameters of the small Triton kernels, last tuned before the Mosaic kernels, swept in
+    # session 15 (bench_selection_h200_small_kernels.json): the top-k's warps and block scores per
+    # program, the token phase's warps, pipelining depth, tokens per program and blocks per step.
     **{f"topk_{n}_warp{'s' * (n > 1)}": _prefill_tilings(select=dict(topk_warps=n)) for n in (1, 2, 8)},
-    **{f"topk_{n}_elems": _prefill_tilings(select=dict(topk_elems=n)) for n in (2048, 8192)},
+    **{f"topk_{n}_elems": _prefill_tilings(select=dict(topk_elems=n)) for n in (1024, 4096, 8192)},
     **{f"token_{n}_warp{'s' * (n > 1)}": _prefill_tilings(attention=dict(token_warps=n)) for n in (1, 4)},
-    **{f"token_{n}_stage{'s' * (n > 1)}": _prefill_tilings(attention=dict(num_stages=n)) for n in (1, 2, 4)},
-    "topk_2048_elems_token_2_stages": _prefill_tilings(
-        select=dict(topk_elems=2048), attention=dict(num_stages=2)
-    ),
+    **{f"token_{n}_stage{'s' * (n > 1)}": _prefill_tilings(attention=dict(token_stages=n)) for n in (1, 3)},
     "token_batch_2": _prefill_tilings(attention=dict(token_batch=2)),
     "token_2_blocks": _prefill_tilings(attention=dict(token_kv_blocks=2)),
+    # Session 14's small-kernel launches (4096 top-k elements, a 3-stage token phase).
+    "small_kernels_session14": _prefill_tilings(select=dict(topk_elems=4096), attention=dict(token_stages=3)),
     # The forward tile kernel with one tile per CTA (the default before session 14; now persistent).
     "fwd_one_tile_per_cta": _prefill_tilings(
         attention=dict(

@@ -361,8 +361,11 @@ def _check_supported(q, k, block_size, kernel_size, kernel_stride, block_sizes):
 # on, launched persistent: 12.54 vs 13.04 ms at 128K, bench_selection_h200_scoring_persistent.json),
 # the Triton top-k, and query chunks of up to 32K tokens (4 at 128K instead of 16: the 128K prefill
 # took 51.44 vs 52.19 ms for the same kernel time, i.e. fewer launch gaps; peak memory 3.01 vs 3.00 GiB,
-# bench_selection_h200_chunks_session14.json).
-MOSAIC_SELECTION = BlockSizes(mosaic=MosaicScore(persistent=True), max_chunk=32768, chunk_bytes=2 << 30)
+# bench_selection_h200_chunks_session14.json). The top-k programs hold 2048 block scores, one row of
+# the widest band (2.04 vs 2.26 ms at 128K, bench_selection_h200_token_stages.json).
+MOSAIC_SELECTION = BlockSizes(
+    mosaic=MosaicScore(persistent=True), max_chunk=32768, chunk_bytes=2 << 30, topk_elems=2048
+)
 
 
 def default_block_sizes(dtype, head_dim: int, group: int, pool: int, interpret: bool) -> BlockSizes:

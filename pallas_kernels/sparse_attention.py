@@ -479,7 +479,7 @@ def _forward(q, k, v, block_idx, q_offset, lists, block_size, config, interpret)
                 kv_blocks=config.token_kv_blocks,
                 warps=config.token_warps,
                 out_dtype=q.dtype,
-                **common,
+                **(common | dict(stages=config.token_stages)),
             )
         if chunk < tp:
             # The next chunk reads q5 only after this one wrote its rows, so a scheduler that keeps
@@ -527,11 +527,13 @@ def _attention_jit(q, k, v, block_idx, q_offset, lists, *, block_size, config, i
 # the variants). Forward chunks of up to 1 GiB of fp32 state: 3 chunks at 128K instead of 9, 1 at 16K
 # instead of 2 (fewer launches and tails), for ~0.5 GiB more peak memory at 128K. The forward tile
 # kernel runs persistent (one CTA per SM; 27.46 vs 27.77 ms at 128K, 3.60 vs 3.72 ms for the 16K prefill,
-# bench_selection_h200_persistent.json).
+# bench_selection_h200_persistent.json). The Triton token phase pipelines two stages deep, not three
+# (5.44 vs 6.18 ms at 128K, 0.29 vs 0.37 ms at 16K, bench_selection_h200_token_stages.json).
 MOSAIC_BLOCK_SIZES = BlockSizes(
     tile_tokens=8,
     min_share=2,
     tile_warps=8,
+    token_stages=2,
     fwd_chunk_bytes=1 << 30,
     mosaic=MosaicTile(blocks_per_step=2, pingpong=True, unmasked_path=False, persistent=True),
     mosaic_dkdv=MosaicDkdv(),

@@ -122,7 +122,11 @@ class BlockSizes:
         1% in the tile phase and cost 10% in the token phase (experiments/results/NOTES_attention_kernels.md).
       dkv_tokens: tokens stacked per step of the dK/dV walk (``dkv_tokens * 16`` rows).
       tile_warps, token_warps, dkv_warps: ``num_warps`` of the tile-phase, token-phase and dK/dV kernels.
-      num_stages: Triton software-pipelining depth of every kernel.
+      num_stages: Triton software-pipelining depth of every kernel but the forward's token phase.
+      token_stages: Triton software-pipelining depth of the forward's token phase. Each token runs
+        only its few private blocks, so a deep pipeline's shared memory costs more (fewer programs
+        per SM) than it hides: on the H200 two stages beat three by 12% at 128K (session 15,
+        experiments/results/NOTES_attention_kernels.md).
       fwd_chunk_bytes: bound on the fp32 state passed from the tile phase to the token phase in the
         forward (``B * Hkv * 16 * (D + 1) * 4`` bytes per query token): the queries run in as few
         equal chunks as keep it below this (at least one tile per chunk). The result does not
@@ -149,6 +153,7 @@ class BlockSizes:
     token_warps: int = 2
     dkv_warps: int = 8
     num_stages: int = 3
+    token_stages: int = 3
     fwd_chunk_bytes: int = 256 << 20
     mosaic: MosaicTile | None = None
     mosaic_dkdv: MosaicDkdv | None = None
@@ -170,6 +175,9 @@ class BlockSizes:
             raise ValueError(f"tile_tokens must be 0 or a power of two <= 16, got {self.tile_tokens}")
         if self.min_share < 1:
             raise ValueError(f"min_share must be >= 1, got {self.min_share}")
+        for name in ("num_stages", "token_stages"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.fwd_chunk_bytes < 1:
             raise ValueError(f"fwd_chunk_bytes must be positive, got {self.fwd_chunk_bytes}")
         for name in ("token_batch", "tile_kv_blocks", "token_kv_blocks", "dkv_tokens"):

@@ -11,6 +11,7 @@ bf16, so 2e-3 and 4e-3.
 """
 
 import dataclasses
+import re
 import warnings
 
 import jax
@@ -23,6 +24,7 @@ from infllm_jax.ops.reference import sparse_attention_xla
 from pallas_kernels.sparse_attention import fwd_chunk_len, sparse_attention_pallas
 from pallas_kernels.sparse_attention_bwd import build_csr
 from pallas_kernels.tiling import EMPTY_BLOCK, BlockSizes, TileLists, canonical_blocks, tile_lists
+from tests.kernels.cuda_lowering import lower_for_h200
 
 warnings.filterwarnings(
     "ignore", message=".*Pallas Triton backend is deprecated.*", category=DeprecationWarning
@@ -426,3 +428,24 @@ def test_registered_backend_runs():
     out = attention.sparse_attention(q, k, v, idx, block_size=16, implementation="pallas")
     ref = sparse_attention_xla(q, k, v, idx, block_size=16)
     assert rms_rel(out, ref) < TOLERANCE[jnp.float32][0]
+
+
+def test_token_phase_takes_its_own_pipeline_depth():
+    """``token_stages`` reaches the forward's token-phase kernel and ``num_stages`` the tile phase
+    (Triton IR lowered for the H200; interpret mode ignores both)."""
+    config = BlockSizes(tile_tokens=8, tile_warps=8, num_stages=4, token_stages=2)
+    q = jax.ShapeDtypeStruct((1, 256, 16, 64), jnp.bfloat16)
+    k = jax.ShapeDtypeStruct((1, 256, 1, 64), jnp.bfloat16)
+    idx = jax.ShapeDtypeStruct((1, 1, 256, 3), jnp.int32)
+
+    def forward(q, k, v, idx):
+        return sparse_attention_pallas(q, k, v, idx, block_size=64, config=config)
+
+    text = lower_for_h200(forward, q, k, k, idx)
+    assert sorted(re.findall(r"num_stages = (\d+) : i32", text)) == ["2", "4"]
+
+
+@pytest.mark.parametrize("field", ["num_stages", "token_stages"])
+def test_pipeline_depths_must_be_positive(field):
+    with pytest.raises(ValueError, match=f"{field} must be >= 1"):
+        BlockSizes(**{field: 0})
