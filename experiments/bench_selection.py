@@ -197,6 +197,9 @@ PREFILL_VARIANTS = {
     **{f"token_{n}_stage{'s' * (n > 1)}": _prefill_tilings(attention=dict(token_stages=n)) for n in (1, 3)},
     "token_batch_2": _prefill_tilings(attention=dict(token_batch=2)),
     "token_2_blocks": _prefill_tilings(attention=dict(token_kv_blocks=2)),
+    # Blocks at least 3 tokens of an 8-token tile chose go to the tile kernel (default 2): with the
+    # faster token phase, a block 2 tokens share costs about as much there as in the tile kernel.
+    "min_share_3": _prefill_tilings(attention=dict(min_share=3)),
     # Session 14's small-kernel launches (4096 top-k elements, a 3-stage token phase).
     "small_kernels_session14": _prefill_tilings(select=dict(topk_elems=4096), attention=dict(token_stages=3)),
     # The forward tile kernel with one tile per CTA (the default before session 14; now persistent).
