@@ -192,12 +192,28 @@ def _stream_events(data):
     return sorted(events)
 
 
+def _host_events(data, marker):
+    """``(start_ns, end_ns)`` of the host events whose name contains ``marker``, by start."""
+    return sorted(
+        (e.start_ns, e.end_ns)
+        for plane in data.planes
+        if plane.name == "/host:CPU"
+        for line in plane.lines
+        for e in line.events
+        if marker in e.name
+    )
+
+
 def gpu_timeline(data, calls, gap_ns=50_000, widest=5):
     """How busy the GPU was during each call: per call (averaged) the span from the first kernel's
     start to the last one's end, the time some kernel ran, the idle rest, the number of launches, and
     the ``widest`` idle gaps longer than ``gap_ns`` with the kernels on either side. Calls are told
     apart as the ``calls`` runs of launches separated by the widest gaps (each call ends with a host
-    synchronisation, so the gap between calls is the host's turnaround)."""
+    synchronisation, so the gap between calls is the host's turnaround).
+
+    Where the trace has the host's events, also the host's share of a synchronised call's wall time:
+    ``dispatch_us`` from the start of the jitted call (``PjitFunction``) to its first kernel, and
+    ``sync_us`` from its last kernel's end to the return of ``block_until_ready``."""
     events = _stream_events(data)
     if len(events) < calls:
         return {}
@@ -208,17 +224,26 @@ def gpu_timeline(data, calls, gap_ns=50_000, widest=5):
         end = max(end, events[i][1])
     cuts = sorted(i for _, i in sorted(gaps, reverse=True)[: calls - 1])
     bounds = [0, *cuts, len(events)]
-    span = busy = 0
+    launches, waits = _host_events(data, "PjitFunction"), _host_events(data, "block_until_ready")
+    span = busy = dispatch = sync = 0
     for lo, hi in itertools.pairwise(bounds):
         run = events[lo:hi]
-        span += max(e for _, e, _ in run) - run[0][0]
-        cover, cover_end = 0, run[0][0]
+        first, last = run[0][0], max(e for _, e, _ in run)
+        span += last - first
+        cover, cover_end = 0, first
         for s, e, _ in run:
             cover += max(0, e - max(s, cover_end))
             cover_end = max(cover_end, e)
         busy += cover
+        started = [s for s, _ in launches if s <= first]
+        returned = [e for _, e in waits if e >= last]
+        if started and returned and dispatch is not None:
+            dispatch += first - started[-1]
+            sync += min(returned) - last
+        else:
+            dispatch = None
     in_call = [(g, i) for g, i in gaps if i not in cuts and g > gap_ns]
-    return {
+    timeline = {
         "span_ms": round(span / calls / 1e6, 3),
         "busy_ms": round(busy / calls / 1e6, 3),
         "idle_ms": round((span - busy) / calls / 1e6, 3),
@@ -228,6 +253,9 @@ def gpu_timeline(data, calls, gap_ns=50_000, widest=5):
             for g, i in sorted(in_call, reverse=True)[:widest]
         ],
     }
+    if dispatch is not None:
+        timeline |= {"dispatch_us": round(dispatch / calls / 1e3, 1), "sync_us": round(sync / calls / 1e3, 1)}
+    return timeline
 
 
 def kernel_times(fn, *args, calls=2, top=12, timeline=False, keep_trace=None):

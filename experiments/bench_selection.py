@@ -13,9 +13,10 @@ Rows (ANCHORS.md "How to report"), all measured in one run on one device:
   ``jax.nn.dot_product_attention(implementation="cudnn", is_causal=True)``.
 - ``select`` rows (``"sweep": true``) for other Triton tilings at 32K, to guide tuning; they stop
   once the run has used 120 s (``--no-sweep`` skips them).
-- ``--profile-lens``: those lengths' Pallas rows also record ``kernels``, the device time per call of
-  the slowest GPU kernels, and ``gpu_timeline``, how much of a call's span the GPU sat idle between
-  kernels and where (profiler). ``--select-lens`` / ``--prefill-lens`` choose the lengths.
+- ``--profile-lens``: those lengths' Pallas and dense rows also record ``kernels``, the device time per
+  call of the slowest GPU kernels, and ``gpu_timeline``, how much of a call's span the GPU sat idle
+  between kernels and where, and the host's dispatch and synchronisation time (profiler; ``--trace-dir``
+  keeps the traces). ``--select-lens`` / ``--prefill-lens`` choose the lengths.
 
 Inputs (``--inputs``, every row says which in ``"inputs"``): ``random`` draws q and k i.i.d. normal,
 so neighbouring tokens select unrelated blocks, the worst case for the sparse kernel's tiling (it
@@ -41,6 +42,8 @@ import argparse
 import dataclasses
 import datetime
 import json
+import os
+import shlex
 import statistics
 import sys
 import time
@@ -365,7 +368,7 @@ def run(
       input_kinds: input kinds (``INPUT_KINDS``) measured at every length, in this order; the dense
         rows and the sweep run on the first one.
       corr, noise: parameters of the ``smooth`` inputs (``smooth_process``).
-      profile_lens: lengths whose Pallas prefill and select rows also get ``kernels``: device time per
+      profile_lens: lengths whose Pallas and dense rows also get ``kernels``: device time per
         call of the ``profile_top`` slowest GPU kernels and the sum of the others (ms, from a profiler
         trace), and ``gpu_timeline``: the GPU's busy and idle time within a call
         (``bench_attention.gpu_timeline``).
@@ -417,7 +420,7 @@ def run(
             dense_ms[t] = row["median_ms"]
         if t in dense_ms and "median_ms" in row:
             row["speedup_vs_cudnn_dense"] = dense_ms[t] / row["median_ms"]
-        if compiled is not None and impl.startswith("pallas") and t in profile_lens:
+        if compiled is not None and (impl.startswith("pallas") or impl == dense_impl) and t in profile_lens:
             keep = None if trace_dir is None else trace_dir / f"{impl}_{pass_}_{inputs}_{t}.xplane.pb"
             kernels, timeline = kernel_times(compiled, *args, top=profile_top, timeline=True, keep_trace=keep)
             row["kernels"], row["gpu_timeline"] = kernels, timeline
@@ -718,7 +721,7 @@ def main(argv=None) -> None:
         type=int,
         nargs="*",
         default=[],
-        help="lengths whose Pallas rows also record per-kernel device times (profiler)",
+        help="lengths whose Pallas and dense rows also record per-kernel device times and a timeline",
     )
     parser.add_argument(
         "--profile-top", type=int, default=12, help="kernels listed by name in each profile (the rest summed)"
@@ -776,8 +779,10 @@ def main(argv=None) -> None:
     device = jax.devices()[0]
     print(f"device: {device.device_kind}  jax {jax.__version__}")
     args.out.mkdir(parents=True, exist_ok=True)
+    # XLA_FLAGS change what is measured, so the command names them.
+    xla_flags = [f"XLA_FLAGS={shlex.quote(os.environ['XLA_FLAGS'])}"] if os.environ.get("XLA_FLAGS") else []
     report = {
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "command": " ".join([*xla_flags, Path(sys.executable).name, *sys.argv]),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "device": device.device_kind,
         "jax_version": jax.__version__,
