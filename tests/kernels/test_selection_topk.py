@@ -1,0 +1,120 @@
+"""The selection's top-k kernel (``pallas_kernels.selection._topk_kernel``) alone, on crafted pooled scores.
+
+The Mosaic scoring kernels store the pooled scores in bf16 (``MosaicScore.bf16_scores``); the top-k
+then searches only the top 16 bits of its order-preserving keys, after clearing the low 16 bits that
+the key transform sets to ones for negative scores. Here both searches run on the same numbers, given
+once as bf16 and once as float32: the selections must be identical, and equal to ``lax.top_k``'s rule
+(larger score first, lower block id on a tie) applied to the kernel's documented block scores. The
+values come from a small grid of bf16 numbers, so rows hold many exact ties and neighbours one bf16
+unit apart, of both signs, and zeros.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels import selection as pallas_selection
+from pallas_kernels._compat import pl
+from pallas_kernels.selection_mgpu import HALO_SHIFT
+
+INTERPRET = jax.default_backend() == "cpu"
+# Block 16 = 4 kernels of stride 4 (size 8); 1 init block and 2 local blocks forced; 12 blocks kept per token.
+BLOCK, STRIDE, POOL, INIT, LOCAL, NUM_SELECTED = 16, 4, 4, 1, 2, 12
+ROWS, NB = 8, 40
+NB_PAD = 64
+WIDTH = NB_PAD + HALO_SHIFT + 16
+N1 = (NB * BLOCK - 2 * STRIDE) // STRIDE + 1  # fine kernels of 640 keys
+KP = 16  # next power of two above NUM_SELECTED (a spare slot for the masked scatter)
+
+
+def grid_values(rng, shape, negative, zeros):
+    """bf16-exact values +-(0.5 + i / 256) (one bf16 unit apart) for i < 12, each negative with probability
+    ``negative``, or 0 with probability ``zeros``."""
+    values = (0.5 + rng.integers(0, 12, shape) / 256.0) * np.where(rng.random(shape) < negative, -1.0, 1.0)
+    return np.where(rng.random(shape) < zeros, 0.0, values).astype(np.float32)
+
+
+def run_topk(first, body, halo, *, early_exit):
+    """The kernel on ``ROWS`` tokens at key positions ``first, first + 1, ...``.
+
+    Returns:
+      int ``[ROWS, NUM_SELECTED]``: ascending kept block ids, -1 padded.
+    """
+    kernel = functools.partial(
+        pallas_selection._topk_kernel,
+        tq=ROWS,
+        n1=N1,
+        nb=NB,
+        nb_pad=NB_PAD,
+        stride=STRIDE,
+        pool=POOL,
+        block_size=BLOCK,
+        init_blocks=INIT,
+        local_blocks=LOCAL,
+        k_sel=NUM_SELECTED,
+        early_exit=early_exit,
+    )
+    pos = jnp.array([first, first + ROWS - 1], jnp.int32)
+    idx = pl.pallas_call(
+        kernel,
+        grid=(1,),
+        in_specs=[
+            pl.BlockSpec((2,), lambda i: (0,)),
+            pl.BlockSpec((ROWS, WIDTH), lambda i: (0, 0)),
+            pl.BlockSpec((ROWS, WIDTH), lambda i: (0, 0)),
+        ],
+        out_specs=pl.BlockSpec((ROWS, KP), lambda i: (0, 0)),
+        out_shape=jax.ShapeDtypeStruct((ROWS, KP), jnp.int32),
+        interpret=INTERPRET,
+    )(pos, body, halo)
+    return np.asarray(idx)[:, :NUM_SELECTED]
+
+
+def block_scores(first, body, halo):
+    """The kernel's documented block scores ``[ROWS, NB]`` (+inf forced, -inf without kernels) and each
+    token's block."""
+    t = first + np.arange(ROWS)[:, None]
+    j = np.arange(NB)[None, :]
+    n1_vis = np.minimum(np.maximum(t + 1 - 2 * STRIDE + STRIDE, 0) // STRIDE, N1)
+    own = np.where(POOL * j < n1_vis, body[:, :NB], 0.0)
+    prev_last = np.where((j >= 1) & (POOL * j <= n1_vis), halo[:, HALO_SHIFT - 1 : HALO_SHIFT - 1 + NB], 0.0)
+    score = np.where(np.maximum(POOL * j - 1, 0) < N1, np.maximum(own, prev_last), -np.inf)
+    q_block = t // BLOCK
+    return np.where((j < INIT) | ((j >= q_block - LOCAL) & (j <= q_block)), np.inf, score), q_block
+
+
+def expected_ids(scores, q_block):
+    """``lax.top_k``'s choice (larger first, lower id on a tie), ids past the token's block dropped,
+    ascending, -1 padded."""
+    _, top = jax.lax.top_k(jnp.asarray(scores), NUM_SELECTED)
+    top = np.where(np.asarray(top) <= q_block, np.asarray(top), np.iinfo(np.int32).max)
+    top = np.sort(top, axis=1)
+    return np.where(top == np.iinfo(np.int32).max, -1, top)
+
+
+@pytest.mark.parametrize("early_exit", [True, False], ids=["early-exit", "all-passes"])
+@pytest.mark.parametrize(
+    ("first", "negative", "zeros"),
+    [(600, 0.2, 0.1), (600, 0.97, 0.0), (40, 0.5, 0.1)],
+    ids=["38-blocks-seen-mostly-positive", "38-blocks-seen-mostly-negative", "3-blocks-seen"],
+)
+def test_bf16_scores_select_what_float32_scores_of_the_same_values_select(first, negative, zeros, early_exit):
+    rng = np.random.default_rng([first, int(negative * 10), early_exit])
+    body, halo = (grid_values(rng, (ROWS, WIDTH), negative, zeros) for _ in range(2))
+    as_bf16 = (jnp.asarray(body, jnp.bfloat16), jnp.asarray(halo, jnp.bfloat16))
+    got_bf16 = run_topk(first, *as_bf16, early_exit=early_exit)
+    got_f32 = run_topk(first, jnp.asarray(body), jnp.asarray(halo), early_exit=early_exit)
+    scores, q_block = block_scores(first, body, halo)
+    want = expected_ids(scores, q_block)
+    np.testing.assert_array_equal(got_bf16, got_f32)
+    np.testing.assert_array_equal(got_f32, want)
+    if first == 600:
+        # Some row ties at its k-th score with a block left out (so the tie rule decides) while that score
+        # has the sign the case is about (negative scores' keys need their low bits cleared).
+        kth = -np.sort(-scores, axis=1)[:, NUM_SELECTED - 1 : NUM_SELECTED]
+        tied = (scores == kth).sum(axis=1) > (np.take_along_axis(scores, want, axis=1) == kth).sum(axis=1)
+        signed = np.sign(kth[:, 0]) == (-1 if negative > 0.5 else 1)
+        assert (tied & signed).any()
