@@ -43,6 +43,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from pallas_kernels._compat import SWIZZLED_128B, pl, plgpu
+from pallas_kernels.mgpu_sync import wait_last_releases
 from pallas_kernels.tiling import DEFAULT_MASK_VALUE, GROUP_ROWS, LOG2E
 
 __all__ = [
@@ -57,7 +58,6 @@ __all__ = [
     "stream_key_tiles",
     "supported_mosaic_scoring",
     "visible_kernels",
-    "wait_key_ring_released",
 ]
 
 # Tokens per CTA: two compute warpgroups of 4 tokens x 16 rows each.
@@ -336,7 +336,7 @@ def stream_key_tiles(keys, smem, *, n2_tiles, total, registers):
     """
     plgpu.set_max_registers(registers, action="decrease")
     copy_key_tiles(keys, smem, n2_tiles=n2_tiles, total=total, base=0)
-    wait_key_ring_released(smem[2], total, smem[0].shape[0])
+    wait_last_releases((smem[2],), total, smem[0].shape[0])
 
 
 def copy_key_tiles(keys, smem, *, n2_tiles, total, base):
@@ -363,15 +363,6 @@ def copy_key_tiles(keys, smem, *, n2_tiles, total, base):
         def _():
             tile = pl.ds(pl.multiple_of((j - n2_tiles) * KEY_TILE, KEY_TILE), KEY_TILE)
             plgpu.copy_gmem_to_smem(fine_keys.at[tile], ring.at[slot], k_bar.at[slot])
-
-
-def wait_key_ring_released(k_free, total, stages):
-    """Waits for the releases of the last ``stages`` of a CTA's ``total`` ring steps (those no later
-    copy waited for), so that every barrier phase is consumed before the CTA exits."""
-
-    @pl.loop(jnp.maximum(total - stages, 0), total)
-    def _(j):
-        plgpu.barrier_wait(k_free.at[lax.rem(j, stages)])
 
 
 def score_tiles_mgpu(

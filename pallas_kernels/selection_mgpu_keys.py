@@ -42,6 +42,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from pallas_kernels._compat import SWIZZLED_128B, pl, plgpu
+from pallas_kernels.mgpu_sync import wait_last_releases
 from pallas_kernels.selection_mgpu import (
     HALO_SHIFT,
     KEY_TILE,
@@ -52,7 +53,6 @@ from pallas_kernels.selection_mgpu import (
     stream_key_tiles,
     supported_mosaic_scoring,
     visible_kernels,
-    wait_key_ring_released,
 )
 from pallas_kernels.tiling import DEFAULT_MASK_VALUE, GROUP_ROWS, LOG2E, persistent_ctas
 
@@ -426,13 +426,9 @@ def _persistent_kernel(
             return carry[0] + steps, carry[1] + 1
 
         total, n_local = totals
-        wait_key_ring_released(k_free, total, config.stages)
-        # The last two tiles' buffer releases too, so that every barrier phase is consumed before the
-        # CTA exits.
-
-        @pl.loop(jnp.maximum(n_local - 2, 0), n_local)
-        def _(n):
-            plgpu.barrier_wait(tile_free.at[lax.rem(n, 2)])
+        # The key ring's and the two tile buffers' last releases.
+        wait_last_releases((k_free,), total, config.stages)
+        wait_last_releases((tile_free,), n_local, 2)
 
 
 def score_tiles_mgpu_keys(

@@ -44,6 +44,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from pallas_kernels._compat import SWIZZLED_128B, pl, plgpu
+from pallas_kernels.mgpu_sync import wait_last_releases
 from pallas_kernels.tiling import DEFAULT_MASK_VALUE, GROUP_ROWS, LOG2E, MosaicTile, persistent_ctas
 
 __all__ = [
@@ -431,13 +432,9 @@ def _persistent_kernel(
             return carry[0] + steps, carry[1] + 1
 
         total_steps, n_local = totals
-        wait_ring_released((k_free, v_free), total_steps, stages)
-        # The last two tiles' buffer releases too, so that every barrier phase is consumed before the
-        # CTA exits.
-
-        @pl.loop(jnp.maximum(n_local - 2, 0), n_local)
-        def _(n):
-            plgpu.barrier_wait(item_free.at[lax.rem(n, 2)])
+        # The K/V ring's and the two tile buffers' last releases.
+        wait_last_releases((k_free, v_free), total_steps, stages)
+        wait_last_releases((item_free,), n_local, 2)
 
 
 def run_first(paths, *args):
@@ -476,7 +473,7 @@ def stream_blocks(gmem, smem, bars, *, index, count, registers):
     plgpu.copy_gmem_to_smem(list_ref.at[b, h, tile], list_smem, list_bar)
     plgpu.barrier_wait(list_bar)
     stream_steps((k_ref.at[b, :, h], v_ref.at[b, :, h]), smem, ring_bars, steps=steps, base=0)
-    wait_ring_released(ring_bars[2:], steps, k_smem.shape[0])
+    wait_last_releases(ring_bars[2:], steps, k_smem.shape[0])
 
 
 def stream_steps(gmem, smem, bars, *, steps, base):
@@ -518,18 +515,6 @@ def stream_steps(gmem, smem, bars, *, steps, base):
             plgpu.barrier_wait(v_free.at[slot])
 
         copy_step(v_ref, v_smem.at[slot], v_bar.at[slot], j)
-
-
-def wait_ring_released(free_bars, total, stages):
-    """Waits for the releases of the last ``stages`` of ``total`` ring steps (those no later copy
-    waited for), so that every barrier phase is consumed before the CTA exits."""
-    k_free, v_free = free_bars
-
-    @pl.loop(jnp.maximum(total - stages, 0), total)
-    def _(j):
-        slot = lax.rem(j, stages)
-        plgpu.barrier_wait(k_free.at[slot])
-        plgpu.barrier_wait(v_free.at[slot])
 
 
 def tile_phase_mgpu(
