@@ -182,7 +182,9 @@ def _trace(fn, args, calls, keep=None):
 
 
 def _stream_events(data):
-    """Every kernel event of the GPU planes' stream lines (one event per launch)."""
+    """Every kernel event ``(start_ns, end_ns, name)`` of the GPU planes, by start: their stream lines
+    hold one event per kernel launch ("XLA Ops"/"XLA Modules" lines summarise them), or, in a trace
+    without stream lines, every line."""
     events = []
     for plane in data.planes:
         if plane.name.startswith("/device:GPU"):
@@ -190,6 +192,18 @@ def _stream_events(data):
             for line in lines:
                 events += [(e.start_ns, e.end_ns, e.name) for e in line.events]
     return sorted(events)
+
+
+def kernel_totals(data, calls, top=12):
+    """Device time per call (ms) of the ``top`` slowest kernels of a trace and the sum of the others."""
+    totals = {}
+    for start, end, name in _stream_events(data):
+        totals[name] = totals.get(name, 0.0) + (end - start) / 1e6 / calls
+    ranked = sorted(totals.items(), key=lambda kv: -kv[1])
+    kept = {k: round(v, 3) for k, v in ranked[:top]}
+    if len(ranked) > top:
+        kept[f"({len(ranked) - top} other kernels)"] = round(sum(v for _, v in ranked[top:]), 3)
+    return kept
 
 
 def _host_events(data, marker):
@@ -225,7 +239,8 @@ def gpu_timeline(data, calls, gap_ns=50_000, widest=5):
     cuts = sorted(i for _, i in sorted(gaps, reverse=True)[: calls - 1])
     bounds = [0, *cuts, len(events)]
     launches, waits = _host_events(data, "PjitFunction"), _host_events(data, "block_until_ready")
-    span = busy = dispatch = sync = 0
+    span = busy = 0
+    host = []  # per call: (dispatch, sync) ns, where the trace has the host events around it
     for lo, hi in itertools.pairwise(bounds):
         run = events[lo:hi]
         first, last = run[0][0], max(e for _, e, _ in run)
@@ -237,11 +252,8 @@ def gpu_timeline(data, calls, gap_ns=50_000, widest=5):
         busy += cover
         started = [s for s, _ in launches if s <= first]
         returned = [e for _, e in waits if e >= last]
-        if started and returned and dispatch is not None:
-            dispatch += first - started[-1]
-            sync += min(returned) - last
-        else:
-            dispatch = None
+        if started and returned:
+            host.append((first - started[-1], min(returned) - last))
     in_call = [(g, i) for g, i in gaps if i not in cuts and g > gap_ns]
     timeline = {
         "span_ms": round(span / calls / 1e6, 3),
@@ -253,7 +265,8 @@ def gpu_timeline(data, calls, gap_ns=50_000, widest=5):
             for g, i in sorted(in_call, reverse=True)[:widest]
         ],
     }
-    if dispatch is not None:
+    if len(host) == calls:
+        dispatch, sync = (sum(x) for x in zip(*host, strict=True))
         timeline |= {"dispatch_us": round(dispatch / calls / 1e3, 1), "sync_us": round(sync / calls / 1e3, 1)}
     return timeline
 
@@ -265,25 +278,9 @@ def kernel_times(fn, *args, calls=2, top=12, timeline=False, keep_trace=None):
     data = _trace(fn, args, calls, keep_trace)
     if data is None:
         return ({}, {}) if timeline else {}
-    per_line = {}
-    for plane in data.planes:
-        if plane.name.startswith("/device:GPU"):
-            for line in plane.lines:
-                totals = per_line.setdefault(line.name, {})
-                for event in line.events:
-                    totals[event.name] = totals.get(event.name, 0.0) + event.duration_ns / 1e6 / calls
-    # Stream lines hold one event per kernel launch; "XLA Ops"/"XLA Modules" lines summarise them.
-    streams = [name for name in per_line if "Stream" in name] or list(per_line)
-    totals = {}
-    for name in streams:
-        for kernel, ms in per_line[name].items():
-            totals[kernel] = totals.get(kernel, 0.0) + ms
-    if not totals:
-        log(f"  (no GPU kernel events; lines: {list(per_line)[:8]})")
-    ranked = sorted(totals.items(), key=lambda kv: -kv[1])
-    kept = {k: round(v, 3) for k, v in ranked[:top]}
-    if len(ranked) > top:
-        kept[f"({len(ranked) - top} other kernels)"] = round(sum(v for _, v in ranked[top:]), 3)
+    kept = kernel_totals(data, calls, top)
+    if not kept:
+        log(f"  (no GPU kernel events; planes: {[plane.name for plane in data.planes][:8]})")
     return (kept, gpu_timeline(data, calls)) if timeline else kept
 
 

@@ -60,6 +60,9 @@ def main(argv=None) -> None:
         result = {
             "command": " ".join(["python3 experiments/trace_timeline.py", *given]),
             "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            # The GPUs the traces were recorded on (this run only reads them), and the jax that read them.
+            "device": ", ".join(sorted({row["device"] for row in rows})),
+            "jax_version": jax.__version__,
             "rows": rows,
         }
         args.out.write_text(json.dumps(result, indent=1) + "\n")

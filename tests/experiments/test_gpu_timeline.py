@@ -76,3 +76,15 @@ def test_overlapping_kernels_count_once(gpu_timeline):
 
 def test_fewer_events_than_calls_give_no_timeline(gpu_timeline):
     assert gpu_timeline(_profile([("a", 0, 100)]), calls=2) == {}
+
+
+def test_kernel_totals_count_stream_launches_per_call_and_sum_the_rest(monkeypatch):
+    monkeypatch.syspath_prepend(str(EXPERIMENTS))
+    import bench_attention
+
+    # Two calls of a 100 us, b 60 us and c 50 + 30 us; the "XLA Ops" summary line repeats them.
+    kernels = [("a", 0, 100), ("b", 100, 160), ("c", 160, 210), ("c", 220, 250)]
+    kernels += [(n, s + 1000, e + 1000) for n, s, e in kernels]
+    data = _profile(kernels, other_lines=["XLA Ops"])
+    assert bench_attention.kernel_totals(data, calls=2) == {"a": 0.1, "c": 0.08, "b": 0.06}
+    assert bench_attention.kernel_totals(data, calls=2, top=1) == {"a": 0.1, "(2 other kernels)": 0.14}
