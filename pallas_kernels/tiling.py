@@ -124,10 +124,10 @@ class BlockSizes:
       tile_warps, token_warps, dkv_warps: ``num_warps`` of the tile-phase, token-phase and dK/dV kernels.
       num_stages: Triton software-pipelining depth of every kernel but the forward's token phase.
       token_stages: Triton software-pipelining depth of the forward's token phase. With neighbouring
-        tokens sharing most blocks, a token runs only a few private ones, and a deep pipeline's
-        shared memory costs more (fewer programs per SM) than it hides: on the H200 two stages beat
-        three by 12% at 128K (smooth inputs; on random ones, whose token phase takes 6x as long, they
-        tie: experiments/results/NOTES_attention_kernels.md, session 15).
+        tokens sharing most blocks, a token runs only a few private ones, so a deep pipeline
+        presumably costs more in shared memory (fewer programs per SM) than it hides (not profiled):
+        on the H200 two stages beat three by 12% at 128K (smooth inputs; on random ones, whose token
+        phase takes 6x as long, they tie: experiments/results/NOTES_attention_kernels.md, session 15).
       fwd_chunk_bytes: bound on the fp32 state passed from the tile phase to the token phase in the
         forward (``B * Hkv * 16 * (D + 1) * 4`` bytes per query token): the queries run in as few
         equal chunks as keep it below this (at least one tile per chunk). The result does not
