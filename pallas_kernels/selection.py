@@ -263,7 +263,14 @@ def _topk_kernel(
     body, halo = body.astype(jnp.float32), halo.astype(jnp.float32)
     score = jnp.where(jnp.maximum(pool * j - 1, 0) < n1, jnp.maximum(body, halo), -jnp.inf)
     q_block = lax.div(t, block_size)
-    forced = (j < init_blocks) | ((j >= q_block - local_blocks) & (j <= q_block))
+    # A token in block b < k_sel keeps every visible block (they score >= 0 or are forced; later blocks
+    # score 0 or -inf and lose ties to them), so forcing them all changes nothing, and lets the
+    # keys-as-rows scoring kernel skip such tokens' tiles (its ``forced``): their scores are unspecified.
+    forced = (
+        (j < init_blocks)
+        | ((j >= q_block - local_blocks) & (j <= q_block))
+        | ((q_block < k_sel) & (j <= q_block))
+    )
     score = jnp.where(forced, jnp.inf, score)
 
     # Order-preserving int32 keys (flip the magnitude bits of negatives); padding columns sort last.
@@ -278,10 +285,13 @@ def _topk_kernel(
     # built bit by bit from the top: it equals the k_sel-th largest key. With early_exit the search
     # stops once count(key >= thr) == k_sel in every row: ``thr`` may then lie below the k-th key, but
     # the keys above or at it are exactly the k_sel largest, which is what the tie rule below selects.
+    def count_ge(cand):
+        return jnp.sum((key >= (cand ^ _INT32_MIN)).astype(jnp.int32), axis=1, keepdims=True)
+
     def search_step(i, thr):
         """The next threshold, whether each row raised it, and count(key >= candidate)."""
         cand = thr | lax.shift_left(jnp.int32(1), 31 - i)
-        count = jnp.sum((key >= (cand ^ _INT32_MIN)).astype(jnp.int32), axis=1, keepdims=True)
+        count = count_ge(cand)
         take = count >= k_sel
         return jnp.where(take, cand, thr), take, count
 
@@ -302,15 +312,23 @@ def _topk_kernel(
 
         # count(key >= thr) for thr = 0 (INT32_MIN as a signed key) counts every column.
         state = (jnp.int32(0), thr, jnp.full((tq, 1), nb_pad, jnp.int32))
-        _, thr, _ = lax.while_loop(searching, step, state)
+        _, thr, count_thr = lax.while_loop(searching, step, state)
     else:
         thr = lax.fori_loop(0, key_bits, lambda i, thr: search_step(i, thr)[0], thr)
+        count_thr = count_ge(thr)
     kth = thr ^ _INT32_MIN
-    above = key > kth
-    n_above = jnp.sum(above.astype(jnp.int32), axis=1, keepdims=True)
-    tie = key == kth
-    tie_rank = jnp.cumsum(tie.astype(jnp.int32), axis=1)
-    selected = above | (tie & (tie_rank <= k_sel - n_above))  # lax.top_k: lower index wins a tie
+
+    def tie_rule():
+        # Ties at the k-th key: lax.top_k's rule, the lower index wins (a scan over the row).
+        above = key > kth
+        n_above = jnp.sum(above.astype(jnp.int32), axis=1, keepdims=True)
+        tie = key == kth
+        tie_rank = jnp.cumsum(tie.astype(jnp.int32), axis=1)
+        return (above | (tie & (tie_rank <= k_sel - n_above))).astype(jnp.int32)
+
+    # Without a row whose keys >= thr outnumber k_sel, those keys are the selection: no scan.
+    all_exact = jnp.max(jnp.max((count_thr != k_sel).astype(jnp.int32), axis=1), axis=0) == 0
+    selected = lax.cond(all_exact, lambda: (key >= kth).astype(jnp.int32), tie_rule) > 0
 
     keep = selected & (j <= q_block)
     slot = jnp.cumsum(keep.astype(jnp.int32), axis=1) - 1  # ascending ids -> ascending slots
@@ -549,6 +567,8 @@ def _select_blocks(
                 bs.mosaic, key_rows=key_rows, persistent=bs.mosaic.persistent and key_rows
             ),
             chunk=chunk if in_place else None,
+            # Scores the top-k forces or never reads are not computed (see its forcing rule).
+            **({"forced": (local_blocks, k_sel)} if key_rows else {}),
             interpret=interpret,
         )
     else:

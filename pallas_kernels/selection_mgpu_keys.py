@@ -25,8 +25,8 @@ which 4 are used: half the tensor work of ``Q K^T`` for 1/16 of its output, plus
 - The pooled ``[64 blocks, 8 tokens]`` tiles are stored transposed into SMEM (``[8, 64]``), so the
   TMA stores write token-major rows as the top-k reads them.
 
-The fine pass's granularity is a warpgroup's half of a pair tile (64 blocks): a half that no token
-of the CTA sees is skipped, one that every token sees entirely runs without a mask.
+The fine pass's granularity is a warpgroup's half of a pair tile (64 blocks): a half that holds no
+block the CTA scores is skipped, one whose scored blocks every token sees entirely runs without a mask.
 
 Code size matters here (session 12's Nsight Compute profile): both compute warpgroups run one body
 with the warpgroup index traced, and the ``pool`` ring steps of a pair tile are a loop.
@@ -74,17 +74,28 @@ def query_rows_head_major(q_c: jax.Array) -> jax.Array:
     return q_c.reshape(b, h, c * g, d)
 
 
-def _geometry(pos_ref, tile, *, n1: int, n2: int, stride: int, pool: int):
+def _geometry(pos_ref, tile, *, n1: int, n2: int, stride: int, pool: int, forced: tuple[int, int] | None):
     """Key positions and step counts of tile ``tile`` (8 tokens): ``(t_first, t_end, n2_tiles,
     blocks_seen, blocks_whole, n_pairs)``: its first token's key position, the sequence's last one,
-    its coarse ring steps, the blocks with at least one kernel its last token sees, the blocks all of
-    whose kernels its first token sees, and its pair tiles."""
+    its coarse ring steps, the blocks it scores (those with at least one kernel its last token sees,
+    less the ones ``forced`` leaves unscored), the blocks all of whose kernels its first token sees,
+    and its pair tiles."""
     size1, size2, stride2 = 2 * stride, 8 * stride, 4 * stride  # kernel sizes are 2x the strides
     t_end = pos_ref[1]
     t_first = jnp.minimum(pos_ref[0] + tile * TILE_TOKENS, t_end)
     cta_last = jnp.minimum(pos_ref[0] + tile * TILE_TOKENS + TILE_TOKENS - 1, t_end)
     n2_tiles = lax.div(visible_kernels(cta_last, size2, stride2, n2) + KEY_TILE - 1, KEY_TILE)
     blocks_seen = lax.div(visible_kernels(cta_last, size1, stride, n1) + pool - 1, pool)
+    if forced is not None:
+        # The top-k forces blocks b - local .. b of a token in block b, and keeps every visible block of
+        # a token in a block b < num_kept: the scores of the blocks from the last token's b - local on,
+        # and all of them in a tile whose last token has b < num_kept, are never read. Such a tile
+        # skips its coarse pass too (the LSE only normalises fine scores).
+        local_blocks, num_kept = forced
+        q_block = lax.div(cta_last, pool * stride)
+        scored = jnp.where(q_block < num_kept, 0, jnp.maximum(q_block - local_blocks, 0))
+        blocks_seen = jnp.minimum(blocks_seen, scored)
+        n2_tiles = jnp.where(blocks_seen > 0, n2_tiles, 0)
     blocks_whole = lax.div(visible_kernels(t_first, size1, stride, n1), pool)
     n_pairs = lax.div(blocks_seen + PAIR_BLOCKS - 1, PAIR_BLOCKS)
     return t_first, t_end, n2_tiles, blocks_seen, blocks_whole, n_pairs
@@ -247,10 +258,16 @@ def _score_tile(
         )
         return carry
 
-    # Pair tiles whose half every token sees entirely; those some token sees at all.
-    n_whole = jnp.minimum(lax.div(blocks_whole + _HALF_BLOCKS - block0, PAIR_BLOCKS), n_pairs)
+    # Pair tiles whose half holds a scored block; of those, the ones whose scored blocks every token
+    # sees entirely. When every scored block is whole (the tile's forced window covers the partly
+    # visible ones), the last half runs unmasked too: its columns past the scored blocks are never read.
     n_seen = jnp.minimum(
         lax.div(jnp.maximum(blocks_seen - block0, 0) + PAIR_BLOCKS - 1, PAIR_BLOCKS), n_pairs
+    )
+    n_whole = jnp.where(
+        blocks_whole >= blocks_seen,
+        n_seen,
+        jnp.minimum(lax.div(blocks_whole + _HALF_BLOCKS - block0, PAIR_BLOCKS), n_pairs),
     )
     lax.fori_loop(0, n_whole, functools.partial(pair, mode="none"), 0)
     lax.fori_loop(n_whole, n_seen, functools.partial(pair, mode="mask"), 0)
@@ -273,6 +290,7 @@ def _kernel(
     pool: int,
     config: MosaicScore,
     in_place: bool,
+    forced: tuple[int, int] | None,
 ):
     """One CTA: warpgroups 0 and 1 score tile ``tile``'s 8 tokens, warpgroup 2 streams the keys (refs
     and shapes as in ``score_tiles_mgpu_keys``)."""
@@ -280,7 +298,7 @@ def _kernel(
     q_smem, lse_smem = q_tiles.at[0], lse_tiles.at[0]  # one tile: one buffer
     tile, b, h = lax.axis_index("tile"), lax.axis_index("batch"), lax.axis_index("kv")
     wg = lax.axis_index("wg")
-    geometry = _geometry(pos_ref, tile, n1=n1, n2=n2, stride=stride, pool=pool)
+    geometry = _geometry(pos_ref, tile, n1=n1, n2=n2, stride=stride, pool=pool, forced=forced)
     n2_tiles, n_pairs = geometry[2], geometry[5]
 
     @pl.when(wg < _COMPUTE_WGS)
@@ -338,6 +356,7 @@ def _persistent_kernel(
     pool: int,
     config: MosaicScore,
     in_place: bool,
+    forced: tuple[int, int] | None,
 ):
     """``config.persistent``: CTA ``c`` of ``C`` scores tiles ``c, c + C, ...`` of the ``(batch, kv head,
     tile)`` grid (tiles fastest, so concurrent CTAs read the same keys, as in the one-tile-per-CTA
@@ -349,7 +368,7 @@ def _persistent_kernel(
     wg = lax.axis_index("wg")
     batch, hkv, chunk = body_ref.shape[:3]
     grid = (batch, hkv, chunk // TILE_TOKENS)
-    geometry_of = functools.partial(_geometry, pos_ref, n1=n1, n2=n2, stride=stride, pool=pool)
+    geometry_of = functools.partial(_geometry, pos_ref, n1=n1, n2=n2, stride=stride, pool=pool, forced=forced)
 
     def tile_of(loop_info):
         b, h, tile = loop_info.index
@@ -445,6 +464,7 @@ def score_tiles_mgpu_keys(
     width: int,
     config: MosaicScore,
     chunk: int | None = None,
+    forced: tuple[int, int] | None = None,
     interpret: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
     """Pooled stage-1 scores of one query chunk (``score_tiles_mgpu``'s outputs).
@@ -464,11 +484,15 @@ def score_tiles_mgpu_keys(
       width: columns of the outputs (at least ``nb_pad + HALO_SHIFT`` with ``nb_pad`` a multiple of 128).
       config: launch parameters.
       chunk: ``C`` (a multiple of 8) when ``q_rows`` is the whole query.
+      forced: ``(local_blocks, num_kept)`` of the top-k that reads the scores: blocks ``b - local_blocks
+        .. b`` of a token in block ``b`` are forced, and a token with ``b < num_kept`` keeps every
+        visible block. Tiles then skip the blocks whose scores no token of theirs uses (every one in a
+        tile whose last token has ``b < num_kept``). ``None``: score every visible block.
       interpret: run in the Mosaic GPU interpreter (CPU tests).
 
     Returns:
       ``body, halo [B, Hkv, C, width]`` float32 (bfloat16 with ``config.bf16_scores``); columns of
-      blocks the token cannot see are unspecified.
+      blocks the token cannot see, and with ``forced`` of the blocks its tile skips, are unspecified.
     """
     if not config.key_rows:
         raise ValueError("MosaicScore(key_rows=False) is score_tiles_mgpu's configuration, not this kernel's")
@@ -532,6 +556,7 @@ def score_tiles_mgpu_keys(
         pool=pool,
         config=config,
         in_place=in_place,
+        forced=forced,
     )
     if config.persistent:
         n_tiles = b * hkv * (chunk // TILE_TOKENS)

@@ -369,6 +369,79 @@ def test_permute_fine_keys_puts_each_blocks_kernels_in_one_column_of_each_slice(
     np.testing.assert_array_equal(got, tile * size + pool * c + i)
 
 
+@pytest.mark.skipif(not INTERPRET, reason="reads the interpreter's NaN fill of unwritten outputs")
+@pytest.mark.parametrize("persistent", [False, True], ids=["one-tile-per-cta", "persistent"])
+def test_mosaic_key_rows_skip_only_scores_the_topk_never_reads(persistent):
+    """With ``forced=(local_blocks, num_kept)`` the keys-as-rows kernel writes a block column of a tile
+    iff its 64-block half pair tile starts below ``b - local_blocks`` of the tile's last token (and
+    none when that token's ``b < num_kept``), and writes the blocks below that bound as it does without
+    ``forced`` (the rest of the last half, which the top-k never reads, runs unmasked). Unwritten
+    columns are NaN in the interpreter, which makes the skipped ones visible. T = 600 at block 4: two
+    pair tiles, dense tiles at the start, tiles whose forced window covers their second pair tile."""
+    from pallas_kernels.selection_mgpu import HALO_SHIFT, permute_fine_keys
+    from pallas_kernels.selection_mgpu_keys import PAIR_BLOCKS, query_rows_head_major, score_tiles_mgpu_keys
+
+    cfg, t, d, local_blocks, num_kept = STRIDE1, 600, 64, 2, 6
+    assert (cfg.local_blocks, cfg.num_selected) == (local_blocks, num_kept)
+    q, k = qk(5, 1, t, 16, 1, d, jnp.bfloat16)
+    pool = cfg.block_size // cfg.kernel_stride
+    nb_pad = 256
+    width = nb_pad + HALO_SHIFT + 16
+
+    def key_layout(kc, multiple):
+        n_pad = -(-kc.shape[1] // multiple) * multiple
+        return jnp.pad(kc, ((0, 0), (0, n_pad - kc.shape[1]), (0, 0), (0, 0))).swapaxes(1, 2).astype(q.dtype)
+
+    k32 = k.astype(jnp.float32)
+    k1 = pallas_selection.compress_keys(k32, cfg.kernel_size, cfg.kernel_stride)
+    k2 = pallas_selection.compress_keys(k32, 4 * cfg.kernel_size, 4 * cfg.kernel_stride)
+    n1, n2 = k1.shape[1], k2.shape[1]
+    k1 = permute_fine_keys(key_layout(k1, PAIR_BLOCKS * pool), pool, PAIR_BLOCKS)
+    k2 = key_layout(k2, 128)
+    chunk = 608  # whole 8-token tiles; rows past T repeat token T - 1
+    rows = jnp.minimum(jnp.arange(chunk), t - 1)
+    q_rows = query_rows_head_major(q[:, rows].reshape(1, chunk, 1, 16, d).transpose(0, 2, 1, 3, 4))
+    pos = jnp.array([0, t - 1], jnp.int32)
+    mosaic = MosaicScore(key_rows_from_blocks=0, persistent=persistent)
+
+    def score(forced):
+        fn = functools.partial(
+            score_tiles_mgpu_keys,
+            n1=n1,
+            n2=n2,
+            stride=cfg.kernel_stride,
+            group=16,
+            pool=pool,
+            width=width,
+            config=mosaic,
+            forced=forced,
+            interpret=True,
+        )
+        return [np.asarray(x[0, 0].astype(jnp.float32)) for x in jax.jit(fn)(pos, q_rows, k1, k2)]
+
+    (body, halo), (body_skip, halo_skip) = score(None), score((local_blocks, num_kept))
+    tokens = np.minimum(np.arange(chunk), t - 1)
+    tile_last = np.minimum(tokens // 8 * 8 + 7, t - 1)
+    last_block = tile_last // cfg.block_size
+    cap = np.where(last_block < num_kept, 0, np.maximum(last_block - local_blocks, 0))[:, None]
+    j = np.arange(nb_pad)[None, :]
+    # Without ``forced`` the kernel writes the halves that any token of the tile sees.
+    was_written = ~np.isnan(body[:, :nb_pad])
+    written = (j // 64 * 64 < cap) & was_written
+    for got, full, cols in (
+        (body_skip, body, slice(0, nb_pad)),
+        (halo_skip, halo, slice(HALO_SHIFT, HALO_SHIFT + nb_pad)),
+    ):
+        got, full = got[:, cols], full[:, cols]
+        np.testing.assert_array_equal(~np.isnan(got), written)
+        scored = written & (j < cap)
+        np.testing.assert_array_equal(got[scored], full[scored])
+    # Both kinds of skip occur: whole tiles, and second pair tiles inside the forced window.
+    assert (cap == 0).any() and (
+        (cap > 0) & (cap <= PAIR_BLOCKS) & was_written[:, PAIR_BLOCKS:].any(1, keepdims=True)
+    ).any()
+
+
 _LOWERING_TILINGS = [
     ("default", MOSAIC),
     ("st2-two-store-buffers", MOSAIC_TWO_STORE_BUFFERS),

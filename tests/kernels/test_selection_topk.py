@@ -118,3 +118,24 @@ def test_bf16_scores_select_what_float32_scores_of_the_same_values_select(first,
         tied = (scores == kth).sum(axis=1) > (np.take_along_axis(scores, want, axis=1) == kth).sum(axis=1)
         signed = np.sign(kth[:, 0]) == (-1 if negative > 0.5 else 1)
         assert (tied & signed).any()
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("first", [600, 40], ids=["38-blocks-seen", "3-blocks-seen"])
+def test_scores_the_keys_as_rows_kernel_skips_are_never_read(first, dtype):
+    """The columns that ``score_tiles_mgpu_keys(..., forced=(LOCAL, NUM_SELECTED))`` leaves unwritten
+    (blocks from ``b - LOCAL`` of the tile's last token on; every block when that token's ``b <
+    NUM_SELECTED``) may hold anything, NaN included: the selection is the one of the written scores."""
+    rng = np.random.default_rng(first)
+    body, halo = (grid_values(rng, (ROWS, WIDTH), 0.2, 0.1) for _ in range(2))
+    last_block = (first + ROWS - 1) // BLOCK
+    skipped = 0 if last_block < NUM_SELECTED else max(last_block - LOCAL, 0)
+    # Block j's own kernels are body column j, its last kernel halo column j + HALO_SHIFT.
+    garbage_body, garbage_halo = body.copy(), halo.copy()
+    garbage_body[:, skipped:] = np.nan
+    garbage_halo[:, skipped + HALO_SHIFT :] = np.nan
+    want = run_topk(first, jnp.asarray(body, dtype), jnp.asarray(halo, dtype), early_exit=True)
+    got = run_topk(first, jnp.asarray(garbage_body, dtype), jnp.asarray(garbage_halo, dtype), early_exit=True)
+    np.testing.assert_array_equal(got, want)
+    scores, q_block = block_scores(first, body, halo)
+    np.testing.assert_array_equal(want, expected_ids(scores, q_block))
