@@ -216,6 +216,14 @@ def compress_keys(k: jax.Array, kernel_size: int, kernel_stride: int) -> jax.Arr
     return windows / kernel_size
 
 
+def _key_layout(kc: jax.Array, block: int, *, head_dim: int, dtype) -> jax.Array:
+    """``[B, n, Hkv, D]`` compressed keys -> ``[B, Hkv, n_pad, head_dim]`` in ``dtype``, ``n_pad`` a multiple
+    of ``block``: the scoring kernels' key layout. Zero rows are never visible, zero columns inert."""
+    n_pad = round_up(max(1, kc.shape[1]), block)
+    kc = jnp.pad(kc, ((0, 0), (0, n_pad - kc.shape[1]), (0, 0), (0, head_dim - kc.shape[3])))
+    return kc.swapaxes(1, 2).astype(dtype)
+
+
 def _topk_kernel(
     pos_ref,
     body_ref,
@@ -527,12 +535,7 @@ def _select_blocks(
     k2 = compress_keys(k32, 4 * kernel_size, 4 * kernel_stride)
     n1, n2 = k1.shape[1], k2.shape[1]
 
-    def key_layout(kc, block):
-        # [B, n, Hkv, D] -> [B, Hkv, n_pad, Dp] in q's dtype; zero rows/columns are never visible / inert.
-        n_pad = round_up(max(1, kc.shape[1]), block)
-        kc = jnp.pad(kc, ((0, 0), (0, n_pad - kc.shape[1]), (0, 0), (0, dp - d)))
-        return kc.swapaxes(1, 2).astype(q.dtype)
-
+    key_layout = functools.partial(_key_layout, head_dim=dp, dtype=q.dtype)
     if mosaic:
         k1 = permute_fine_keys(key_layout(k1, nbt * pool), pool, nbt)
         k2 = key_layout(k2, KEY_TILE)

@@ -388,10 +388,7 @@ def test_mosaic_key_rows_skip_only_scores_the_topk_never_reads(persistent):
     nb_pad = 256
     width = nb_pad + HALO_SHIFT + 16
 
-    def key_layout(kc, multiple):
-        n_pad = -(-kc.shape[1] // multiple) * multiple
-        return jnp.pad(kc, ((0, 0), (0, n_pad - kc.shape[1]), (0, 0), (0, 0))).swapaxes(1, 2).astype(q.dtype)
-
+    key_layout = functools.partial(pallas_selection._key_layout, head_dim=d, dtype=q.dtype)
     k32 = k.astype(jnp.float32)
     k1 = pallas_selection.compress_keys(k32, cfg.kernel_size, cfg.kernel_stride)
     k2 = pallas_selection.compress_keys(k32, 4 * cfg.kernel_size, 4 * cfg.kernel_stride)
