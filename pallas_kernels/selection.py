@@ -353,6 +353,51 @@ def _topk_kernel(
         mask_ref[...] = (keep & real).astype(mask_ref.dtype)
 
 
+def _topk_call(
+    bs: BlockSizes,
+    nb_cols: int,
+    *,
+    shape: tuple[int, int, int, int],
+    kp: int,
+    masks: bool,
+    interpret: bool,
+    k_sel: int,
+    **geometry,
+):
+    """The top-k launch over the first ``nb_cols`` block columns (a power of two <= nb_pad) of one query
+    chunk: ``(pos [2], body, halo [B, Hkv, C, width]) -> [idx [B, Hkv, C, kp]]`` (and the selection
+    masks ``[B, Hkv, C, nb_cols]`` with ``masks``), for ``shape = (B, Hkv, C, width)``. ``geometry``:
+    ``_topk_kernel``'s ``n1, nb, stride, pool, block_size, init_blocks, local_blocks``."""
+    b, hkv, chunk, width = shape
+    tq = min(_topk_rows(bs, nb_cols), chunk)
+    outputs = ((kp, jnp.int32), (nb_cols, bs.list_mask_dtype))[: 1 + masks]
+    return pl.pallas_call(
+        functools.partial(
+            _topk_kernel,
+            tq=tq,
+            nb_pad=nb_cols,
+            # Fewer columns than k: all of them are visible or after every token's block, and every
+            # visible block is kept either way.
+            k_sel=min(k_sel, nb_cols),
+            early_exit=bs.topk_early_exit,
+            **geometry,
+        ),
+        grid=(chunk // tq, b, hkv),
+        in_specs=[
+            pl.BlockSpec((2,), lambda i, bi, h: (0,)),
+            pl.BlockSpec((None, None, tq, width), lambda i, bi, h: (bi, h, i, 0)),
+            pl.BlockSpec((None, None, tq, width), lambda i, bi, h: (bi, h, i, 0)),
+        ],
+        out_specs=[
+            pl.BlockSpec((None, None, tq, cols), lambda i, bi, h: (bi, h, i, 0)) for cols, _ in outputs
+        ],
+        out_shape=[jax.ShapeDtypeStruct((b, hkv, chunk, cols), dtype) for cols, dtype in outputs],
+        compiler_params=triton_params(bs.topk_warps, 1),
+        interpret=interpret,
+        name="infllmv2_select_topk",
+    )
+
+
 def _check_supported(q, k, block_size, kernel_size, kernel_stride, block_sizes):
     if q.dtype not in (jnp.float32, jnp.bfloat16, jnp.float16) or k.dtype != q.dtype:
         raise NotImplementedError(
@@ -595,46 +640,22 @@ def _select_blocks(
             interpret=interpret,
         )
 
-    def topk_call(nb_cols: int):
-        """The top-k over the first ``nb_cols`` block columns (a power of two <= nb_pad)."""
-        tq_b = min(_topk_rows(bs, nb_cols), chunk)
-        return pl.pallas_call(
-            functools.partial(
-                _topk_kernel,
-                tq=tq_b,
-                n1=n1,
-                nb=nb,
-                nb_pad=nb_cols,
-                stride=kernel_stride,
-                pool=pool,
-                block_size=block_size,
-                init_blocks=init_blocks,
-                local_blocks=local_blocks,
-                # Fewer columns than k: all of them are visible or after every token's block, and
-                # every visible block is kept either way.
-                k_sel=min(k_sel, nb_cols),
-                early_exit=bs.topk_early_exit,
-            ),
-            grid=(chunk // tq_b, b, hkv),
-            in_specs=[
-                pl.BlockSpec((2,), lambda i, bi, h: (0,)),
-                pl.BlockSpec((None, None, tq_b, width), lambda i, bi, h: (bi, h, i, 0)),
-                pl.BlockSpec((None, None, tq_b, width), lambda i, bi, h: (bi, h, i, 0)),
-            ],
-            out_specs=[
-                pl.BlockSpec((None, None, tq_b, cols), lambda i, bi, h: (bi, h, i, 0))
-                for cols in (kp, nb_cols)[: 1 + (lists_for is not None)]
-            ],
-            out_shape=[
-                jax.ShapeDtypeStruct((b, hkv, chunk, cols), dtype)
-                for cols, dtype in ((kp, jnp.int32), (nb_cols, bs.list_mask_dtype))[
-                    : 1 + (lists_for is not None)
-                ]
-            ],
-            compiler_params=triton_params(bs.topk_warps, 1),
-            interpret=interpret,
-            name="infllmv2_select_topk",
-        )
+    topk_call = functools.partial(
+        _topk_call,
+        bs,
+        shape=(b, hkv, chunk, width),
+        kp=kp,
+        masks=lists_for is not None,
+        interpret=interpret,
+        n1=n1,
+        nb=nb,
+        stride=kernel_stride,
+        pool=pool,
+        block_size=block_size,
+        init_blocks=init_blocks,
+        local_blocks=local_blocks,
+        k_sel=k_sel,
+    )
 
     def one_chunk(start, topk):
         pos = jnp.stack([start + q_offset, t - 1 + q_offset]).astype(jnp.int32)

@@ -1,4 +1,4 @@
-"""The selection's top-k kernel (``pallas_kernels.selection._topk_kernel``) alone, on crafted pooled scores.
+"""The selection's top-k launch (``pallas_kernels.selection._topk_call``) alone, on crafted pooled scores.
 
 The Mosaic scoring kernels store the pooled scores in bf16 (``MosaicScore.bf16_scores``); the top-k
 then searches only the top 16 bits of its order-preserving keys, after clearing the low 16 bits that
@@ -9,15 +9,12 @@ values come from a small grid of bf16 numbers, so rows hold many exact ties and 
 unit apart, of both signs, and zeros.
 """
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from pallas_kernels import selection as pallas_selection
-from pallas_kernels._compat import pl
 from pallas_kernels.selection_mgpu import HALO_SHIFT
 
 INTERPRET = jax.default_backend() == "cpu"
@@ -38,39 +35,32 @@ def grid_values(rng, shape, negative, zeros):
 
 
 def run_topk(first, body, halo, *, early_exit):
-    """The kernel on ``ROWS`` tokens at key positions ``first, first + 1, ...``.
+    """``select_blocks``' top-k launch on ``ROWS`` tokens at key positions ``first, first + 1, ...``.
 
     Returns:
       int ``[ROWS, NUM_SELECTED]``: ascending kept block ids, -1 padded.
     """
-    kernel = functools.partial(
-        pallas_selection._topk_kernel,
-        tq=ROWS,
+    # One program of ROWS rows over NB_PAD columns.
+    tiling = pallas_selection.BlockSizes(topk_elems=ROWS * NB_PAD, topk_early_exit=early_exit)
+    call = pallas_selection._topk_call(
+        tiling,
+        NB_PAD,
+        shape=(1, 1, ROWS, WIDTH),
+        kp=KP,
+        masks=False,
+        interpret=INTERPRET,
+        k_sel=NUM_SELECTED,
         n1=N1,
         nb=NB,
-        nb_pad=NB_PAD,
         stride=STRIDE,
         pool=POOL,
         block_size=BLOCK,
         init_blocks=INIT,
         local_blocks=LOCAL,
-        k_sel=NUM_SELECTED,
-        early_exit=early_exit,
     )
     pos = jnp.array([first, first + ROWS - 1], jnp.int32)
-    idx = pl.pallas_call(
-        kernel,
-        grid=(1,),
-        in_specs=[
-            pl.BlockSpec((2,), lambda i: (0,)),
-            pl.BlockSpec((ROWS, WIDTH), lambda i: (0, 0)),
-            pl.BlockSpec((ROWS, WIDTH), lambda i: (0, 0)),
-        ],
-        out_specs=pl.BlockSpec((ROWS, KP), lambda i: (0, 0)),
-        out_shape=jax.ShapeDtypeStruct((ROWS, KP), jnp.int32),
-        interpret=INTERPRET,
-    )(pos, body, halo)
-    return np.asarray(idx)[:, :NUM_SELECTED]
+    (idx,) = call(pos, body[None, None], halo[None, None])
+    return np.asarray(idx)[0, 0, :, :NUM_SELECTED]
 
 
 def block_scores(first, body, halo):
