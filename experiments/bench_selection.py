@@ -110,6 +110,10 @@ SELECT_VARIANTS = {
     ),
     # The scoring kernel with one tile per CTA (the default before session 14; now persistent).
     "mosaic_one_tile_per_cta": dataclasses.replace(pallas_selection.MOSAIC_SELECTION, mosaic=MosaicScore()),
+    # The scoring kernel's warpgroups not staggered (the default before session 17).
+    "mosaic_no_stagger": dataclasses.replace(
+        pallas_selection.MOSAIC_SELECTION, mosaic=MosaicScore(persistent=True, stagger=False)
+    ),
 }
 
 
@@ -191,6 +195,9 @@ PREFILL_VARIANTS = {
         select=dict(mosaic=MosaicScore(bf16_scores=False, persistent=True))
     ),
     "scoring_one_tile_per_cta": _prefill_tilings(select=dict(mosaic=MosaicScore())),
+    # The scoring kernel's warpgroups not staggered (the default before session 17), and a 4-slot ring.
+    "scoring_no_stagger": _prefill_tilings(select=dict(mosaic=MosaicScore(persistent=True, stagger=False))),
+    "scoring_st4": _prefill_tilings(select=dict(mosaic=MosaicScore(persistent=True, stages=4))),
     # Launch parameters of the small Triton kernels, last tuned before the Mosaic kernels, swept in
     # session 15 (bench_selection_h200_small_kernels.json): the top-k's warps and block scores per
     # program, the token phase's warps, pipelining depth, tokens per program and blocks per step.

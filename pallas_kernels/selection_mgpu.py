@@ -97,6 +97,12 @@ class MosaicScore:
         a CTA's start-up and last stores overlap the neighbouring tiles' steps. Keys-as-rows kernel
         only: below ``key_rows_from_blocks`` ``select_blocks`` launches the token-rows kernel with one
         tile per CTA.
+      stagger: keys-as-rows kernel only: at the start of each pass (coarse, fine) of a tile, compute
+        warpgroup 1 waits until warpgroup 0's first WGMMA of that pass is done, so that one
+        warpgroup's exponentials run while the other's WGMMA does. Without it both start a pass
+        together (the LSE exchange lines them up), share the tensor cores and then the XU pipe
+        evenly, and stay in phase: a ring step costs the WGMMAs' time plus the exponentials' time
+        (``experiments/scoring_anatomy.py``).
       bf16_scores: the pooled block scores (``body``, ``halo``) go to HBM in bfloat16, rounded to
         nearest from the float32 sums, as the official kernel stores its stage-1 scores (SPEC.md
         §4, §13 item 4: rounding is monotonic, so pooling the rounded scores or rounding the pooled
@@ -112,6 +118,7 @@ class MosaicScore:
     key_rows: bool = True
     key_rows_from_blocks: int = 128
     persistent: bool = False
+    stagger: bool = True
     bf16_scores: bool = True
 
     def __post_init__(self):

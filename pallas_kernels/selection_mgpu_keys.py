@@ -135,12 +135,13 @@ def _score_tile(
 
     Args:
       refs: ``(pos, body, halo)`` GMEM refs; smem: ``(q [128, D], ring, lse [128], output buffers)``;
-        bars: the ring's arrival and release barriers and the LSE exchange barrier.
+        bars: the ring's arrival and release barriers, the LSE exchange barrier and the two stagger
+        barriers (coarse, fine; ``None`` without ``config.stagger``).
       geometry: ``_geometry`` of the tile.
     """
     pos_ref, body_ref, halo_ref = refs
     q_smem, ring, lse_smem, out_smem = smem
-    k_bar, k_free, lse_bar = bars
+    k_bar, k_free, lse_bar, kick = bars
     t_first, t_end, n2_tiles, blocks_seen, blocks_whole, n_pairs = geometry
     stages = config.stages
     head_dim = q_smem.shape[-1]
@@ -150,6 +151,17 @@ def _score_tile(
 
     layout = plgpu.Layout.WGMMA
     qk_scale = head_dim**-0.5 * LOG2E
+
+    def stagger_wait(which, steps):
+        # Warpgroup 1 starts pass ``which`` once warpgroup 0's first WGMMA of it is done (one
+        # arrival per tile and pass on each barrier: warpgroup 0 cannot get a tile ahead of these
+        # waits, since it must pass the LSE exchange, which warpgroup 1 reaches after them).
+        if kick is not None:
+            pl.when((w == 1) & (steps > 0))(lambda: plgpu.barrier_wait(kick.at[which]))
+
+    def stagger_arrive(which, first):
+        if kick is not None:
+            pl.when((w == 0) & first)(lambda: plgpu.barrier_arrive(kick.at[which]))
 
     # Pass 1: rows head * 8 + token of this warpgroup's 8 heads against 128 coarse keys per step.
     row = plgpu.broadcasted_iota(jnp.int32, (64, KEY_TILE), 0, layout=layout)
@@ -169,6 +181,7 @@ def _score_tile(
 
         s = pl.run_scoped(qk, plgpu.ACC((64, KEY_TILE), jnp.float32))
         plgpu.barrier_arrive(k_free.at[slot])
+        stagger_arrive(0, j == 0)
         s = s * qk_scale
         if masked:
             s = jnp.where((j * KEY_TILE + col) * stride2 + size2 <= t_row + 1, s, DEFAULT_MASK_VALUE)
@@ -179,6 +192,7 @@ def _score_tile(
     m = plgpu.layout_cast(jnp.full((64,), DEFAULT_MASK_VALUE, jnp.float32), row_layout)
     l = plgpu.layout_cast(jnp.zeros((64,), jnp.float32), row_layout)
     n2_all = jnp.minimum(lax.div(visible_kernels(t_first, size2, stride2, n2), KEY_TILE), n2_tiles)
+    stagger_wait(0, n2_tiles)
     carry = lax.fori_loop(0, n2_all, functools.partial(coarse, masked=False), (m, l))
     m, l = lax.fori_loop(n2_all, n2_tiles, functools.partial(coarse, masked=True), carry)
     # A row that saw no coarse key (m still at the mask value) or a padding head scores 0.
@@ -205,6 +219,8 @@ def _score_tile(
 
         s = pl.run_scoped(kq, plgpu.ACC((64, _ROWS), jnp.float32))
         plgpu.barrier_arrive(k_free.at[slot])
+        # Warpgroup 0's first fine step is always computed (its half of pair tile 0 holds block 0).
+        stagger_arrive(1, j == n2_tiles)
         return s
 
     def pair(pt, carry, mode):
@@ -269,6 +285,7 @@ def _score_tile(
         n_seen,
         jnp.minimum(lax.div(blocks_whole + _HALF_BLOCKS - block0, PAIR_BLOCKS), n_pairs),
     )
+    stagger_wait(1, n_pairs)
     lax.fori_loop(0, n_whole, functools.partial(pair, mode="none"), 0)
     lax.fori_loop(n_whole, n_seen, functools.partial(pair, mode="mask"), 0)
     lax.fori_loop(n_seen, n_pairs, functools.partial(pair, mode="pass"), 0)
@@ -294,7 +311,7 @@ def _kernel(
 ):
     """One CTA: warpgroups 0 and 1 score tile ``tile``'s 8 tokens, warpgroup 2 streams the keys (refs
     and shapes as in ``score_tiles_mgpu_keys``)."""
-    (q_tiles, ring, lse_tiles, out_smem), (q_bars, k_bar, k_free, lse_bar, _) = scratch
+    (q_tiles, ring, lse_tiles, out_smem), (q_bars, k_bar, k_free, lse_bar, _, kick) = scratch
     q_smem, lse_smem = q_tiles.at[0], lse_tiles.at[0]  # one tile: one buffer
     tile, b, h = lax.axis_index("tile"), lax.axis_index("batch"), lax.axis_index("kv")
     wg = lax.axis_index("wg")
@@ -312,7 +329,7 @@ def _kernel(
         _score_tile(
             (pos_ref, body_ref, halo_ref),
             (q_smem, ring, lse_smem, out_smem),
-            (k_bar, k_free, lse_bar),
+            (k_bar, k_free, lse_bar, kick if config.stagger else None),
             geometry,
             w=wg,
             tile=tile,
@@ -364,7 +381,7 @@ def _persistent_kernel(
     compute warpgroups still score the previous tile, and streams the key tiles through the ring
     across tiles (global step numbers); the LSE exchange is double-buffered too, since a tile without
     key steps lets a warpgroup reach the next exchange before the other one read the last."""
-    (q_smem, ring, lse_smem, out_smem), (q_bar, k_bar, k_free, lse_bar, tile_free) = scratch
+    (q_smem, ring, lse_smem, out_smem), (q_bar, k_bar, k_free, lse_bar, tile_free, kick) = scratch
     wg = lax.axis_index("wg")
     batch, hkv, chunk = body_ref.shape[:3]
     grid = (batch, hkv, chunk // TILE_TOKENS)
@@ -387,7 +404,7 @@ def _persistent_kernel(
             _score_tile(
                 (pos_ref, body_ref, halo_ref),
                 (q_smem.at[buf], ring, lse_smem.at[buf], out_smem),
-                (k_bar, k_free, lse_bar),
+                (k_bar, k_free, lse_bar, kick if config.stagger else None),
                 geometry,
                 w=wg,
                 tile=tile,
@@ -545,6 +562,8 @@ def score_tiles_mgpu_keys(
             plgpu.Barrier(num_arrivals=_COMPUTE_WGS, num_barriers=stages),
             plgpu.Barrier(num_arrivals=_COMPUTE_WGS),
             plgpu.Barrier(num_arrivals=_COMPUTE_WGS, num_barriers=2),
+            # The stagger barriers (coarse, fine pass): warpgroup 0 arrives, warpgroup 1 waits.
+            plgpu.Barrier(num_barriers=2),
         ),
     )
     kernel = functools.partial(

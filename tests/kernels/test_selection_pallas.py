@@ -227,6 +227,8 @@ MOSAIC_TOKEN_ROWS_F32_SCORES = dataclasses.replace(
 )
 # One CTA per SM running a strided share of the tiles (two CTAs in the interpreter).
 MOSAIC_PERSISTENT = dataclasses.replace(MOSAIC, mosaic=MosaicScore(key_rows_from_blocks=0, persistent=True))
+# Both compute warpgroups start each pass together (the default staggers them).
+MOSAIC_NO_STAGGER = dataclasses.replace(MOSAIC, mosaic=MosaicScore(key_rows_from_blocks=0, stagger=False))
 
 
 def group_sum_of(block_sizes, nb):
@@ -297,6 +299,8 @@ def test_mosaic_scoring_is_a_valid_topk(cfg, t, hq, hkv, d, chunk, dtype, block_
         MOSAIC_TOKEN_ROWS.mosaic,
         MOSAIC_F32_SCORES.mosaic,
         MOSAIC_TOKEN_ROWS_F32_SCORES.mosaic,
+        MOSAIC_NO_STAGGER.mosaic,
+        dataclasses.replace(MOSAIC_NO_STAGGER.mosaic, persistent=True),
     ],
     ids=[
         "st2-two-store-buffers",
@@ -304,12 +308,14 @@ def test_mosaic_scoring_is_a_valid_topk(cfg, t, hq, hkv, d, chunk, dtype, block_
         "token-rows",
         "f32-scores",
         "token-rows-f32-scores",
+        "no-stagger",
+        "no-stagger-persistent",
     ],
 )
 def test_mosaic_scoring_options_are_a_valid_topk(mosaic):
     """Other ring depths and store buffers than the default (3 slots, one store buffer), the
-    token-rows kernel, and float32 pooled scores (the default stores bf16) with either kernel, over
-    two coarse and five fine key tiles."""
+    token-rows kernel, float32 pooled scores (the default stores bf16) with either kernel, and the
+    warpgroups not staggered, over two coarse and five fine key tiles."""
     block_sizes = dataclasses.replace(MOSAIC, mosaic=mosaic)
     test_mosaic_scoring_is_a_valid_topk(STRIDE1, 600, 16, 1, 64, 256, jnp.bfloat16, block_sizes=block_sizes)
 
@@ -446,6 +452,7 @@ _LOWERING_TILINGS = [
     ("f32-scores", MOSAIC_F32_SCORES),
     ("token-rows-f32-scores", MOSAIC_TOKEN_ROWS_F32_SCORES),
     ("persistent", MOSAIC_PERSISTENT),
+    ("no-stagger", MOSAIC_NO_STAGGER),
 ]
 
 

@@ -1,0 +1,139 @@
+"""Diagnostic: where the keys-as-rows scoring kernel's time goes (GPU only; not a benchmark of results).
+
+The kernel's ring step is one ``64 x 128 x 128`` WGMMA per compute warpgroup followed by 8,192
+exponentials (and the group sum's adds). Both units alone need ~1,000 cycles per step on an H200, and
+the kernel takes ~2,100-2,300, as if they never overlapped. This script times the scoring kernel of the
+128K selection with parts of the step removed, by swapping names in the kernel's module while it is
+traced (the selections of the stripped variants are meaningless and not checked):
+
+- ``default``: the shipped kernel;
+- ``no_exp2``: every ``exp2`` of the module is the identity (no ``MUFU.EX2``; adds, maxima and stores stay);
+- ``no_wgmma``: every WGMMA of the module is dropped (the accumulators are read uninitialised; no
+  tensor-core or shared-memory operand traffic; the key ring still streams);
+- ``neither``: both.
+
+``--no-stagger`` runs them on the kernel with ``MosaicScore(stagger=False)`` (the default before session 17).
+
+If ``default`` is about ``no_exp2 + no_wgmma - neither``, the two halves of a step run one after the other.
+Caveat: without the WGMMA the accumulator is a constant, so the compiler may fold or hoist exponentials
+of ``no_wgmma``; ``no_exp2`` is the reliable half.
+
+Usage::
+
+    PYTHONPATH=experiments:. python3 experiments/scoring_anatomy.py --out experiments/results
+"""
+
+import argparse
+import contextlib
+import dataclasses
+import datetime
+import json
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+from bench_attention import kernel_times
+from bench_selection import MINICPM4_SHAPE, SHIPPED, _inputs, _time_ms
+
+from infllm_jax.ops.pallas_backend import selection_kwargs
+from pallas_kernels import selection as pallas_selection
+from pallas_kernels import selection_mgpu_keys
+
+VARIANTS = ("default", "no_exp2", "no_wgmma", "neither")
+_SCORING = "select_scores_mgpu_keys"
+
+
+class _Proxy:
+    """A module with some attributes replaced."""
+
+    def __init__(self, module, **overrides):
+        self._module, self._overrides = module, overrides
+
+    def __getattr__(self, name):
+        return self._overrides.get(name, getattr(self._module, name))
+
+
+@contextlib.contextmanager
+def _stripped(variant: str):
+    saved = selection_mgpu_keys.jnp, selection_mgpu_keys.plgpu
+    # select_blocks is jitted: its traces (and the kernel's) must not carry over between variants.
+    jax.clear_caches()
+    if variant in ("no_exp2", "neither"):
+        selection_mgpu_keys.jnp = _Proxy(jnp, exp2=lambda x: x)
+    if variant in ("no_wgmma", "neither"):
+        selection_mgpu_keys.plgpu = _Proxy(saved[1], wgmma=lambda *args, **kwargs: None)
+    try:
+        yield
+    finally:
+        selection_mgpu_keys.jnp, selection_mgpu_keys.plgpu = saved
+        jax.clear_caches()
+
+
+def run(seq_len: int, iters: int, stagger: bool) -> list[dict]:
+    shape = MINICPM4_SHAPE
+    tiling = dataclasses.replace(
+        pallas_selection.MOSAIC_SELECTION,
+        mosaic=dataclasses.replace(pallas_selection.MOSAIC_SELECTION.mosaic, stagger=stagger),
+    )
+    q, k, _ = _inputs(seq_len, shape, jnp.bfloat16, "smooth")
+    rows = []
+    for variant in VARIANTS:
+        with _stripped(variant):
+
+            def select(q, k):
+                return pallas_selection.select_blocks(q, k, **selection_kwargs(SHIPPED), block_sizes=tiling)
+
+            compiled = jax.jit(select).lower(q, k).compile()
+            timing = _time_ms(compiled, (q, k), iters)
+            kernels = kernel_times(compiled, q, k, top=20)
+        scoring = sum(ms for name, ms in kernels.items() if _SCORING in name)
+        row = {
+            "variant": variant,
+            "stagger": stagger,
+            "seq_len": seq_len,
+            **timing,
+            "scoring_ms": round(scoring, 3),
+            "kernels": kernels,
+        }
+        print(
+            f"{variant:>9}: select {timing['median_ms']:.2f} ms, scoring kernel {scoring:.2f} ms", flush=True
+        )
+        rows.append(row)
+    by = {row["variant"]: row["scoring_ms"] for row in rows}
+    print(
+        f"default {by['default']:.2f} vs no_exp2 + no_wgmma - neither = "
+        f"{by['no_exp2'] + by['no_wgmma'] - by['neither']:.2f} ms",
+        flush=True,
+    )
+    return rows
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--seq-len", type=int, default=131072)
+    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument(
+        "--no-stagger", action="store_true", help="the kernel with MosaicScore(stagger=False)"
+    )
+    parser.add_argument("--name", default="scoring_anatomy_h200", help="results file name (.json added)")
+    args = parser.parse_args(argv)
+    if jax.devices()[0].platform != "gpu":
+        sys.exit("scoring_anatomy.py times the Mosaic GPU scoring kernel: it needs a Hopper GPU")
+    rows = run(args.seq_len, args.iters, stagger=not args.no_stagger)
+    report = {
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "device": jax.devices()[0].device_kind,
+        "jax_version": jax.__version__,
+        "rows": rows,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"{args.name}.json"
+    path.write_text(json.dumps(report, indent=1))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
