@@ -99,10 +99,11 @@ class MosaicScore:
         tile per CTA.
       stagger: keys-as-rows kernel only: at the start of each pass (coarse, fine) of a tile, compute
         warpgroup 1 waits until warpgroup 0's first WGMMA of that pass is done, so that one
-        warpgroup's exponentials run while the other's WGMMA does. Without it both start a pass
-        together (the LSE exchange lines them up), share the tensor cores and then the XU pipe
-        evenly, and stay in phase: a ring step costs the WGMMAs' time plus the exponentials' time
-        (``experiments/scoring_anatomy.py``).
+        warpgroup's exponentials can run while the other's WGMMA does. Without it both start a pass
+        together (the LSE exchange lines them up), and a ring step costs about the WGMMAs' time
+        plus the exponentials' time (``experiments/scoring_anatomy.py``). The stagger recovers only
+        a little of that: 11.33 vs 11.72 ms for the 128K prefill's scoring kernel on the H200
+        (``experiments/results/bench_selection_h200_stagger.json``).
       bf16_scores: the pooled block scores (``body``, ``halo``) go to HBM in bfloat16, rounded to
         nearest from the float32 sums, as the official kernel stores its stage-1 scores (SPEC.md
         §4, §13 item 4: rounding is monotonic, so pooling the rounded scores or rounding the pooled
