@@ -45,14 +45,7 @@ from jax import lax
 
 from pallas_kernels._compat import SWIZZLED_128B, pl, plgpu
 from pallas_kernels.mgpu_sync import wait_last_releases
-from pallas_kernels.tiling import (
-    DEFAULT_MASK_VALUE,
-    GROUP_ROWS,
-    LOG2E,
-    MosaicTile,
-    persistent_ctas,
-    snake_order,
-)
+from pallas_kernels.tiling import DEFAULT_MASK_VALUE, GROUP_ROWS, LOG2E, MosaicTile, persistent_ctas
 
 __all__ = [
     "TILE_TOKENS",
@@ -331,12 +324,11 @@ def _kernel(
 
 
 def _persistent_kernel(
-    off_ref, q_ref, k_ref, v_ref, list_ref, cnt_ref, *refs, scratch, first, config: MosaicTile
+    off_ref, q_ref, k_ref, v_ref, list_ref, cnt_ref, o_ref, lse_ref, *, scratch, first, config: MosaicTile
 ):
     """``config.persistent``: CTA ``c`` of ``C`` runs tiles ``c, c + C, ...`` of the ``(batch, kv head,
     tile)`` grid in that order (tiles fastest, so concurrent CTAs read the same keys, as in the
-    one-tile-per-CTA launch); with ``config.balanced`` the extra input ``order`` (``snake_order``)
-    maps those positions to tiles.
+    one-tile-per-CTA launch).
 
     The memory warpgroup loads each tile's list and query rows into one of two buffers while the
     compute warpgroups still work on the previous tile, and streams K/V through the ring across tiles
@@ -345,7 +337,6 @@ def _persistent_kernel(
     reads (in column slices when the output dtype is wider than the query's), and then releases the
     tile's buffers (``item_free``).
     """
-    order_ref, (o_ref, lse_ref) = (refs[0] if config.balanced else None), refs[-2:]
     (q_and_out, k_smem, v_smem, list_smem, lse_smem, p_smem), barriers = scratch
     q_smem, o_smem = q_and_out
     q_bar, k_bar, v_bar, list_bar, k_free, v_free, sched, item_free = barriers
@@ -359,11 +350,6 @@ def _persistent_kernel(
 
     def tile_of(loop_info):
         b, h, local = loop_info.index
-        if order_ref is not None:
-            n_local = grid[2]
-            item = order_ref[(b * hkv + h) * n_local + local]
-            local, bh = lax.rem(item, n_local), lax.div(item, n_local)
-            b, h = lax.div(bh, hkv), lax.rem(bh, hkv)
         return b, h, local, first + local, lax.rem(loop_info.local_index, 2)
 
     @pl.when(wg < _COMPUTE_WGS)
@@ -633,12 +619,6 @@ def tile_phase_mgpu(
         )
         kernel = _kernel
         grid, grid_names = (length // TILE_TOKENS, b, hkv), ("tile", "batch", "kv")
-    order = ()
-    if config.balanced:
-        # Ring steps of the launch's tiles, in the (batch, kv head, tile) order of its positions.
-        tiles = (start // TILE_TOKENS, (start + length) // TILE_TOKENS)
-        steps = _steps(lax.slice_in_dim(tile_cnt[..., 0], *tiles, axis=2), per_step)
-        order = (snake_order(steps.reshape(-1), grid[0]),)
 
     # The profiler names the kernel after this function.
     def sparse_attn_fwd_tile_mgpu(*refs):
@@ -660,4 +640,4 @@ def tile_phase_mgpu(
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
         interpret=plgpu.InterpretGPUParams() if interpret else False,
-    )(off, q5, k, v, packed_lists, tile_cnt, *order)
+    )(off, q5, k, v, packed_lists, tile_cnt)

@@ -30,7 +30,6 @@ __all__ = [
     "next_pow2",
     "persistent_ctas",
     "round_up",
-    "snake_order",
     "tile_lists",
 ]
 
@@ -65,11 +64,6 @@ class MosaicTile:
       persistent: one CTA per SM, each running a strided share of the tiles, so that a tile's list,
         query rows and first K/V blocks load during the previous tile's last steps and epilogue
         (forward only).
-      balanced: with ``persistent``, each round of the launch (the ``C`` consecutive tiles that its
-        ``C`` CTAs run at the same time) is handed out by list length in snake order
-        (``snake_order``) instead of tile ``c`` to CTA ``c``: a CTA that got a long list in one round
-        gets a short one in the next, so the CTAs' sums, and with them the launch's idle tail, even
-        out. Rounds keep their tiles, so concurrent CTAs still read neighbouring tiles' keys.
       compute_registers, memory_registers: per-thread register budgets of the compute and memory
         warpgroups (``setmaxnreg``).
     """
@@ -81,7 +75,6 @@ class MosaicTile:
     row_masks: bool = True
     blocks_per_step: int = 1
     persistent: bool = False
-    balanced: bool = False
     compute_registers: int = 232
     memory_registers: int = 40
 
@@ -90,8 +83,6 @@ class MosaicTile:
             raise ValueError(f"stages must be >= 1, got {self.stages}")
         if self.blocks_per_step not in (1, 2):
             raise ValueError(f"blocks_per_step must be 1 or 2, got {self.blocks_per_step}")
-        if self.balanced and not self.persistent:
-            raise ValueError("balanced orders the tiles of a persistent launch: it needs persistent=True")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
@@ -216,35 +207,6 @@ def persistent_ctas(interpret: bool) -> int:
     if interpret:
         return 2
     return getattr(jax.devices()[0], "core_count", None) or _H100_SMS
-
-
-def snake_order(costs: jax.Array, ctas: int) -> jax.Array:
-    """The order in which a persistent launch of ``ctas`` CTAs runs ``n`` work items: CTA ``c`` takes
-    positions ``c, c + C, ...`` and position ``i`` runs item ``order[i]``.
-
-    Round ``r`` (positions ``r C .. r C + C - 1``) runs its own items, by descending cost: in even
-    rounds to CTAs ``0, 1, ...``, in odd rounds to CTAs ``m - 1, m - 2, ...`` (``m`` the round's
-    items), so a CTA that drew an expensive item in one round draws a cheap one in the next.
-
-    Args:
-      costs: ``[n]`` integer cost estimates (e.g. ring steps) in the launch's item order.
-      ctas: ``C``.
-
-    Returns:
-      ``[n]`` int32, a permutation of ``0 .. n - 1`` that maps each round onto itself.
-    """
-    n = costs.shape[0]
-    rounds = -(-n // ctas)
-    # Padding sorts after every real item (``costs`` are negated for a descending sort).
-    pad = jnp.full((rounds * ctas - n,), jnp.iinfo(jnp.int32).max, jnp.int32)
-    keys = jnp.concatenate([-costs.astype(jnp.int32), pad])
-    ranked = jnp.argsort(keys.reshape(rounds, ctas), axis=1, stable=True).astype(jnp.int32)
-    r = jnp.arange(rounds, dtype=jnp.int32)[:, None]
-    j = jnp.arange(ctas, dtype=jnp.int32)[None, :]
-    items = jnp.minimum(n - r * ctas, ctas)  # real items of each round
-    # Odd rounds reverse the real items' positions (a shorter last round: among its own CTAs).
-    rank = jnp.where((r % 2 == 1) & (j < items), items - 1 - j, j)
-    return (r * ctas + jnp.take_along_axis(ranked, rank, axis=1)).reshape(-1)[:n]
 
 
 def next_pow2(x: int) -> int:

@@ -10,7 +10,6 @@ which provides them.
 """
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -29,7 +28,6 @@ from pallas_kernels.tiling import BlockSizes, MosaicDkdv, MosaicTile, canonical_
 from tests.kernels.test_sparse_attention_pallas import (
     INTERPRET,
     Case,
-    _inputs,
     check_against_reference,
     check_chunked_bit_identical,
     random_block_idx,
@@ -131,23 +129,6 @@ def test_chunked_forward_is_bit_identical():
     check_chunked_bit_identical(case, chunk_tokens=56)
 
 
-def test_balanced_order_gives_the_strided_orders_output():
-    """Persistent forward launches (26 tiles of uneven lists over two CTAs in the interpreter): the
-    snake order of ``MosaicTile.balanced`` runs the same tiles, so the output is bit-identical."""
-    case = Case(g=16, d=64, t=100, hkv=2, block_size=64, k=3, dtype=jnp.bfloat16, config=MOSAIC_BLOCK_SIZES)
-    assert MOSAIC_BLOCK_SIZES.mosaic.balanced
-    (q, k, v, _), idx = _inputs(case, seed=3)
-
-    def forward(config):
-        fn = functools.partial(sparse_attention_pallas, block_size=64, config=config, interpret=INTERPRET)
-        return np.asarray(jax.jit(fn)(q, k, v, idx))
-
-    strided = dataclasses.replace(
-        MOSAIC_BLOCK_SIZES, mosaic=dataclasses.replace(MOSAIC_BLOCK_SIZES.mosaic, balanced=False)
-    )
-    np.testing.assert_array_equal(forward(MOSAIC_BLOCK_SIZES), forward(strided))
-
-
 def test_config_needs_8_token_tiles():
     with pytest.raises(ValueError, match="8-token tiles"):
         BlockSizes(tile_tokens=4, mosaic=MosaicTile())
@@ -216,7 +197,7 @@ def _assert_lowers_for_cuda(fn, *args):
         PAIRS.mosaic,
         PAIRS_PINGPONG_UNION.mosaic,
         dataclasses.replace(MOSAIC_BLOCK_SIZES.mosaic, row_masks=False),
-        dataclasses.replace(MOSAIC_BLOCK_SIZES.mosaic, persistent=False, balanced=False),
+        dataclasses.replace(MOSAIC_BLOCK_SIZES.mosaic, persistent=False),
         PERSISTENT_UNION.mosaic,
     ],
     ids=[
