@@ -1,11 +1,15 @@
-"""Barrier helpers shared by the Mosaic GPU kernels (attention tile phases and selection scoring)."""
+"""Barrier and scheduling helpers shared by the Mosaic GPU kernels (attention tile phases and
+selection scoring)."""
 
 import jax.numpy as jnp
 from jax import lax
+from jax._src.lib.mlir import ir
+from jax._src.lib.mlir.dialects import arith, llvm, memref
+from jax.experimental.mosaic.gpu import utils as mgpu_utils
 
 from pallas_kernels._compat import pl, plgpu
 
-__all__ = ["wait_last_releases"]
+__all__ = ["take_next_item", "wait_last_releases"]
 
 
 def wait_last_releases(free_bars, uses, slots: int) -> None:
@@ -26,3 +30,32 @@ def wait_last_releases(free_bars, uses, slots: int) -> None:
         slot = lax.rem(use, slots)
         for bars in free_bars:
             plgpu.barrier_wait(bars.at[slot])
+
+
+def take_next_item(counter, slot) -> None:
+    """A work queue's next item: one thread of the calling warpgroup atomically adds 1 to ``counter``
+    and writes the value before the add into ``slot``; the warpgroup then synchronises, so that each of
+    its threads may read ``slot``.
+
+    Persistent kernels whose CTAs take their tiles from one counter in this way run them in launch
+    order but balance themselves: a CTA that finishes early takes the next tile. Pallas has no
+    fetch-and-add for Mosaic GPU (``plgpu.atomic_add`` returns nothing), so this is one PTX ``atom``
+    through ``plgpu.inline_mgpu``, which the Mosaic GPU interpreter cannot run.
+
+    Args:
+      counter: ``[1]`` int32 GMEM ref that starts at 0 (``pl.get_global`` of a semaphore: zeroed for
+        every launch).
+      slot: ``[1]`` int32 SMEM ref.
+    """
+
+    @plgpu.inline_mgpu(arg_types=(plgpu.RefType(), plgpu.RefType()))
+    def take(_, counter, slot):
+        i32, i64 = ir.IntegerType.get_signless(32), ir.IntegerType.get_signless(64)
+        address = llvm.ptrtoint(i64, mgpu_utils.memref_ptr(counter))
+        with mgpu_utils.single_thread(scope=mgpu_utils.ThreadSubset.WARPGROUP):
+            # Generic addressing: a global address is the same in the generic space.
+            old = llvm.inline_asm(i32, [address], "atom.add.u32 $0, [$1], 1;", "=r,l", has_side_effects=True)
+            memref.store(old, slot, [arith.constant(ir.IndexType.get(), 0)])
+        mgpu_utils.warpgroup_barrier()
+
+    take(counter, slot)

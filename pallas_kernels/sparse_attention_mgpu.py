@@ -44,7 +44,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from pallas_kernels._compat import SWIZZLED_128B, pl, plgpu
-from pallas_kernels.mgpu_sync import wait_last_releases
+from pallas_kernels.mgpu_sync import take_next_item, wait_last_releases
 from pallas_kernels.tiling import DEFAULT_MASK_VALUE, GROUP_ROWS, LOG2E, MosaicTile, persistent_ctas
 
 __all__ = [
@@ -324,117 +324,199 @@ def _kernel(
 
 
 def _persistent_kernel(
-    off_ref, q_ref, k_ref, v_ref, list_ref, cnt_ref, o_ref, lse_ref, *, scratch, first, config: MosaicTile
+    off_ref,
+    q_ref,
+    k_ref,
+    v_ref,
+    list_ref,
+    cnt_ref,
+    o_ref,
+    lse_ref,
+    *,
+    scratch,
+    first,
+    config: MosaicTile,
+    dynamic: bool,
 ):
-    """``config.persistent``: CTA ``c`` of ``C`` runs tiles ``c, c + C, ...`` of the ``(batch, kv head,
-    tile)`` grid in that order (tiles fastest, so concurrent CTAs read the same keys, as in the
-    one-tile-per-CTA launch).
+    """``config.persistent``: one CTA per SM runs the ``(batch, kv head, tile)`` grid's tiles (tiles
+    fastest, so concurrent CTAs read the same keys, as in the one-tile-per-CTA launch). With
+    ``dynamic`` the CTAs take the tiles in that order from an atomic counter, each its next tile
+    when it starts loading one (``take_next_item``); else CTA ``c`` of ``C`` runs tiles ``c, c + C,
+    ...``.
 
     The memory warpgroup loads each tile's list and query rows into one of two buffers while the
     compute warpgroups still work on the previous tile, and streams K/V through the ring across tiles
     (global step numbers), so a tile's first blocks arrive during the previous tile's last steps and
     epilogue. A compute warpgroup stages its output through its own query buffer, which it no longer
     reads (in column slices when the output dtype is wider than the query's), and then releases the
-    tile's buffers (``item_free``).
+    tile's buffers (``item_free``). With ``dynamic`` the memory warpgroup also writes each tile's index
+    into the buffer's ``item_smem`` slot and announces it (``item_ready``); an index past the last tile
+    ends both loops.
     """
-    (q_and_out, k_smem, v_smem, list_smem, lse_smem, p_smem), barriers = scratch
+    (q_and_out, k_smem, v_smem, list_smem, lse_smem, p_smem, item_smem), barriers = scratch
     q_smem, o_smem = q_and_out
-    q_bar, k_bar, v_bar, list_bar, k_free, v_free, sched, item_free = barriers
+    q_bar, k_bar, v_bar, list_bar, k_free, v_free, sched, item_free, item_ready = barriers
     wg = lax.axis_index("wg")
     batch, length, hkv = o_ref.shape[:3]
-    grid = (batch, hkv, length // TILE_TOKENS)
+    n_local = length // TILE_TOKENS
+    grid = (batch, hkv, n_local)
+    n_items = batch * hkv * n_local
     part_cols = o_smem.shape[-1]
     parts = q_smem.shape[-1] // part_cols
     stages = k_smem.shape[0]
     per_step = k_smem.shape[1] // _BLOCK
 
-    def tile_of(loop_info):
+    def tile_of(item):
+        """(batch row, KV head, local tile) of grid item ``item`` (tiles fastest)."""
+        bh = lax.div(item, n_local)
+        return lax.div(bh, hkv), lax.rem(bh, hkv), lax.rem(item, n_local)
+
+    def item_of(loop_info):
         b, h, local = loop_info.index
-        return b, h, local, first + local, lax.rem(loop_info.local_index, 2)
+        return (b * hkv + h) * n_local + local
+
+    def attend(item, buf, base):
+        """A compute warpgroup's tile ``item`` from buffer ``buf``, ring steps ``base ...``; returns the
+        CTA's ring steps after it."""
+        b, h, local = tile_of(item)
+        count = cnt_ref[b, h, first + local, 0]
+        out0 = local * TILE_TOKENS + wg * _WG_TOKENS
+        my_q = q_smem.at[buf, wg]
+        plgpu.barrier_wait(q_bar.at[buf, wg])
+        plgpu.barrier_wait(list_bar.at[buf])
+        acc, m, l = _attend_tile(
+            (k_smem, v_smem, p_smem),
+            (k_bar, v_bar, k_free, v_free, sched),
+            my_q,
+            list_smem.at[buf],
+            count,
+            off_ref[0] + out0,
+            base,
+            wg=wg,
+            config=config,
+        )
+        o, lse = _normalise(acc, m, l)
+        for part in range(parts):
+            cols = slice(part * part_cols, (part + 1) * part_cols)
+            # The previous slice's TMA stores must have read the buffer (the first one: the
+            # previous tile's LSE stores).
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+            o_smem.at[buf, wg][...] = o[:, cols].astype(o_smem.dtype)
+            if part == 0:
+                lse_smem.at[wg][...] = lse
+            plgpu.commit_smem()
+            for i in range(_WG_TOKENS):
+                rows = pl.ds(i * GROUP_ROWS, GROUP_ROWS)
+                plgpu.copy_smem_to_gmem(
+                    o_smem.at[buf, wg, rows],
+                    o_ref.at[b, out0 + i, h, :, pl.ds(part * part_cols, part_cols)],
+                )
+                if part == 0:
+                    plgpu.copy_smem_to_gmem(lse_smem.at[wg, rows], lse_ref.at[b, out0 + i, h])
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+        plgpu.barrier_arrive(item_free.at[buf])
+        return base + _steps(count, per_step)
+
+    def load(item, buf, base):
+        """The memory warpgroup's copies of tile ``item`` into buffer ``buf`` and the ring (steps
+        ``base ...``); returns the tile's ring steps."""
+        b, h, local = tile_of(item)
+        tile = first + local
+        plgpu.copy_gmem_to_smem(list_ref.at[b, h, tile], list_smem.at[buf], list_bar.at[buf])
+        for w in range(_COMPUTE_WGS):
+            for i in range(_WG_TOKENS):
+                plgpu.copy_gmem_to_smem(
+                    q_ref.at[b, tile * TILE_TOKENS + w * _WG_TOKENS + i, h],
+                    q_smem.at[buf, w, pl.ds(i * GROUP_ROWS, GROUP_ROWS)],
+                    q_bar.at[buf, w],
+                )
+        plgpu.barrier_wait(list_bar.at[buf])
+        steps = _steps(cnt_ref[b, h, tile, 0], per_step)
+        stream_steps(
+            (k_ref.at[b, :, h], v_ref.at[b, :, h]),
+            (list_smem.at[buf], k_smem, v_smem),
+            (k_bar, v_bar, k_free, v_free),
+            steps=steps,
+            base=base,
+        )
+        return steps
+
+    def queue_loop(next_item, body):
+        """``body(item, buf, carry)`` for the items ``next_item(i)`` gives (the CTA's ``i``-th, buffer
+        ``i % 2``) until one is past the grid; returns the number of items and the last carry."""
+
+        def step(carry):
+            i, item, acc = carry
+            acc = body(item, lax.rem(i, 2), acc)
+            return i + 1, next_item(i + 1), acc
+
+        i, _, acc = lax.while_loop(lambda c: c[1] < n_items, step, (jnp.int32(0), next_item(0), jnp.int32(0)))
+        return i, acc
 
     @pl.when(wg < _COMPUTE_WGS)
     def _compute():
         plgpu.set_max_registers(config.compute_registers, action="increase")
+        if dynamic:
 
-        @plgpu.nd_loop(grid, collective_axes="cta", init_carry=jnp.int32(0))
-        def _tiles(loop_info, carry):
-            b, h, local, tile, buf = tile_of(loop_info)
-            count = cnt_ref[b, h, tile, 0]
-            out0 = local * TILE_TOKENS + wg * _WG_TOKENS
-            my_q = q_smem.at[buf, wg]
-            plgpu.barrier_wait(q_bar.at[buf, wg])
-            plgpu.barrier_wait(list_bar.at[buf])
-            acc, m, l = _attend_tile(
-                (k_smem, v_smem, p_smem),
-                (k_bar, v_bar, k_free, v_free, sched),
-                my_q,
-                list_smem.at[buf],
-                count,
-                off_ref[0] + out0,
-                carry,
-                wg=wg,
-                config=config,
-            )
-            o, lse = _normalise(acc, m, l)
-            for part in range(parts):
-                cols = slice(part * part_cols, (part + 1) * part_cols)
-                # The previous slice's TMA stores must have read the buffer (the first one: the
-                # previous tile's LSE stores).
-                plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-                o_smem.at[buf, wg][...] = o[:, cols].astype(o_smem.dtype)
-                if part == 0:
-                    lse_smem.at[wg][...] = lse
-                plgpu.commit_smem()
-                for i in range(_WG_TOKENS):
-                    rows = pl.ds(i * GROUP_ROWS, GROUP_ROWS)
-                    plgpu.copy_smem_to_gmem(
-                        o_smem.at[buf, wg, rows],
-                        o_ref.at[b, out0 + i, h, :, pl.ds(part * part_cols, part_cols)],
-                    )
-                    if part == 0:
-                        plgpu.copy_smem_to_gmem(lse_smem.at[wg, rows], lse_ref.at[b, out0 + i, h])
-            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-            plgpu.barrier_arrive(item_free.at[buf])
-            return carry + _steps(count, per_step)
+            def announced(i):
+                buf = lax.rem(i, 2)
+                plgpu.barrier_wait(item_ready.at[buf])
+                return item_smem[buf, 0]
+
+            queue_loop(announced, attend)
+        else:
+
+            @plgpu.nd_loop(grid, collective_axes="cta", init_carry=jnp.int32(0))
+            def _tiles(loop_info, carry):
+                return attend(item_of(loop_info), lax.rem(loop_info.local_index, 2), carry)
 
         plgpu.wait_smem_to_gmem(0)
 
     @pl.when(wg == _COMPUTE_WGS)
     def _memory():
         plgpu.set_max_registers(config.memory_registers, action="decrease")
+        if dynamic:
+            counter = pl.get_global(plgpu.SemaphoreType.REGULAR((1,)))
 
-        @plgpu.nd_loop(grid, collective_axes="cta", init_carry=(jnp.int32(0),) * 2)
-        def totals(loop_info, carry):
-            b, h, _, tile, buf = tile_of(loop_info)
-            count = cnt_ref[b, h, tile, 0]
+            def taken(i):
+                buf = lax.rem(i, 2)
 
-            @pl.when(loop_info.local_index >= 2)
-            def _():
-                plgpu.barrier_wait(item_free.at[buf])
+                # The buffer's previous tile (i - 2) must be done before its slot is overwritten.
+                @pl.when(i >= 2)
+                def _():
+                    plgpu.barrier_wait(item_free.at[buf])
 
-            plgpu.copy_gmem_to_smem(list_ref.at[b, h, tile], list_smem.at[buf], list_bar.at[buf])
-            for w in range(_COMPUTE_WGS):
-                for i in range(_WG_TOKENS):
-                    plgpu.copy_gmem_to_smem(
-                        q_ref.at[b, tile * TILE_TOKENS + w * _WG_TOKENS + i, h],
-                        q_smem.at[buf, w, pl.ds(i * GROUP_ROWS, GROUP_ROWS)],
-                        q_bar.at[buf, w],
-                    )
-            plgpu.barrier_wait(list_bar.at[buf])
-            steps = _steps(count, per_step)
-            stream_steps(
-                (k_ref.at[b, :, h], v_ref.at[b, :, h]),
-                (list_smem.at[buf], k_smem, v_smem),
-                (k_bar, v_bar, k_free, v_free),
-                steps=steps,
-                base=carry[0],
+                for slot in range(2):
+                    pl.when(buf == slot)(lambda slot=slot: take_next_item(counter, item_smem.at[slot]))
+                plgpu.barrier_arrive(item_ready.at[buf])
+                return item_smem[buf, 0]
+
+            n_local_items, total_steps = queue_loop(
+                taken, lambda item, buf, base: base + load(item, buf, base)
             )
-            return carry[0] + steps, carry[1] + 1
+            # The K/V ring's last releases and the last tile's (``taken`` waited for the others').
+            wait_last_releases((k_free, v_free), total_steps, stages)
 
-        total_steps, n_local = totals
-        # The K/V ring's and the two tile buffers' last releases.
-        wait_last_releases((k_free, v_free), total_steps, stages)
-        wait_last_releases((item_free,), n_local, 2)
+            @pl.when(n_local_items >= 1)
+            def _():
+                plgpu.barrier_wait(item_free.at[lax.rem(n_local_items - 1, 2)])
+        else:
+
+            @plgpu.nd_loop(grid, collective_axes="cta", init_carry=(jnp.int32(0),) * 2)
+            def totals(loop_info, carry):
+                buf = lax.rem(loop_info.local_index, 2)
+
+                @pl.when(loop_info.local_index >= 2)
+                def _():
+                    plgpu.barrier_wait(item_free.at[buf])
+
+                steps = load(item_of(loop_info), buf, carry[0])
+                return carry[0] + steps, carry[1] + 1
+
+            total_steps, n_local_items = totals
+            # The K/V ring's and the two tile buffers' last releases.
+            wait_last_releases((k_free, v_free), total_steps, stages)
+            wait_last_releases((item_free,), n_local_items, 2)
 
 
 def run_first(paths, *args):
@@ -585,6 +667,7 @@ def tile_phase_mgpu(
                 plgpu.SMEM((2, list_rows, _LIST_COLS), jnp.int32),
                 plgpu.SMEM((_COMPUTE_WGS, _ROWS), jnp.float32),
                 p_smem,
+                plgpu.SMEM((2, 1), jnp.int32),  # with ``dynamic``: each buffer's tile
             ),
             (
                 plgpu.Barrier(num_arrivals=_WG_TOKENS, num_barriers=(2, _COMPUTE_WGS)),
@@ -593,9 +676,11 @@ def tile_phase_mgpu(
                 *free_bars,
                 plgpu.Barrier(num_arrivals=_COMPUTE_WGS),
                 plgpu.Barrier(num_arrivals=_COMPUTE_WGS, num_barriers=2),
+                plgpu.Barrier(num_barriers=2),  # with ``dynamic``: a buffer's tile index is written
             ),
         )
-        kernel = _persistent_kernel
+        # The interpreter cannot run the atomic counter: there the CTAs take their tiles strided.
+        kernel = functools.partial(_persistent_kernel, dynamic=config.dynamic and not interpret)
         n_tiles = b * hkv * (length // TILE_TOKENS)
         grid, grid_names = (min(n_tiles, persistent_ctas(interpret)),), ("cta",)
     else:

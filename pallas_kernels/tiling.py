@@ -64,6 +64,10 @@ class MosaicTile:
       persistent: one CTA per SM, each running a strided share of the tiles, so that a tile's list,
         query rows and first K/V blocks load during the previous tile's last steps and epilogue
         (forward only).
+      dynamic: with ``persistent``, the CTAs take the tiles in launch order from an atomic counter
+        (each its next one when it starts loading one) instead of tile ``c, c + C, ...`` to CTA ``c``:
+        a CTA whose tiles ran long takes fewer, so the launch ends with less idle SM time. Compiled
+        kernels only: the Mosaic GPU interpreter cannot run the atomic and keeps the strided order.
       compute_registers, memory_registers: per-thread register budgets of the compute and memory
         warpgroups (``setmaxnreg``).
     """
@@ -75,6 +79,7 @@ class MosaicTile:
     row_masks: bool = True
     blocks_per_step: int = 1
     persistent: bool = False
+    dynamic: bool = False
     compute_registers: int = 232
     memory_registers: int = 40
 
@@ -83,6 +88,8 @@ class MosaicTile:
             raise ValueError(f"stages must be >= 1, got {self.stages}")
         if self.blocks_per_step not in (1, 2):
             raise ValueError(f"blocks_per_step must be 1 or 2, got {self.blocks_per_step}")
+        if self.dynamic and not self.persistent:
+            raise ValueError("dynamic hands out the tiles of a persistent launch: it needs persistent=True")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)

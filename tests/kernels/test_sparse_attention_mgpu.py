@@ -10,6 +10,7 @@ which provides them.
 """
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -28,6 +29,7 @@ from pallas_kernels.tiling import BlockSizes, MosaicDkdv, MosaicTile, canonical_
 from tests.kernels.test_sparse_attention_pallas import (
     INTERPRET,
     Case,
+    _inputs,
     check_against_reference,
     check_chunked_bit_identical,
     random_block_idx,
@@ -129,6 +131,29 @@ def test_chunked_forward_is_bit_identical():
     check_chunked_bit_identical(case, chunk_tokens=56)
 
 
+@pytest.mark.gpu
+def test_gpu_dynamic_tiles_give_the_strided_output():
+    """The compiled persistent forward (T = 32K, 8,192 tiles over one CTA per SM): CTAs taking their
+    tiles from the atomic counter (``MosaicTile.dynamic``, the default) compute exactly what CTAs
+    taking tiles ``c, c + C, ...`` do, whichever CTA ran which tile."""
+    config = MOSAIC_BLOCK_SIZES
+    case = Case(g=16, d=128, t=32768, hkv=2, block_size=64, k=24, dtype=jnp.bfloat16, config=config)
+    assert config.mosaic.dynamic
+    (q, k, v, _), idx = _inputs(case, seed=4)
+
+    def forward(config):
+        fn = functools.partial(sparse_attention_pallas, block_size=64, config=config, interpret=INTERPRET)
+        return np.asarray(jax.jit(fn)(q, k, v, idx))
+
+    strided = dataclasses.replace(
+        MOSAIC_BLOCK_SIZES, mosaic=dataclasses.replace(MOSAIC_BLOCK_SIZES.mosaic, dynamic=False)
+    )
+    dynamic = forward(MOSAIC_BLOCK_SIZES)
+    np.testing.assert_array_equal(dynamic, forward(strided))
+    # Twice: a second launch starts from a fresh counter.
+    np.testing.assert_array_equal(dynamic, forward(MOSAIC_BLOCK_SIZES))
+
+
 def test_config_needs_8_token_tiles():
     with pytest.raises(ValueError, match="8-token tiles"):
         BlockSizes(tile_tokens=4, mosaic=MosaicTile())
@@ -142,6 +167,8 @@ def test_config_needs_8_token_tiles():
         BlockSizes(tile_tokens=8, mosaic_dq=MosaicTile(persistent=True))
     with pytest.raises(ValueError, match="blocks_per_step must be 1 or 2"):
         MosaicTile(blocks_per_step=3)
+    with pytest.raises(ValueError, match="needs persistent=True"):
+        MosaicTile(dynamic=True)
 
 
 @pytest.mark.parametrize(("dtype", "block_size"), [(jnp.float32, 64), (jnp.bfloat16, 32)], ids=str)
@@ -186,6 +213,7 @@ def _packed_tile_lists():
 def _assert_lowers_for_cuda(fn, *args):
     text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert "mosaic_gpu" in text
+    return text
 
 
 @pytest.mark.parametrize(
@@ -197,7 +225,8 @@ def _assert_lowers_for_cuda(fn, *args):
         PAIRS.mosaic,
         PAIRS_PINGPONG_UNION.mosaic,
         dataclasses.replace(MOSAIC_BLOCK_SIZES.mosaic, row_masks=False),
-        dataclasses.replace(MOSAIC_BLOCK_SIZES.mosaic, persistent=False),
+        dataclasses.replace(MOSAIC_BLOCK_SIZES.mosaic, persistent=False, dynamic=False),
+        dataclasses.replace(MOSAIC_BLOCK_SIZES.mosaic, dynamic=False),
         PERSISTENT_UNION.mosaic,
     ],
     ids=[
@@ -208,6 +237,7 @@ def _assert_lowers_for_cuda(fn, *args):
         "pairs-pingpong-union",
         "default-score-masks",
         "default-one-tile-per-cta",
+        "default-strided-tiles",
         "persistent-pairs-pingpong-union",
     ],
 )
@@ -219,7 +249,9 @@ def test_lowers_for_cuda(mosaic):
     def tile_phase(*a):
         return tile_phase_mgpu(*a, start=0, length=_T, out_dtype=jnp.float32, config=mosaic)
 
-    _assert_lowers_for_cuda(tile_phase, off, q5, keys, keys, *_packed_tile_lists())
+    text = _assert_lowers_for_cuda(tile_phase, off, q5, keys, keys, *_packed_tile_lists())
+    # Only the dynamic persistent launch takes its tiles from an atomic counter.
+    assert ("atom.add.u32" in text) == mosaic.dynamic
 
 
 @pytest.mark.parametrize("dkdv", [MosaicDkdv(), MosaicDkdv(stages=1)], ids=["default", "one-slot"])
