@@ -1,12 +1,18 @@
 """Diagnostic: how evenly the persistent Mosaic GPU kernels' CTAs share the 128K prefill (GPU only).
 
-The forward tile kernel and the keys-as-rows scoring kernel run one CTA per SM, and CTA ``c`` of ``C``
-takes tiles ``c, c + C, ...`` of its launch in a fixed order. A launch lasts as long as its slowest CTA,
-so when the CTAs' sums of tile times differ, SMs idle at its end. This script measures that with
-Mosaic GPU's on-device profiler: while the kernels are traced, each persistent loop's body gets a
-named scope (one range per tile and warpgroup) and the kernels are compiled with a profile buffer
-(names swapped in the kernel modules, as ``scoring_anatomy.py`` does; the shipped kernels are not
-changed). One call of the 128K smooth prefill then writes one trace per launch.
+The forward tile kernel and the keys-as-rows scoring kernel run one CTA per SM; CTA ``c`` of ``C``
+takes tiles ``c, c + C, ...`` of its launch (or, with ``MosaicTile.dynamic``, the next tile from an
+atomic counter). A launch lasts as long as its slowest CTA, so when the CTAs' sums of tile times
+differ, SMs idle at its end. This script measures that with Mosaic GPU's on-device profiler: while the
+kernels are traced, each persistent loop's body gets a named scope (one range per tile and
+warpgroup) and the kernels are compiled with a profile buffer (names swapped in the kernel modules,
+as ``scoring_anatomy.py`` does; the shipped kernels are not changed). One call of the 128K smooth
+prefill then writes one trace per launch (launches that share a compiled kernel share a trace file
+name, so only the first of those is kept: 3 of the selection's 4 scoring launches at 128K).
+
+``--against VARIANT`` also profiles a ``bench_selection`` prefill variant, alternating with the
+default ``--pairs`` times, and reports both kernels' device times per profile: a paired comparison
+that run-to-run drift (~1% for the tile kernel) hits alike.
 
 Per launch and compute warpgroup 0 it reports each CTA's busy span (its first tile's start to its last
 tile's end, in SM clock cycles: the profiler's timestamps are cycles since the CTA's first event) and
@@ -17,7 +23,8 @@ tile's end, in SM clock cycles: the profiler's timestamps are cycles since the C
 
 Usage::
 
-    PYTHONPATH=experiments:. python3 experiments/cta_balance.py --out experiments/results
+    PYTHONPATH=experiments:. python3 experiments/cta_balance.py --out experiments/results \
+        [--against fwd_strided_tiles --pairs 5]
 """
 
 import argparse
@@ -32,7 +39,7 @@ from pathlib import Path
 
 import jax
 from bench_attention import kernel_times
-from bench_selection import MINICPM4_SHAPE, SHIPPED, _inputs
+from bench_selection import MINICPM4_SHAPE, PREFILL_VARIANTS, SHIPPED, _inputs
 
 from infllm_jax import ops
 from pallas_kernels import selection_mgpu_keys, sparse_attention_mgpu
@@ -76,13 +83,28 @@ def _scoped_nd_loop(real):
     return nd_loop
 
 
+def _scoped_while_loop(real):
+    """``lax.while_loop`` whose body runs in a named scope (the kernels' work-queue loops)."""
+
+    def while_loop(cond, body, init):
+        def scoped(carry):
+            with jax.named_scope(_SCOPE):
+                return body(carry)
+
+        return real.while_loop(cond, scoped, init)
+
+    return while_loop
+
+
 @contextlib.contextmanager
 def profiled(trace_dir: Path):
-    """Compiles the persistent kernels of ``KERNELS`` with a profile buffer and per-tile ranges."""
-    saved = {name: module.plgpu for name, (module, _) in KERNELS.items()}
+    """Compiles the persistent kernels of ``KERNELS`` with a profile buffer and per-tile ranges (the
+    bodies of their ``nd_loop``s and of their modules' ``lax.while_loop``s: the inner loops are
+    ``fori_loop``s, which do not go through the module's ``lax``)."""
+    saved = {name: (module.plgpu, module.lax) for name, (module, _) in KERNELS.items()}
     jax.clear_caches()
     for name, (module, _) in KERNELS.items():
-        real = saved[name]
+        real, real_lax = saved[name]
         params = functools.partial(
             real.CompilerParams,
             profile_space=_PROFILE_SPACE,
@@ -90,11 +112,12 @@ def profiled(trace_dir: Path):
             profile_bounds_check=True,
         )
         module.plgpu = _Proxy(real, CompilerParams=params, nd_loop=_scoped_nd_loop(real))
+        module.lax = _Proxy(real_lax, while_loop=_scoped_while_loop(real_lax))
     try:
         yield
     finally:
         for name, (module, _) in KERNELS.items():
-            module.plgpu = saved[name]
+            module.plgpu, module.lax = saved[name]
         jax.clear_caches()
 
 
@@ -139,7 +162,23 @@ def launch_stats(trace: dict, warpgroup: int = 0, warpgroups: int = 3) -> dict:
     }
 
 
-def run(seq_len: int, inputs: str) -> dict:
+def paired_kernel_times(prefills: dict, args, pairs: int) -> dict:
+    """Device times of the persistent kernels in ``pairs`` alternating profiles of each prefill
+    (``{name: compiled}``; two calls per profile): run-to-run drift hits both alike."""
+    times = {name: {kernel: [] for kernel in KERNELS} for name in prefills}
+    for _ in range(pairs):
+        for name, compiled in prefills.items():
+            kernels = kernel_times(compiled, *args, top=20)
+            for kernel, (_, kernel_name) in KERNELS.items():
+                times[name][kernel].append(round(sum(t for n, t in kernels.items() if kernel_name in n), 3))
+
+    def summary(ms):
+        return {"ms": ms, "median_ms": round(statistics.median(ms), 3)}
+
+    return {name: {kernel: summary(ms) for kernel, ms in per.items()} for name, per in times.items()}
+
+
+def run(seq_len: int, inputs: str, against: str | None = None, pairs: int = 5) -> dict:
     q, k, v = _inputs(seq_len, MINICPM4_SHAPE, jax.numpy.bfloat16, inputs)
 
     def prefill(q, k, v):
@@ -170,6 +209,11 @@ def run(seq_len: int, inputs: str) -> dict:
             print(f"{name}: {len(files)} launches, {report['summary'][name]}", flush=True)
             for s in stats:
                 print(f"    {s}", flush=True)
+    if against is not None:
+        variant = jax.jit(PREFILL_VARIANTS[against](SHIPPED)).lower(q, k, v).compile()
+        report["paired"] = paired_kernel_times({"default": compiled, against: variant}, (q, k, v), pairs)
+        for name, by_kernel in report["paired"].items():
+            print(f"{name}: {by_kernel}", flush=True)
     return report
 
 
@@ -179,6 +223,12 @@ def main(argv=None) -> None:
     parser.add_argument("--seq-len", type=int, default=131072)
     parser.add_argument("--inputs", default="smooth", choices=("smooth", "random"))
     parser.add_argument("--name", default="cta_balance_h200", help="results file name (.json added)")
+    parser.add_argument(
+        "--against",
+        choices=sorted(PREFILL_VARIANTS),
+        help="also profile this bench_selection prefill variant, alternating with the default",
+    )
+    parser.add_argument("--pairs", type=int, default=5, help="alternations of --against's profiles")
     args = parser.parse_args(argv)
     if jax.devices()[0].platform != "gpu":
         sys.exit("cta_balance.py profiles the Mosaic GPU kernels: it needs a Hopper GPU")
@@ -187,7 +237,7 @@ def main(argv=None) -> None:
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "device": jax.devices()[0].device_kind,
         "jax_version": jax.__version__,
-        **run(args.seq_len, args.inputs),
+        **run(args.seq_len, args.inputs, args.against, args.pairs),
     }
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"{args.name}.json"

@@ -22,15 +22,17 @@ def balance(monkeypatch):
 
 def test_profiled_kernels_get_a_profile_buffer_and_scoped_loops_then_their_modules_back(balance, tmp_path):
     modules = [module for module, _ in balance.KERNELS.values()]
-    before = [module.plgpu for module in modules]
+    before = [(module.plgpu, module.lax) for module in modules]
     with balance.profiled(tmp_path):
-        for module, real in zip(modules, before, strict=True):
+        for module, (real, real_lax) in zip(modules, before, strict=True):
             params = module.plgpu.CompilerParams(approx_math=True)
             assert params.approx_math and params.profile_dir == str(tmp_path) and params.profile_space > 0
             assert module.plgpu.nd_loop is not real.nd_loop
-            # Everything else comes from the real module.
+            assert module.lax.while_loop is not real_lax.while_loop
+            # Everything else comes from the real modules.
             assert module.plgpu.kernel is real.kernel and module.plgpu.wgmma is real.wgmma
-    assert [module.plgpu for module in modules] == before
+            assert module.lax.fori_loop is real_lax.fori_loop
+    assert [(module.plgpu, module.lax) for module in modules] == before
 
 
 class _FakePlgpu:
@@ -55,6 +57,17 @@ def test_scoped_nd_loop_runs_the_body_in_the_named_scope(balance):
     # The equations the body traces carry the scope on their name stack.
     assert [str(eqn.source_info.name_stack) for eqn in jaxpr.eqns] == [balance._SCOPE]
     assert jax.core.eval_jaxpr(jaxpr.jaxpr, jaxpr.consts, jnp.int32(3))[0] == 3
+
+
+def test_scoped_while_loop_runs_the_body_in_the_named_scope(balance):
+    def loop(x):
+        return balance._scoped_while_loop(jax.lax)(lambda c: c < 3, lambda c: c + x, jnp.int32(0))
+
+    jaxpr = jax.make_jaxpr(loop)(jnp.int32(1))
+    (while_eqn,) = jaxpr.eqns
+    body = while_eqn.params["body_jaxpr"].jaxpr
+    assert [str(eqn.source_info.name_stack) for eqn in body.eqns] == [balance._SCOPE]
+    assert jax.core.eval_jaxpr(jaxpr.jaxpr, jaxpr.consts, jnp.int32(1))[0] == 3
 
 
 def _events(ranges_by_cta, warpgroups=3, warpgroup=0):
