@@ -44,7 +44,13 @@ import jax.numpy as jnp
 from jax import lax
 
 from pallas_kernels._compat import SWIZZLED_128B, pl, plgpu
-from pallas_kernels.mgpu_sync import take_next_item, wait_last_releases
+from pallas_kernels.mgpu_sync import (
+    announced_item,
+    queue_loop,
+    take_queued_item,
+    wait_last_queued_release,
+    wait_last_releases,
+)
 from pallas_kernels.tiling import DEFAULT_MASK_VALUE, GROUP_ROWS, LOG2E, MosaicTile, persistent_ctas
 
 __all__ = [
@@ -441,29 +447,15 @@ def _persistent_kernel(
         )
         return steps
 
-    def queue_loop(next_item, body):
-        """``body(item, buf, carry)`` for the items ``next_item(i)`` gives (the CTA's ``i``-th, buffer
-        ``i % 2``) until one is past the grid; returns the number of items and the last carry."""
-
-        def step(carry):
-            i, item, acc = carry
-            acc = body(item, lax.rem(i, 2), acc)
-            return i + 1, next_item(i + 1), acc
-
-        i, _, acc = lax.while_loop(lambda c: c[1] < n_items, step, (jnp.int32(0), next_item(0), jnp.int32(0)))
-        return i, acc
-
     @pl.when(wg < _COMPUTE_WGS)
     def _compute():
         plgpu.set_max_registers(config.compute_registers, action="increase")
         if dynamic:
-
-            def announced(i):
-                buf = lax.rem(i, 2)
-                plgpu.barrier_wait(item_ready.at[buf])
-                return item_smem[buf, 0]
-
-            queue_loop(announced, attend)
+            queue_loop(
+                n_items,
+                lambda i: announced_item(item_smem, item_ready, i),
+                lambda item, i, base: attend(item, lax.rem(i, 2), base),
+            )
         else:
 
             @plgpu.nd_loop(grid, collective_axes="cta", init_carry=jnp.int32(0))
@@ -477,29 +469,13 @@ def _persistent_kernel(
         plgpu.set_max_registers(config.memory_registers, action="decrease")
         if dynamic:
             counter = pl.get_global(plgpu.SemaphoreType.REGULAR((1,)))
-
-            def taken(i):
-                buf = lax.rem(i, 2)
-
-                # The buffer's previous tile (i - 2) must be done before its slot is overwritten.
-                @pl.when(i >= 2)
-                def _():
-                    plgpu.barrier_wait(item_free.at[buf])
-
-                for slot in range(2):
-                    pl.when(buf == slot)(lambda slot=slot: take_next_item(counter, item_smem.at[slot]))
-                plgpu.barrier_arrive(item_ready.at[buf])
-                return item_smem[buf, 0]
-
             n_local_items, total_steps = queue_loop(
-                taken, lambda item, buf, base: base + load(item, buf, base)
+                n_items,
+                lambda i: take_queued_item(counter, item_smem, item_ready, item_free, i),
+                lambda item, i, base: base + load(item, lax.rem(i, 2), base),
             )
-            # The K/V ring's last releases and the last tile's (``taken`` waited for the others').
             wait_last_releases((k_free, v_free), total_steps, stages)
-
-            @pl.when(n_local_items >= 1)
-            def _():
-                plgpu.barrier_wait(item_free.at[lax.rem(n_local_items - 1, 2)])
+            wait_last_queued_release(item_free, n_local_items)
         else:
 
             @plgpu.nd_loop(grid, collective_axes="cta", init_carry=(jnp.int32(0),) * 2)
