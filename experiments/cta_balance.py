@@ -42,7 +42,7 @@ from bench_attention import kernel_times
 from bench_selection import MINICPM4_SHAPE, PREFILL_VARIANTS, SHIPPED, _inputs
 
 from infllm_jax import ops
-from pallas_kernels import selection_mgpu_keys, sparse_attention_mgpu
+from pallas_kernels import mgpu_sync, selection_mgpu_keys, sparse_attention_mgpu
 
 # Kernel module -> a part of its kernel's name (the profiler trace files' and the GPU trace's).
 KERNELS = {
@@ -98,13 +98,15 @@ def _scoped_while_loop(real):
 
 @contextlib.contextmanager
 def profiled(trace_dir: Path):
-    """Compiles the persistent kernels of ``KERNELS`` with a profile buffer and per-tile ranges (the
-    bodies of their ``nd_loop``s and of their modules' ``lax.while_loop``s: the inner loops are
-    ``fori_loop``s, which do not go through the module's ``lax``)."""
-    saved = {name: (module.plgpu, module.lax) for name, (module, _) in KERNELS.items()}
+    """Compiles the persistent kernels of ``KERNELS`` with a profile buffer and per-tile ranges: the
+    bodies of their ``nd_loop``s (strided launches) and of ``mgpu_sync``'s ``lax.while_loop`` (the
+    work-queue loop of dynamic ones; the kernels' inner loops are ``fori_loop``s, which do not go
+    through a module's ``lax``)."""
+    saved = {name: module.plgpu for name, (module, _) in KERNELS.items()}
+    saved_lax = mgpu_sync.lax
     jax.clear_caches()
     for name, (module, _) in KERNELS.items():
-        real, real_lax = saved[name]
+        real = saved[name]
         params = functools.partial(
             real.CompilerParams,
             profile_space=_PROFILE_SPACE,
@@ -112,12 +114,13 @@ def profiled(trace_dir: Path):
             profile_bounds_check=True,
         )
         module.plgpu = _Proxy(real, CompilerParams=params, nd_loop=_scoped_nd_loop(real))
-        module.lax = _Proxy(real_lax, while_loop=_scoped_while_loop(real_lax))
+    mgpu_sync.lax = _Proxy(saved_lax, while_loop=_scoped_while_loop(saved_lax))
     try:
         yield
     finally:
         for name, (module, _) in KERNELS.items():
-            module.plgpu, module.lax = saved[name]
+            module.plgpu = saved[name]
+        mgpu_sync.lax = saved_lax
         jax.clear_caches()
 
 

@@ -22,17 +22,19 @@ def balance(monkeypatch):
 
 def test_profiled_kernels_get_a_profile_buffer_and_scoped_loops_then_their_modules_back(balance, tmp_path):
     modules = [module for module, _ in balance.KERNELS.values()]
-    before = [(module.plgpu, module.lax) for module in modules]
+    before = [module.plgpu for module in modules]
+    queue_lax = balance.mgpu_sync.lax
     with balance.profiled(tmp_path):
-        for module, (real, real_lax) in zip(modules, before, strict=True):
+        for module, real in zip(modules, before, strict=True):
             params = module.plgpu.CompilerParams(approx_math=True)
             assert params.approx_math and params.profile_dir == str(tmp_path) and params.profile_space > 0
             assert module.plgpu.nd_loop is not real.nd_loop
-            assert module.lax.while_loop is not real_lax.while_loop
-            # Everything else comes from the real modules.
+            # Everything else comes from the real module.
             assert module.plgpu.kernel is real.kernel and module.plgpu.wgmma is real.wgmma
-            assert module.lax.fori_loop is real_lax.fori_loop
-    assert [(module.plgpu, module.lax) for module in modules] == before
+        # The work queue's loop (dynamic launches) is scoped too.
+        assert balance.mgpu_sync.lax.while_loop is not queue_lax.while_loop
+        assert balance.mgpu_sync.lax.rem is queue_lax.rem
+    assert [module.plgpu for module in modules] == before and balance.mgpu_sync.lax is queue_lax
 
 
 class _FakePlgpu:
