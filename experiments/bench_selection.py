@@ -169,9 +169,6 @@ def _prefill_tilings(select=None, attention=None):
     return make
 
 
-_STRIDED_FORWARD = dataclasses.replace(sparse_attention.MOSAIC_BLOCK_SIZES.mosaic, dynamic=False)
-_STRIDED_SCORING = dataclasses.replace(pallas_selection.MOSAIC_SELECTION.mosaic, dynamic=False)
-
 # Named prefill variants for --prefill-variants (rows "pallas_<name>"): functions of the config.
 PREFILL_VARIANTS = {
     "xla_lists": _prefill_with_xla_lists,
@@ -223,12 +220,10 @@ PREFILL_VARIANTS = {
             )
         )
     ),
-    # The persistent kernels' CTAs taking tiles c, c + C, ... (before session 18: no atomic tile
-    # counter): the forward tile kernel's, the scoring kernel's, both.
-    "fwd_strided_tiles": _prefill_tilings(attention=dict(mosaic=_STRIDED_FORWARD)),
-    "scoring_strided_tiles": _prefill_tilings(select=dict(mosaic=_STRIDED_SCORING)),
-    "strided_tiles": _prefill_tilings(
-        select=dict(mosaic=_STRIDED_SCORING), attention=dict(mosaic=_STRIDED_FORWARD)
+    # The persistent forward tile kernel's CTAs taking tiles c, c + C, ... (before session 18: no
+    # atomic tile counter).
+    "fwd_strided_tiles": _prefill_tilings(
+        attention=dict(mosaic=dataclasses.replace(sparse_attention.MOSAIC_BLOCK_SIZES.mosaic, dynamic=False))
     ),
 }
 

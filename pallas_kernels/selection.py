@@ -435,7 +435,7 @@ def _check_supported(q, k, block_size, kernel_size, kernel_stride, block_sizes):
 # bench_selection_h200_chunks_session14.json). The top-k programs hold 2048 block scores, one row of
 # the widest band (2.04 vs 2.26 ms at 128K, bench_selection_h200_token_stages.json).
 MOSAIC_SELECTION = BlockSizes(
-    mosaic=MosaicScore(persistent=True, dynamic=True), max_chunk=32768, chunk_bytes=2 << 30, topk_elems=2048
+    mosaic=MosaicScore(persistent=True), max_chunk=32768, chunk_bytes=2 << 30, topk_elems=2048
 )
 
 
@@ -612,10 +612,7 @@ def _select_blocks(
             width=width,
             # Only the keys-as-rows kernel has a persistent launch; the token-rows one keeps one tile per CTA.
             config=dataclasses.replace(
-                bs.mosaic,
-                key_rows=key_rows,
-                persistent=bs.mosaic.persistent and key_rows,
-                dynamic=bs.mosaic.dynamic and key_rows,
+                bs.mosaic, key_rows=key_rows, persistent=bs.mosaic.persistent and key_rows
             ),
             chunk=chunk if in_place else None,
             # Scores the top-k forces or never reads are not computed (see its forcing rule).

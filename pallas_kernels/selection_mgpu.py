@@ -97,10 +97,6 @@ class MosaicScore:
         a CTA's start-up and last stores overlap the neighbouring tiles' steps. Keys-as-rows kernel
         only: below ``key_rows_from_blocks`` ``select_blocks`` launches the token-rows kernel with one
         tile per CTA.
-      dynamic: with ``persistent``, the CTAs take the tiles in launch order from an atomic counter
-        (each its next one when it starts loading one) instead of tile ``c, c + C, ...`` to CTA ``c``,
-        so the launch ends with less idle SM time (as ``MosaicTile.dynamic``). Compiled kernels only:
-        the Mosaic GPU interpreter cannot run the atomic and keeps the strided order.
       stagger: keys-as-rows kernel only: at the start of each pass (coarse, fine) of a tile, compute
         warpgroup 1 waits until warpgroup 0's first WGMMA of that pass is done, so that one
         warpgroup's exponentials can run while the other's WGMMA does. Without it both start a pass
@@ -123,7 +119,6 @@ class MosaicScore:
     key_rows: bool = True
     key_rows_from_blocks: int = 128
     persistent: bool = False
-    dynamic: bool = False
     stagger: bool = True
     bf16_scores: bool = True
 
@@ -138,10 +133,6 @@ class MosaicScore:
             raise ValueError(f"MosaicScore.store_buffers must be 1 or 2, got {self.store_buffers}")
         if self.persistent and not self.key_rows:
             raise ValueError("MosaicScore.persistent needs the keys-as-rows kernel (key_rows=True)")
-        if self.dynamic and not self.persistent:
-            raise ValueError(
-                "MosaicScore.dynamic hands out the tiles of a persistent launch: it needs persistent=True"
-            )
 
 
 def score_dtype(config: MosaicScore):

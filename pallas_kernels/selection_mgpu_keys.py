@@ -42,13 +42,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from pallas_kernels._compat import SWIZZLED_128B, pl, plgpu
-from pallas_kernels.mgpu_sync import (
-    announced_item,
-    queue_loop,
-    take_queued_item,
-    wait_last_queued_release,
-    wait_last_releases,
-)
+from pallas_kernels.mgpu_sync import wait_last_releases
 from pallas_kernels.selection_mgpu import (
     HALO_SHIFT,
     KEY_TILE,
@@ -317,7 +311,7 @@ def _kernel(
 ):
     """One CTA: warpgroups 0 and 1 score tile ``tile``'s 8 tokens, warpgroup 2 streams the keys (refs
     and shapes as in ``score_tiles_mgpu_keys``)."""
-    (q_tiles, ring, lse_tiles, out_smem, _), (q_bars, k_bar, k_free, lse_bar, _, kick, _) = scratch
+    (q_tiles, ring, lse_tiles, out_smem), (q_bars, k_bar, k_free, lse_bar, _, kick) = scratch
     q_smem, lse_smem = q_tiles.at[0], lse_tiles.at[0]  # one tile: one buffer
     tile, b, h = lax.axis_index("tile"), lax.axis_index("batch"), lax.axis_index("kv")
     wg = lax.axis_index("wg")
@@ -380,121 +374,97 @@ def _persistent_kernel(
     config: MosaicScore,
     in_place: bool,
     forced: tuple[int, int] | None,
-    dynamic: bool,
 ):
-    """``config.persistent``: one CTA per SM scores the tiles of the ``(batch, kv head, tile)`` grid
-    (tiles fastest, so concurrent CTAs read the same keys, as in the one-tile-per-CTA launch): with
-    ``dynamic`` each its next tile from an atomic counter (``mgpu_sync.take_queued_item``), else CTA
-    ``c`` of ``C`` tiles ``c, c + C, ...``. The memory warpgroup loads each tile's query rows into one
-    of two buffers while the compute warpgroups still score the previous tile, and streams the key
-    tiles through the ring across tiles (global step numbers); the LSE exchange is double-buffered too,
-    since a tile without key steps lets a warpgroup reach the next exchange before the other one read
-    the last."""
-    (q_smem, ring, lse_smem, out_smem, item_smem), (q_bar, k_bar, k_free, lse_bar, tile_free, kick, ready) = (
-        scratch
-    )
+    """``config.persistent``: CTA ``c`` of ``C`` scores tiles ``c, c + C, ...`` of the ``(batch, kv head,
+    tile)`` grid (tiles fastest, so concurrent CTAs read the same keys, as in the one-tile-per-CTA
+    launch). The memory warpgroup loads each tile's query rows into one of two buffers while the
+    compute warpgroups still score the previous tile, and streams the key tiles through the ring
+    across tiles (global step numbers); the LSE exchange is double-buffered too, since a tile without
+    key steps lets a warpgroup reach the next exchange before the other one read the last."""
+    (q_smem, ring, lse_smem, out_smem), (q_bar, k_bar, k_free, lse_bar, tile_free, kick) = scratch
     wg = lax.axis_index("wg")
     batch, hkv, chunk = body_ref.shape[:3]
-    n_tiles = chunk // TILE_TOKENS
-    grid = (batch, hkv, n_tiles)
-    n_items = batch * hkv * n_tiles
+    grid = (batch, hkv, chunk // TILE_TOKENS)
     geometry_of = functools.partial(_geometry, pos_ref, n1=n1, n2=n2, stride=stride, pool=pool, forced=forced)
 
-    def tile_of(item):
-        """(batch row, KV head, tile) of grid item ``item`` (tiles fastest)."""
-        bh = lax.div(item, n_tiles)
-        return lax.div(bh, hkv), lax.rem(bh, hkv), lax.rem(item, n_tiles)
-
-    def item_of(loop_info):
+    def tile_of(loop_info):
         b, h, tile = loop_info.index
-        return (b * hkv + h) * n_tiles + tile
-
-    def score(item, i, base):
-        """The compute warpgroups' tile ``item`` (their ``i``-th); returns the CTA's ring steps after it."""
-        b, h, tile = tile_of(item)
-        buf = lax.rem(i, 2)
-        geometry = geometry_of(tile)
-        for bar in range(_COMPUTE_WGS):
-            plgpu.barrier_wait(q_bar.at[buf, bar])
-        _score_tile(
-            (pos_ref, body_ref, halo_ref),
-            (q_smem.at[buf], ring, lse_smem.at[buf], out_smem),
-            (k_bar, k_free, lse_bar, kick if config.stagger else None),
-            geometry,
-            w=wg,
-            tile=tile,
-            b=b,
-            h=h,
-            base=base,
-            n1=n1,
-            n2=n2,
-            stride=stride,
-            group=group,
-            pool=pool,
-            config=config,
-        )
-        plgpu.barrier_arrive(tile_free.at[lax.rem(i, 2)])
-        if config.store_buffers > 1:
-            # The next tile's first pair tile takes output buffer 0 again, whatever this one's last took.
-            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-        return base + geometry[2] + geometry[5] * pool
-
-    def load(item, i, base):
-        """The memory warpgroup's copies for tile ``item`` (its ``i``-th); returns its ring steps."""
-        b, h, tile = tile_of(item)
-        buf = lax.rem(i, 2)
-        geometry = geometry_of(tile)
-        for w in range(_COMPUTE_WGS):
-            _load_queries(
-                pos_ref, q_ref, q_smem.at[buf], q_bar.at[buf, w], w=w, tile=tile, b=b, h=h, in_place=in_place
-            )
-        steps = geometry[2] + geometry[5] * pool
-        keys = (k2_ref.at[b, h], k1_ref.at[b, h])
-        copy_key_tiles(keys, (ring, k_bar, k_free), n2_tiles=geometry[2], total=steps, base=base)
-        return steps
+        return b, h, tile, lax.rem(loop_info.local_index, 2)
 
     @pl.when(wg < _COMPUTE_WGS)
     def _compute():
         plgpu.set_max_registers(config.compute_registers, action="increase")
-        if dynamic:
-            queue_loop(n_items, lambda i: announced_item(item_smem, ready, i), score)
-        else:
 
-            @plgpu.nd_loop(grid, collective_axes="cta", init_carry=jnp.int32(0))
-            def _tiles(loop_info, carry):
-                return score(item_of(loop_info), loop_info.local_index, carry)
+        @plgpu.nd_loop(grid, collective_axes="cta", init_carry=jnp.int32(0))
+        def _tiles(loop_info, carry):
+            b, h, tile, buf = tile_of(loop_info)
+            geometry = geometry_of(tile)
+            for bar in range(_COMPUTE_WGS):
+                plgpu.barrier_wait(q_bar.at[buf, bar])
+            _score_tile(
+                (pos_ref, body_ref, halo_ref),
+                (q_smem.at[buf], ring, lse_smem.at[buf], out_smem),
+                (k_bar, k_free, lse_bar, kick if config.stagger else None),
+                geometry,
+                w=wg,
+                tile=tile,
+                b=b,
+                h=h,
+                base=carry,
+                n1=n1,
+                n2=n2,
+                stride=stride,
+                group=group,
+                pool=pool,
+                config=config,
+            )
+            plgpu.barrier_arrive(tile_free.at[buf])
+            if config.store_buffers > 1:
+                # The next tile's first pair tile takes output buffer 0 again, whatever this one's last took.
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+            return carry + geometry[2] + geometry[5] * pool
 
         plgpu.wait_smem_to_gmem(0)
 
     @pl.when(wg == _COMPUTE_WGS)
     def _memory():
         plgpu.set_max_registers(config.memory_registers, action="decrease")
-        if dynamic:
-            counter = pl.get_global(plgpu.SemaphoreType.REGULAR((1,)))
-            n_local, total = queue_loop(
-                n_items,
-                lambda i: take_queued_item(counter, item_smem, ready, tile_free, i),
-                lambda item, i, base: base + load(item, i, base),
+
+        @plgpu.nd_loop(grid, collective_axes="cta", init_carry=(jnp.int32(0),) * 2)
+        def totals(loop_info, carry):
+            b, h, tile, buf = tile_of(loop_info)
+            geometry = geometry_of(tile)
+
+            @pl.when(loop_info.local_index >= 2)
+            def _():
+                plgpu.barrier_wait(tile_free.at[buf])
+
+            for w in range(_COMPUTE_WGS):
+                _load_queries(
+                    pos_ref,
+                    q_ref,
+                    q_smem.at[buf],
+                    q_bar.at[buf, w],
+                    w=w,
+                    tile=tile,
+                    b=b,
+                    h=h,
+                    in_place=in_place,
+                )
+            steps = geometry[2] + geometry[5] * pool
+            copy_key_tiles(
+                (k2_ref.at[b, h], k1_ref.at[b, h]),
+                (ring, k_bar, k_free),
+                n2_tiles=geometry[2],
+                total=steps,
+                base=carry[0],
             )
-            wait_last_releases((k_free,), total, config.stages)
-            wait_last_queued_release(tile_free, n_local)
-        else:
+            return carry[0] + steps, carry[1] + 1
 
-            @plgpu.nd_loop(grid, collective_axes="cta", init_carry=(jnp.int32(0),) * 2)
-            def totals(loop_info, carry):
-                buf = lax.rem(loop_info.local_index, 2)
-
-                @pl.when(loop_info.local_index >= 2)
-                def _():
-                    plgpu.barrier_wait(tile_free.at[buf])
-
-                steps = load(item_of(loop_info), loop_info.local_index, carry[0])
-                return carry[0] + steps, carry[1] + 1
-
-            total, n_local = totals
-            # The key ring's and the two tile buffers' last releases.
-            wait_last_releases((k_free,), total, config.stages)
-            wait_last_releases((tile_free,), n_local, 2)
+        total, n_local = totals
+        # The key ring's and the two tile buffers' last releases.
+        wait_last_releases((k_free,), total, config.stages)
+        wait_last_releases((tile_free,), n_local, 2)
 
 
 def score_tiles_mgpu_keys(
@@ -585,7 +555,6 @@ def score_tiles_mgpu_keys(
             plgpu.SMEM(
                 (_COMPUTE_WGS, config.store_buffers, 2, TILE_TOKENS, _HALF_BLOCKS), score_dtype(config)
             ),
-            plgpu.SMEM((2, 1), jnp.int32),  # with ``dynamic``: each query buffer's tile
         ),
         (
             plgpu.Barrier(num_arrivals=q_arrivals, num_barriers=(q_tiles, _COMPUTE_WGS)),
@@ -595,16 +564,10 @@ def score_tiles_mgpu_keys(
             plgpu.Barrier(num_arrivals=_COMPUTE_WGS, num_barriers=2),
             # The stagger barriers (coarse, fine pass): warpgroup 0 arrives, warpgroup 1 waits.
             plgpu.Barrier(num_barriers=2),
-            plgpu.Barrier(num_barriers=2),  # with ``dynamic``: a buffer's tile index is written
         ),
     )
-    if config.persistent:
-        # The interpreter cannot run the atomic counter: there the CTAs take their tiles strided.
-        kernel = functools.partial(_persistent_kernel, dynamic=config.dynamic and not interpret)
-    else:
-        kernel = _kernel
     kernel = functools.partial(
-        kernel,
+        _persistent_kernel if config.persistent else _kernel,
         n1=n1,
         n2=n2,
         stride=stride,

@@ -227,11 +227,6 @@ MOSAIC_TOKEN_ROWS_F32_SCORES = dataclasses.replace(
 )
 # One CTA per SM running a strided share of the tiles (two CTAs in the interpreter).
 MOSAIC_PERSISTENT = dataclasses.replace(MOSAIC, mosaic=MosaicScore(key_rows_from_blocks=0, persistent=True))
-# Persistent CTAs taking their tiles from an atomic counter (compiled kernels; the interpreter keeps the
-# strided order).
-MOSAIC_DYNAMIC = dataclasses.replace(
-    MOSAIC, mosaic=MosaicScore(key_rows_from_blocks=0, persistent=True, dynamic=True)
-)
 # Both compute warpgroups start each pass together (the default staggers them).
 MOSAIC_NO_STAGGER = dataclasses.replace(MOSAIC, mosaic=MosaicScore(key_rows_from_blocks=0, stagger=False))
 
@@ -457,7 +452,6 @@ _LOWERING_TILINGS = [
     ("f32-scores", MOSAIC_F32_SCORES),
     ("token-rows-f32-scores", MOSAIC_TOKEN_ROWS_F32_SCORES),
     ("persistent", MOSAIC_PERSISTENT),
-    ("dynamic", MOSAIC_DYNAMIC),
     ("no-stagger", MOSAIC_NO_STAGGER),
 ]
 
@@ -507,8 +501,6 @@ def test_mosaic_scoring_lowers_for_cuda(d, pool, block_sizes, group, in_place):
 
     text = jax.jit(score).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert "mosaic_gpu" in text
-    # Only the dynamic persistent launch takes its tiles from an atomic counter.
-    assert ("atom.add.u32" in text) == block_sizes.mosaic.dynamic
 
 
 @pytest.mark.parametrize("blocks", [127, 128])
@@ -614,8 +606,6 @@ def test_block_size_options_are_validated():
         MosaicScore(store_buffers=3)
     with pytest.raises(ValueError, match="stages must be >= 1"):
         MosaicScore(stages=0)
-    with pytest.raises(ValueError, match="dynamic hands out the tiles of a persistent launch"):
-        MosaicScore(dynamic=True)
     with pytest.raises(ValueError, match="persistent needs the keys-as-rows kernel"):
         MosaicScore(key_rows=False, persistent=True)
 
@@ -735,22 +725,6 @@ def test_gpu_shipped_config_32k_bf16_is_a_valid_topk(block_sizes):
     group_sum = group_sum_of(block_sizes, t // SHIPPED.block_size)
     eps = bf16_score_tolerance(q[:, tokens], k, SHIPPED, group_sum, bf16_scores_of(block_sizes))
     assert_valid_topk(got[:, :, tokens], scores, tokens, SHIPPED, eps)
-
-
-@pytest.mark.gpu
-def test_gpu_dynamic_scoring_selects_what_the_strided_launch_does():
-    """The compiled persistent scoring kernel at 32K (8,192 tiles per query chunk over one CTA per SM):
-    CTAs taking their tiles from the atomic counter (the default tiling) score exactly what CTAs
-    taking tiles ``c, c + C, ...`` do, whichever CTA ran which tile; twice (a fresh counter per launch)."""
-    assert pallas_selection.MOSAIC_SELECTION.mosaic.dynamic
-    q, k = qk(5, 1, 32768, 32, 2, 128, jnp.bfloat16)
-    strided = dataclasses.replace(
-        pallas_selection.MOSAIC_SELECTION,
-        mosaic=dataclasses.replace(pallas_selection.MOSAIC_SELECTION.mosaic, dynamic=False),
-    )
-    want = np.asarray(pallas_select(q, k, SHIPPED, block_sizes=strided))
-    for _ in range(2):
-        np.testing.assert_array_equal(np.asarray(pallas_select(q, k, SHIPPED)), want)
 
 
 @pytest.mark.gpu
