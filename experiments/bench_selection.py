@@ -215,15 +215,13 @@ PREFILL_VARIANTS = {
     # The forward tile kernel with one tile per CTA (the default before session 14; now persistent).
     "fwd_one_tile_per_cta": _prefill_tilings(
         attention=dict(
-            mosaic=dataclasses.replace(
-                sparse_attention.MOSAIC_BLOCK_SIZES.mosaic, persistent=False, dynamic=False
-            )
+            mosaic=dataclasses.replace(sparse_attention.MOSAIC_BLOCK_SIZES.mosaic, persistent=False)
         )
     ),
-    # The persistent forward tile kernel's CTAs taking tiles c, c + C, ... (before session 18: no
-    # atomic tile counter).
-    "fwd_strided_tiles": _prefill_tilings(
-        attention=dict(mosaic=dataclasses.replace(sparse_attention.MOSAIC_BLOCK_SIZES.mosaic, dynamic=False))
+    # The persistent forward tile kernel's CTAs taking their tiles from an atomic counter
+    # (MosaicTile.dynamic; the default in session 18's runs that name fwd_strided_tiles, its inverse).
+    "fwd_dynamic_tiles": _prefill_tilings(
+        attention=dict(mosaic=dataclasses.replace(sparse_attention.MOSAIC_BLOCK_SIZES.mosaic, dynamic=True))
     ),
 }
 

@@ -535,7 +535,7 @@ MOSAIC_BLOCK_SIZES = BlockSizes(
     tile_warps=8,
     token_stages=2,
     fwd_chunk_bytes=1 << 30,
-    mosaic=MosaicTile(blocks_per_step=2, pingpong=True, unmasked_path=False, persistent=True, dynamic=True),
+    mosaic=MosaicTile(blocks_per_step=2, pingpong=True, unmasked_path=False, persistent=True),
     mosaic_dkdv=MosaicDkdv(),
     mosaic_dq=MosaicTile(),
 )

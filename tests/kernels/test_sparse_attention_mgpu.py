@@ -134,24 +134,21 @@ def test_chunked_forward_is_bit_identical():
 @pytest.mark.gpu
 def test_gpu_dynamic_tiles_give_the_strided_output():
     """The compiled persistent forward (T = 32K, 8,192 tiles over one CTA per SM): CTAs taking their
-    tiles from the atomic counter (``MosaicTile.dynamic``, the default) compute exactly what CTAs
-    taking tiles ``c, c + C, ...`` do, whichever CTA ran which tile."""
-    config = MOSAIC_BLOCK_SIZES
-    case = Case(g=16, d=128, t=32768, hkv=2, block_size=64, k=24, dtype=jnp.bfloat16, config=config)
-    assert config.mosaic.dynamic
+    tiles from the atomic counter (``MosaicTile.dynamic``) compute exactly what CTAs taking tiles
+    ``c, c + C, ...`` (the default) do, whichever CTA ran which tile."""
+    strided = MOSAIC_BLOCK_SIZES
+    case = Case(g=16, d=128, t=32768, hkv=2, block_size=64, k=24, dtype=jnp.bfloat16, config=strided)
     (q, k, v, _), idx = _inputs(case, seed=4)
 
     def forward(config):
         fn = functools.partial(sparse_attention_pallas, block_size=64, config=config, interpret=INTERPRET)
         return np.asarray(jax.jit(fn)(q, k, v, idx))
 
-    strided = dataclasses.replace(
-        MOSAIC_BLOCK_SIZES, mosaic=dataclasses.replace(MOSAIC_BLOCK_SIZES.mosaic, dynamic=False)
-    )
-    dynamic = forward(MOSAIC_BLOCK_SIZES)
-    np.testing.assert_array_equal(dynamic, forward(strided))
+    dynamic = dataclasses.replace(strided, mosaic=dataclasses.replace(strided.mosaic, dynamic=True))
+    want = forward(strided)
+    np.testing.assert_array_equal(forward(dynamic), want)
     # Twice: a second launch starts from a fresh counter.
-    np.testing.assert_array_equal(dynamic, forward(MOSAIC_BLOCK_SIZES))
+    np.testing.assert_array_equal(forward(dynamic), want)
 
 
 def test_config_needs_8_token_tiles():
@@ -225,8 +222,8 @@ def _assert_lowers_for_cuda(fn, *args):
         PAIRS.mosaic,
         PAIRS_PINGPONG_UNION.mosaic,
         dataclasses.replace(MOSAIC_BLOCK_SIZES.mosaic, row_masks=False),
-        dataclasses.replace(MOSAIC_BLOCK_SIZES.mosaic, persistent=False, dynamic=False),
-        dataclasses.replace(MOSAIC_BLOCK_SIZES.mosaic, dynamic=False),
+        dataclasses.replace(MOSAIC_BLOCK_SIZES.mosaic, persistent=False),
+        dataclasses.replace(MOSAIC_BLOCK_SIZES.mosaic, dynamic=True),
         PERSISTENT_UNION.mosaic,
     ],
     ids=[
@@ -237,7 +234,7 @@ def _assert_lowers_for_cuda(fn, *args):
         "pairs-pingpong-union",
         "default-score-masks",
         "default-one-tile-per-cta",
-        "default-strided-tiles",
+        "default-dynamic-tiles",
         "persistent-pairs-pingpong-union",
     ],
 )
