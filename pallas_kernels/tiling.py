@@ -71,7 +71,7 @@ class MosaicTile:
         Off by default: on the H200 it halved the 128K forward launches' idle tail (1.5% -> 0.7% of
         their SM time, ``experiments/cta_balance.py``) and the GPU span of the 128K prefill was
         0.13-0.17 ms shorter in two paired runs, but its timed medians were not, and the 16K tile
-        kernel took 2-3% longer (``experiments/results/NOTES_attention_kernels.md``, session 18).
+        kernel took 2-3.5% longer (``experiments/results/NOTES_attention_kernels.md``, session 18).
       compute_registers, memory_registers: per-thread register budgets of the compute and memory
         warpgroups (``setmaxnreg``).
     """
