@@ -145,6 +145,24 @@ class Clock:
         return self.budget - (time.time() - self.start)
 
 
+def write_report(out_dir, name: str, body: dict):
+    """Writes ``out_dir/name.json``: the command, date, device and jax version, then ``body``; returns the
+    path (the provenance every GPU results file carries)."""
+    report = {
+        "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "device": jax.devices()[0].device_kind,
+        "jax_version": jax.__version__,
+        **body,
+    }
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, f"{name}.json")
+    with open(path, "w") as f:
+        json.dump(report, f, indent=1)
+    print(f"wrote {path}")
+    return path
+
+
 def log(msg):
     print(msg, flush=True)
 

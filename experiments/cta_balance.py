@@ -29,7 +29,6 @@ Usage::
 
 import argparse
 import contextlib
-import datetime
 import functools
 import json
 import statistics
@@ -38,7 +37,7 @@ import tempfile
 from pathlib import Path
 
 import jax
-from bench_attention import kernel_times
+from bench_attention import kernel_times, write_report
 from bench_selection import MINICPM4_SHAPE, PREFILL_VARIANTS, SHIPPED, _inputs
 
 from infllm_jax import ops
@@ -235,17 +234,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if jax.devices()[0].platform != "gpu":
         sys.exit("cta_balance.py profiles the Mosaic GPU kernels: it needs a Hopper GPU")
-    report = {
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "device": jax.devices()[0].device_kind,
-        "jax_version": jax.__version__,
-        **run(args.seq_len, args.inputs, args.against, args.pairs),
-    }
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"{args.name}.json"
-    path.write_text(json.dumps(report, indent=1))
-    print(f"wrote {path}")
+    write_report(args.out, args.name, run(args.seq_len, args.inputs, args.against, args.pairs))
 
 
 if __name__ == "__main__":

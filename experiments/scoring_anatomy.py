@@ -26,14 +26,12 @@ Usage::
 import argparse
 import contextlib
 import dataclasses
-import datetime
-import json
 import sys
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-from bench_attention import kernel_times
+from bench_attention import kernel_times, write_report
 from bench_selection import MINICPM4_SHAPE, SHIPPED, _inputs, _time_ms
 
 from infllm_jax.ops.pallas_backend import selection_kwargs
@@ -121,18 +119,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if jax.devices()[0].platform != "gpu":
         sys.exit("scoring_anatomy.py times the Mosaic GPU scoring kernel: it needs a Hopper GPU")
-    rows = run(args.seq_len, args.iters, stagger=not args.no_stagger)
-    report = {
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "device": jax.devices()[0].device_kind,
-        "jax_version": jax.__version__,
-        "rows": rows,
-    }
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"{args.name}.json"
-    path.write_text(json.dumps(report, indent=1))
-    print(f"wrote {path}")
+    write_report(args.out, args.name, {"rows": run(args.seq_len, args.iters, stagger=not args.no_stagger)})
 
 
 if __name__ == "__main__":
