@@ -145,6 +145,17 @@ class Clock:
         return self.budget - (time.time() - self.start)
 
 
+class ModuleProxy:
+    """A module with some attributes replaced: diagnostics swap it in for a kernel module's import
+    (``jnp``, ``plgpu``, ``lax``) while the kernel is traced, and put the module back after."""
+
+    def __init__(self, module, **overrides):
+        self._module, self._overrides = module, overrides
+
+    def __getattr__(self, name):
+        return self._overrides.get(name, getattr(self._module, name))
+
+
 def write_report(out_dir, name: str, body: dict):
     """Writes ``out_dir/name.json``: the command, date, device and jax version, then ``body``; returns the
     path (the provenance every GPU results file carries)."""

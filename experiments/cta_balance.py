@@ -37,7 +37,7 @@ import tempfile
 from pathlib import Path
 
 import jax
-from bench_attention import kernel_times, write_report
+from bench_attention import ModuleProxy, kernel_times, write_report
 from bench_selection import MINICPM4_SHAPE, PREFILL_VARIANTS, SHIPPED, _inputs
 
 from infllm_jax import ops
@@ -51,16 +51,6 @@ KERNELS = {
 _SCOPE = "tile"
 # Profiler ranges per warpgroup: one per tile, and a CTA takes at most ~85 tiles of a 128K launch.
 _PROFILE_SPACE = 256
-
-
-class _Proxy:
-    """A module with some attributes replaced."""
-
-    def __init__(self, module, **overrides):
-        self._module, self._overrides = module, overrides
-
-    def __getattr__(self, name):
-        return self._overrides.get(name, getattr(self._module, name))
 
 
 def _scoped_nd_loop(real):
@@ -112,8 +102,8 @@ def profiled(trace_dir: Path):
             profile_dir=str(trace_dir),
             profile_bounds_check=True,
         )
-        module.plgpu = _Proxy(real, CompilerParams=params, nd_loop=_scoped_nd_loop(real))
-    mgpu_sync.lax = _Proxy(saved_lax, while_loop=_scoped_while_loop(saved_lax))
+        module.plgpu = ModuleProxy(real, CompilerParams=params, nd_loop=_scoped_nd_loop(real))
+    mgpu_sync.lax = ModuleProxy(saved_lax, while_loop=_scoped_while_loop(saved_lax))
     try:
         yield
     finally:
@@ -164,6 +154,11 @@ def launch_stats(trace: dict, warpgroup: int = 0, warpgroups: int = 3) -> dict:
     }
 
 
+def _kernel_ms(kernels: dict, kernel_name: str) -> float:
+    """Summed device time (ms per call) of the profiled kernels whose name contains ``kernel_name``."""
+    return sum(t for name, t in kernels.items() if kernel_name in name)
+
+
 def paired_kernel_times(prefills: dict, args, pairs: int) -> dict:
     """Device times of the persistent kernels in ``pairs`` alternating profiles of each prefill
     (``{name: compiled}``; two calls per profile): run-to-run drift hits both alike."""
@@ -172,7 +167,7 @@ def paired_kernel_times(prefills: dict, args, pairs: int) -> dict:
         for name, compiled in prefills.items():
             kernels = kernel_times(compiled, *args, top=20)
             for kernel, (_, kernel_name) in KERNELS.items():
-                times[name][kernel].append(round(sum(t for n, t in kernels.items() if kernel_name in n), 3))
+                times[name][kernel].append(round(_kernel_ms(kernels, kernel_name), 3))
 
     def summary(ms):
         return {"ms": ms, "median_ms": round(statistics.median(ms), 3)}
@@ -198,7 +193,7 @@ def run(seq_len: int, inputs: str, against: str | None = None, pairs: int = 5) -
             files = [p for p in traces if kernel_name in p.name]
             stats = [launch_stats(json.loads(p.read_text())) for p in files]
             report["launches"][name] = stats
-            ms = sum(t for kernel, t in kernels.items() if kernel_name in kernel)
+            ms = _kernel_ms(kernels, kernel_name)
             # Time the SMs idle at the launches' ends, were the unprofiled launches' tails the same.
             tails = [s["tail_fraction"] for s in stats if s.get("ctas")]
             idle = ms * statistics.fmean(tails) if tails else None

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-from bench_attention import kernel_times, write_report
+from bench_attention import ModuleProxy, kernel_times, write_report
 from bench_selection import MINICPM4_SHAPE, SHIPPED, _inputs, _time_ms
 
 from infllm_jax.ops.pallas_backend import selection_kwargs
@@ -42,25 +42,15 @@ VARIANTS = ("default", "no_exp2", "no_wgmma", "neither")
 _SCORING = "select_scores_mgpu_keys"
 
 
-class _Proxy:
-    """A module with some attributes replaced."""
-
-    def __init__(self, module, **overrides):
-        self._module, self._overrides = module, overrides
-
-    def __getattr__(self, name):
-        return self._overrides.get(name, getattr(self._module, name))
-
-
 @contextlib.contextmanager
 def _stripped(variant: str):
     saved = selection_mgpu_keys.jnp, selection_mgpu_keys.plgpu
     # select_blocks is jitted: its traces (and the kernel's) must not carry over between variants.
     jax.clear_caches()
     if variant in ("no_exp2", "neither"):
-        selection_mgpu_keys.jnp = _Proxy(jnp, exp2=lambda x: x)
+        selection_mgpu_keys.jnp = ModuleProxy(jnp, exp2=lambda x: x)
     if variant in ("no_wgmma", "neither"):
-        selection_mgpu_keys.plgpu = _Proxy(saved[1], wgmma=lambda *args, **kwargs: None)
+        selection_mgpu_keys.plgpu = ModuleProxy(saved[1], wgmma=lambda *args, **kwargs: None)
     try:
         yield
     finally:
