@@ -237,6 +237,11 @@ class Shape:
 # MiniCPM4-8B attention (ANCHORS.md) and the shipped sparse config, sparse at every length.
 MINICPM4_SHAPE = Shape(batch=1, q_heads=32, kv_heads=2, head_dim=128)
 SHIPPED = SparseConfig(dense_len=-1)
+# --smoke: shapes small enough for the CPU's interpret mode.
+SMOKE_SHAPE = Shape(batch=1, q_heads=16, kv_heads=1, head_dim=64)
+SMOKE_CONFIG = SparseConfig(
+    block_size=16, kernel_size=8, kernel_stride=4, window_size=32, topk=4, dense_len=-1
+)
 
 INPUT_KINDS = ("random", "smooth")
 # bench_attention's --corr / --noise defaults, so that "smooth" means the same inputs in both benchmarks.
@@ -773,10 +778,8 @@ def main(argv=None) -> None:
         kwargs = dict(
             select_lens=(512,),
             prefill_lens=(256, 512),
-            shape=Shape(batch=1, q_heads=16, kv_heads=1, head_dim=64),
-            cfg=SparseConfig(
-                block_size=16, kernel_size=8, kernel_stride=4, window_size=32, topk=4, dense_len=-1
-            ),
+            shape=SMOKE_SHAPE,
+            cfg=SMOKE_CONFIG,
             sweep_len=None if args.no_sweep else 512,
             iters=2,
             **inputs,
