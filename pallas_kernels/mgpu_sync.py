@@ -68,10 +68,10 @@ def take_next_item(counter, slot) -> None:
     take(counter, slot)
 
 
-# A persistent kernel's work queue: the memory warpgroup takes each item from the counter while it
-# still loads the previous one (``take_queued_item``) and announces it in the item's buffer (two
-# buffers, as the kernels' query buffers); the compute warpgroups read it there (``announced_item``).
-# An item past the grid ends every warpgroup's ``queue_loop``.
+# A persistent kernel's work queue: the memory warpgroup takes each item from the counter when it
+# starts loading it (``take_queued_item``) and announces it in the item's buffer (two buffers, as the
+# kernels' query buffers); the compute warpgroups read it there (``announced_item``). An item past the
+# grid ends every warpgroup's ``queue_loop``.
 
 
 def take_queued_item(counter, item_smem, ready, free, i):
@@ -97,25 +97,21 @@ def announced_item(item_smem, ready, i):
     return item_smem[buf, 0]
 
 
-def queue_loop(first_item, n_items, body):
-    """Runs ``carry, next = body(item, i, carry)`` (carry from 0) on the warpgroup's ``i``-th item
-    from ``first_item`` on, each ``body`` giving the next item, until one is ``>= n_items``; returns
-    the number of items run and the last carry.
+def queue_loop(n_items, next_item, body):
+    """``carry = body(item, i, carry)`` (from 0) for the items ``next_item(i)`` gives, the warpgroup's
+    ``i``-th, until one is ``>= n_items``; returns the number of items run and the last carry.
 
-    The compute warpgroups' bodies end with ``announced_item(..., i + 1)``; the memory warpgroup's
-    takes item ``i + 1`` (``take_queued_item``) while it streams item ``i``, once the ring's first
-    slots are issued and before it waits for them to come free, so that the atomic's round trip
-    hides behind the compute warpgroups' work. Every item's buffer was released before the item
-    after the next one was taken, but the last one's: the memory warpgroup waits for it
-    (``wait_last_queued_release``).
+    For the memory warpgroup (``next_item`` = ``take_queued_item``) every item's buffer was released
+    before the next one was taken, but the last one's: wait for it (``wait_last_queued_release``).
     """
 
     def step(carry):
         i, item, acc = carry
-        acc, next_item = body(item, i, acc)
-        return i + 1, next_item, acc
+        acc = body(item, i, acc)
+        # Only after the item's work: the memory warpgroup takes the next item when it is done loading.
+        return i + 1, next_item(i + 1), acc
 
-    i, _, acc = lax.while_loop(lambda c: c[1] < n_items, step, (jnp.int32(0), first_item, jnp.int32(0)))
+    i, _, acc = lax.while_loop(lambda c: c[1] < n_items, step, (jnp.int32(0), next_item(0), jnp.int32(0)))
     return i, acc
 
 

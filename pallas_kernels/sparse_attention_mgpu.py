@@ -347,8 +347,8 @@ def _persistent_kernel(
     """``config.persistent``: one CTA per SM runs the ``(batch, kv head, tile)`` grid's tiles (tiles
     fastest, so concurrent CTAs read the same keys, as in the one-tile-per-CTA launch). With
     ``dynamic`` the CTAs take the tiles in that order from an atomic counter, each its next tile
-    while its memory warpgroup streams the current one's first ring steps (``take_next_item``);
-    else CTA ``c`` of ``C`` runs tiles ``c, c + C, ...``.
+    when it starts loading one (``take_next_item``); else CTA ``c`` of ``C`` runs tiles ``c, c + C,
+    ...``.
 
     The memory warpgroup loads each tile's list and query rows into one of two buffers while the
     compute warpgroups still work on the previous tile, and streams K/V through the ring across tiles
@@ -423,11 +423,9 @@ def _persistent_kernel(
         plgpu.barrier_arrive(item_free.at[buf])
         return base + _steps(count, per_step)
 
-    def load(item, buf, base, take_next=None):
+    def load(item, buf, base):
         """The memory warpgroup's copies of tile ``item`` into buffer ``buf`` and the ring (steps
-        ``base ...``); returns the tile's ring steps. ``take_next`` (dynamic launches: taking the
-        next tile from the counter) runs once the ring's first ``stages`` slots of this tile are
-        issued, where the memory warpgroup would wait for their release anyway."""
+        ``base ...``); returns the tile's ring steps."""
         b, h, local = tile_of(item)
         tile = first + local
         plgpu.copy_gmem_to_smem(list_ref.at[b, h, tile], list_smem.at[buf], list_bar.at[buf])
@@ -440,33 +438,23 @@ def _persistent_kernel(
                 )
         plgpu.barrier_wait(list_bar.at[buf])
         steps = _steps(cnt_ref[b, h, tile, 0], per_step)
-        stream = functools.partial(
-            stream_steps,
+        stream_steps(
             (k_ref.at[b, :, h], v_ref.at[b, :, h]),
             (list_smem.at[buf], k_smem, v_smem),
             (k_bar, v_bar, k_free, v_free),
+            steps=steps,
             base=base,
         )
-        if take_next is None:
-            stream(steps=steps)
-            return steps, None
-        issued = jnp.minimum(steps, stages)
-        stream(steps=issued)
-        next_item = take_next()
-        stream(steps=steps, first=issued)
-        return steps, next_item
+        return steps
 
     @pl.when(wg < _COMPUTE_WGS)
     def _compute():
         plgpu.set_max_registers(config.compute_registers, action="increase")
         if dynamic:
             queue_loop(
-                announced_item(item_smem, item_ready, 0),
                 n_items,
-                lambda item, i, base: (
-                    attend(item, lax.rem(i, 2), base),
-                    announced_item(item_smem, item_ready, i + 1),
-                ),
+                lambda i: announced_item(item_smem, item_ready, i),
+                lambda item, i, base: attend(item, lax.rem(i, 2), base),
             )
         else:
 
@@ -481,18 +469,10 @@ def _persistent_kernel(
         plgpu.set_max_registers(config.memory_registers, action="decrease")
         if dynamic:
             counter = pl.get_global(plgpu.SemaphoreType.REGULAR((1,)))
-
-            def load_and_take_next(item, i, base):
-                steps, next_item = load(
-                    item,
-                    lax.rem(i, 2),
-                    base,
-                    take_next=lambda: take_queued_item(counter, item_smem, item_ready, item_free, i + 1),
-                )
-                return base + steps, next_item
-
             n_local_items, total_steps = queue_loop(
-                take_queued_item(counter, item_smem, item_ready, item_free, 0), n_items, load_and_take_next
+                n_items,
+                lambda i: take_queued_item(counter, item_smem, item_ready, item_free, i),
+                lambda item, i, base: base + load(item, lax.rem(i, 2), base),
             )
             wait_last_releases((k_free, v_free), total_steps, stages)
             wait_last_queued_release(item_free, n_local_items)
@@ -506,7 +486,7 @@ def _persistent_kernel(
                 def _():
                     plgpu.barrier_wait(item_free.at[buf])
 
-                steps, _ = load(item_of(loop_info), buf, carry[0])
+                steps = load(item_of(loop_info), buf, carry[0])
                 return carry[0] + steps, carry[1] + 1
 
             total_steps, n_local_items = totals
@@ -554,7 +534,7 @@ def stream_blocks(gmem, smem, bars, *, index, count, registers):
     wait_last_releases(ring_bars[2:], steps, k_smem.shape[0])
 
 
-def stream_steps(gmem, smem, bars, *, steps, base, first=0):
+def stream_steps(gmem, smem, bars, *, steps, base):
     """Copies a list's blocks of K and V into the ring, ``per_step`` consecutive entries per slot
     (``k_ring.shape[1] / 64``): step ``j`` is the CTA's ring step ``base + j``, which goes into slot
     ``(base + j) % stages`` once the compute warpgroups released the step that held it.
@@ -564,7 +544,6 @@ def stream_steps(gmem, smem, bars, *, steps, base, first=0):
       smem: ``(list, k_ring, v_ring)``: the packed list and the ring ``[stages, 64 * per_step, D]``.
       bars: the ring's K and V arrival barriers (``per_step`` arrivals each) and release barriers.
       steps, base: steps of this list, and ring steps the CTA ran before it.
-      first: the list's first step to copy (the earlier ones were copied by another call).
     """
     (k_ref, v_ref), (list_smem, k_smem, v_smem) = gmem, smem
     k_bar, v_bar, k_free, v_free = bars
@@ -579,7 +558,7 @@ def stream_steps(gmem, smem, bars, *, steps, base, first=0):
             keys = pl.ds(pl.multiple_of(blk * _BLOCK, _BLOCK), _BLOCK)
             plgpu.copy_gmem_to_smem(src.at[keys], dst.at[pl.ds(i * _BLOCK, _BLOCK)], bar)
 
-    @pl.loop(first, steps)
+    @pl.loop(0, steps)
     def _(j):
         slot = lax.rem(base + j, stages)
 

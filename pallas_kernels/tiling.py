@@ -65,15 +65,13 @@ class MosaicTile:
         query rows and first K/V blocks load during the previous tile's last steps and epilogue
         (forward only).
       dynamic: with ``persistent``, the CTAs take the tiles in launch order from an atomic counter
-        (each its next one while it streams the current one's first ring steps) instead of tile
-        ``c, c + C, ...`` to CTA ``c``: a CTA whose tiles ran long takes fewer, so the launch ends
-        with less idle SM time. Compiled kernels only: the Mosaic GPU interpreter cannot run the
-        atomic and keeps the strided order. Off by default: on the H200 it halved the 128K forward
-        launches' idle tail (1.5% -> 0.7% of their SM time, ``experiments/cta_balance.py``) and the
-        GPU span of the 128K prefill was 0.13-0.17 ms shorter in two paired runs, but its timed
-        medians were not, and the 16K tile kernel took 2-3.5% longer
-        (``experiments/results/NOTES_attention_kernels.md``, session 18; then each CTA took its next
-        tile only once it had streamed the current one's last ring step).
+        (each its next one when it starts loading one) instead of tile ``c, c + C, ...`` to CTA ``c``:
+        a CTA whose tiles ran long takes fewer, so the launch ends with less idle SM time. Compiled
+        kernels only: the Mosaic GPU interpreter cannot run the atomic and keeps the strided order.
+        Off by default: on the H200 it halved the 128K forward launches' idle tail (1.5% -> 0.7% of
+        their SM time, ``experiments/cta_balance.py``) and the GPU span of the 128K prefill was
+        0.13-0.17 ms shorter in two paired runs, but its timed medians were not, and the 16K tile
+        kernel took 2-3.5% longer (``experiments/results/NOTES_attention_kernels.md``, session 18).
       compute_registers, memory_registers: per-thread register budgets of the compute and memory
         warpgroups (``setmaxnreg``).
     """
