@@ -1,15 +1,16 @@
-"""Benchmark: the sparse prefill and the dense forward timed in alternation, one call of each per round.
+"""Benchmark: the sparse prefill and the dense forward timed in alternating rounds.
 
 ``bench_selection.py`` times each row's calls back to back, the dense row of a length first and the
-Pallas rows after it, so every row meets the GPU in the state the previous one left it in: at 128K
-the sparse rows start right after ~5 s of dense attention at full tensor-core load, and the two
-sides' medians move by ~1-2% between runs. Here each round runs one call of every implementation,
-in an order that rotates from round to round (round ``r`` starts with the ``r % n``-th), so all of
-them meet the same mix of states. Per length and input kind the report gives each implementation's
-median, minimum and maximum over the rounds, the ratio of the medians to the dense one
-(``speedup_of_medians``), and the distribution of the per-round ratios (dense call / this call of
-the same round, ``round_speedups``); the per-round times are kept (``round_ms``). ``--variants``
-adds ``bench_selection``'s prefill variants to the rotation, for an A/B under the same conditions.
+Pallas rows after it, so every row meets the GPU in the state the previous one left it in, and the
+two sides' medians move by ~1-2% between runs. Here each round runs ``--block`` consecutive calls of
+every implementation, in an order that rotates from round to round (round ``r`` starts with the
+``r % n``-th), so all of them meet the same drifts. Per length and input kind the report gives each
+implementation's median, minimum and maximum over its calls and its median by the implementation
+called just before (``after``: with ``--block 1`` a call right after a dense one shows what the
+dense call's load leaves behind), the ratio of the medians to the dense one
+(``speedup_of_medians``), and the distribution over rounds of the ratio of the rounds' medians
+(``round_speedups``); every call's time is kept, in call order (``call_ms``). ``--variants`` adds
+``bench_selection``'s prefill variants to the rotation, for an A/B under the same conditions.
 
 Timing as in ``bench_selection.py``: each function jitted and compiled ahead (compile excluded), two
 warm-up calls each, every timed call ended by ``block_until_ready``, host clock.
@@ -47,45 +48,66 @@ from infllm_jax import SparseConfig, ops
 
 
 def time_interleaved(
-    fns: dict, args, rounds: int, *, warmups: int = 2, progress=None
-) -> dict[str, list[float]]:
-    """Times ``rounds`` rounds of one call of each function of ``fns`` (name -> callable of ``args``).
+    fns: dict, args, rounds: int, *, block: int = 1, warmups: int = 2, progress=None
+) -> tuple[dict[str, list[float]], dict[str, list[str]]]:
+    """Times ``rounds`` rounds of ``block`` consecutive calls of each function of ``fns`` (name ->
+    callable of ``args``).
 
-    Round ``r`` calls them in ``fns``'s order rotated left by ``r % len(fns)``. Each function first
-    gets ``warmups`` untimed calls. Returns name -> the ``rounds`` call times in ms, in round order.
+    Round ``r`` runs the functions in ``fns``'s order rotated left by ``r % len(fns)``. Each function
+    first gets ``warmups`` untimed calls. Returns name -> the call times in ms in call order
+    (``rounds * block``), and name -> the name of the function called just before each of them
+    (``None`` for the first timed call).
     """
-    if rounds < 1 or not fns:
-        raise ValueError(f"need at least one round and one function, got {rounds} rounds of {list(fns)}")
+    if rounds < 1 or block < 1 or not fns:
+        raise ValueError(f"need at least one round, call and function, got {rounds} x {block} of {list(fns)}")
     names = list(fns)
     for name in names:
         for _ in range(warmups):
             jax.block_until_ready(fns[name](*args))
     times = {name: [] for name in names}
+    before = {name: [] for name in names}
+    previous = None
     for r in range(rounds):
         shift = r % len(names)
         for name in names[shift:] + names[:shift]:
-            start = time.perf_counter()
-            jax.block_until_ready(fns[name](*args))
-            times[name].append((time.perf_counter() - start) * 1e3)
+            for _ in range(block):
+                start = time.perf_counter()
+                jax.block_until_ready(fns[name](*args))
+                times[name].append((time.perf_counter() - start) * 1e3)
+                before[name].append(previous)
+                previous = name
         if progress is not None:
             progress.update(1)
-    return times
+    return times, before
 
 
-def summarise(times: dict[str, list[float]], dense: str) -> dict:
-    """Per implementation: median / min / max ms, the ratio of the dense median to its median, and
-    the median / min / max of the per-round ratios (dense call / its call of the same round)."""
-    base = np.asarray(times[dense])
+def summarise(
+    times: dict[str, list[float]], before: dict[str, list[str]], dense: str, block: int = 1
+) -> dict:
+    """Per implementation: median / min / max ms over all calls and the median by the implementation
+    called just before (``after``); against ``dense``: the ratio of the medians and the median /
+    min / max over rounds of the ratio of the rounds' medians (one block of calls each)."""
+
+    def rounds_of(ms):
+        return np.median(np.asarray(ms).reshape(-1, block), axis=1)
+
+    base = rounds_of(times[dense])
     out = {"implementations": {}, "speedup_of_medians": {}, "round_speedups": {}}
     for name, ms in times.items():
+        after = {}
+        for prev, t in zip(before[name], ms, strict=True):
+            after.setdefault(str(prev), []).append(t)
         out["implementations"][name] = {
             "median_ms": statistics.median(ms),
             "min_ms": min(ms),
             "max_ms": max(ms),
+            "after": {
+                prev: {"calls": len(x), "median_ms": statistics.median(x)} for prev, x in after.items()
+            },
         }
         if name != dense:
-            ratios = base / np.asarray(ms)
-            out["speedup_of_medians"][name] = statistics.median(base) / statistics.median(ms)
+            ratios = base / rounds_of(ms)
+            out["speedup_of_medians"][name] = statistics.median(times[dense]) / statistics.median(ms)
             out["round_speedups"][name] = {
                 "median": float(np.median(ratios)),
                 "min": float(ratios.min()),
@@ -94,9 +116,12 @@ def summarise(times: dict[str, list[float]], dense: str) -> dict:
     return out
 
 
-def run(*, lens, kinds, rounds: int, variants=(), shape: Shape, cfg: SparseConfig, log=print) -> list[dict]:
+def run(
+    *, lens, kinds, rounds: int, block: int = 1, variants=(), shape: Shape, cfg: SparseConfig, log=print
+) -> list[dict]:
     """One row per (length, input kind): the dense forward (cuDNN on a GPU, XLA on the CPU), the
-    default sparse prefill (``pallas``) and ``variants`` (``pallas_<name>``) timed in alternation."""
+    default sparse prefill (``pallas``) and ``variants`` (``pallas_<name>``) timed in alternation,
+    ``block`` calls of each per round."""
     dense = "xla" if jax.default_backend() == "cpu" else "cudnn"
     rows = []
     for t in lens:
@@ -111,13 +136,14 @@ def run(*, lens, kinds, rounds: int, variants=(), shape: Shape, cfg: SparseConfi
             }
             compiled = {name: _compile(fn, q, k, v) for name, fn in fns.items()}
             with tqdm(total=rounds, desc=f"T={t} {kind}", leave=False) as bar:
-                times = time_interleaved(compiled, (q, k, v), rounds, progress=bar)
+                times, before = time_interleaved(compiled, (q, k, v), rounds, block=block, progress=bar)
             row = {
                 "seq_len": t,
                 "inputs": kind,
                 "rounds": rounds,
-                **summarise(times, f"{dense}_dense"),
-                "round_ms": {name: [round(x, 3) for x in ms] for name, ms in times.items()},
+                "block": block,
+                **summarise(times, before, f"{dense}_dense", block),
+                "call_ms": {name: [round(x, 3) for x in ms] for name, ms in times.items()},
             }
             rows.append(row)
             for name, stats in row["implementations"].items():
@@ -134,8 +160,8 @@ def run(*, lens, kinds, rounds: int, variants=(), shape: Shape, cfg: SparseConfi
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    """Per (length, kind): each implementation's time per round (left) and the per-round speedups
-    over the dense call (right), so drifts and outliers show."""
+    """Per (length, kind): each implementation's call times over its median, in call order (left),
+    and per round the dense median over each sparse median (right), so drifts and outliers show."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -143,17 +169,22 @@ def plot(rows: list[dict], path: Path) -> None:
 
     fig, axes = plt.subplots(len(rows), 2, figsize=(13, 3.6 * len(rows)), squeeze=False)
     for (ax_t, ax_s), row in zip(axes, rows, strict=True):
-        names = list(row["round_ms"])
-        dense = np.asarray(row["round_ms"][names[0]])
+        names = list(row["call_ms"])
+        per_round = {
+            name: np.median(np.asarray(ms).reshape(-1, row["block"]), axis=1)
+            for name, ms in row["call_ms"].items()
+        }
         for name in names:
-            ms = np.asarray(row["round_ms"][name])
+            ms = np.asarray(row["call_ms"][name])
             ax_t.plot(ms / np.median(ms), marker=".", label=f"{name} (median {np.median(ms):.2f} ms)")
             if name != names[0]:
-                ax_s.plot(dense / ms, marker=".", label=f"{name}: x{row['speedup_of_medians'][name]:.3f}")
+                label = f"{name}: x{row['speedup_of_medians'][name]:.3f} of medians"
+                ax_s.plot(per_round[names[0]] / per_round[name], marker=".", label=label)
+        ax_t.set_xlabel(f"call ({row['block']} per implementation and round)")
         ax_t.set_ylabel("call time / its median")
-        ax_s.set_ylabel(f"{names[0]} / sparse, same round")
+        ax_s.set_xlabel("round")
+        ax_s.set_ylabel(f"{names[0]} / sparse, round medians")
         for ax in (ax_t, ax_s):
-            ax.set_xlabel("round")
             ax.grid(True, alpha=0.3)
             ax.legend(fontsize=7)
         ax_t.set_title(f"T={row['seq_len']}, {row['inputs']} inputs, {row['rounds']} rounds", fontsize=9)
@@ -169,6 +200,9 @@ def main(argv=None) -> None:
     parser.add_argument("--inputs", nargs="+", choices=INPUT_KINDS, default=["smooth"])
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument(
+        "--block", type=int, default=1, help="consecutive calls of each implementation per round"
+    )
+    parser.add_argument(
         "--variants",
         nargs="*",
         choices=sorted(PREFILL_VARIANTS),
@@ -183,11 +217,17 @@ def main(argv=None) -> None:
     name = args.name or ("interleaved_prefill_smoke" if args.smoke else "interleaved_prefill_h200")
     kinds = tuple(dict.fromkeys(args.inputs))
     rows = run(
-        lens=lens, kinds=kinds, rounds=args.rounds, variants=tuple(args.variants), shape=shape, cfg=cfg
+        lens=lens,
+        kinds=kinds,
+        rounds=args.rounds,
+        block=args.block,
+        variants=tuple(args.variants),
+        shape=shape,
+        cfg=cfg,
     )
     body = {
-        "timing": "rounds of one call per implementation, order rotating per round; compile excluded, "
-        "2 warm-ups each, block_until_ready, host clock",
+        "timing": f"rounds of {args.block} consecutive call(s) per implementation, order rotating per "
+        "round; compile excluded, 2 warm-ups each, block_until_ready, host clock",
         "inputs": {kind: describe_inputs(kind) for kind in kinds},
         "rows": rows,
     }

@@ -18,8 +18,8 @@ def interleaved(monkeypatch):
     return interleaved_prefill
 
 
-def test_each_round_calls_every_function_once_in_rotated_order(interleaved):
-    calls = []
+def _recorders(names, calls):
+    """Functions that append their name to ``calls`` and return their argument."""
 
     def recorder(name):
         def fn(x):
@@ -28,12 +28,28 @@ def test_each_round_calls_every_function_once_in_rotated_order(interleaved):
 
         return fn
 
-    fns = {name: recorder(name) for name in "abc"}
-    times = interleaved.time_interleaved(fns, (jnp.zeros(2),), rounds=4, warmups=1)
+    return {name: recorder(name) for name in names}
+
+
+def test_each_round_calls_every_function_in_rotated_order(interleaved):
+    calls = []
+    fns = _recorders("abc", calls)
+    times, before = interleaved.time_interleaved(fns, (jnp.zeros(2),), rounds=4, warmups=1)
     assert calls[:3] == ["a", "b", "c"]  # the warm-ups, untimed
     assert calls[3:] == [*"abc", *"bca", *"cab", *"abc"]
     assert {name: len(ms) for name, ms in times.items()} == {"a": 4, "b": 4, "c": 4}
     assert all(t >= 0 for ms in times.values() for t in ms)
+    # The call before each (rounds a b c | b c a | c a b | a b c).
+    assert before == {"a": [None, "c", "c", "b"], "b": ["a", "c", "a", "a"], "c": ["b", "b", "a", "b"]}
+
+
+def test_blocks_repeat_each_call(interleaved):
+    calls = []
+    fns = _recorders("ab", calls)
+    times, before = interleaved.time_interleaved(fns, (jnp.zeros(2),), rounds=2, block=3, warmups=0)
+    assert calls == [*"aaabbb", *"bbbaaa"]
+    assert before == {"a": [None, "a", "a", "b", "a", "a"], "b": ["a", "b", "b", "b", "b", "b"]}
+    assert {name: len(ms) for name, ms in times.items()} == {"a": 6, "b": 6}
 
 
 def test_time_interleaved_refuses_no_rounds(interleaved):
@@ -41,23 +57,31 @@ def test_time_interleaved_refuses_no_rounds(interleaved):
         interleaved.time_interleaved({"a": lambda: None}, (), rounds=0)
 
 
-def test_summary_ratios_pair_each_round_with_its_dense_call(interleaved):
-    times = {"dense": [10.0, 20.0, 12.0], "sparse": [2.0, 5.0, 3.0]}
-    out = interleaved.summarise(times, "dense")
-    assert out["implementations"]["dense"] == {"median_ms": 12.0, "min_ms": 10.0, "max_ms": 20.0}
-    assert out["speedup_of_medians"] == {"sparse": pytest.approx(12.0 / 3.0)}
-    # Per round: 10 / 2, 20 / 5, 12 / 3.
-    assert out["round_speedups"]["sparse"] == pytest.approx({"median": 4.0, "min": 4.0, "max": 5.0})
+def test_summary_pairs_each_round_with_its_dense_calls(interleaved):
+    times = {"dense": [10.0, 30.0, 20.0, 12.0], "sparse": [2.0, 4.0, 5.0, 3.0]}
+    before = {"dense": [None, "dense", "sparse", "dense"], "sparse": ["dense", "sparse", "dense", "sparse"]}
+    out = interleaved.summarise(times, before, "dense", block=2)
+    dense = out["implementations"]["dense"]
+    assert (dense["median_ms"], dense["min_ms"], dense["max_ms"]) == (16.0, 10.0, 30.0)
+    assert dense["after"] == {
+        "None": {"calls": 1, "median_ms": 10.0},
+        "dense": {"calls": 2, "median_ms": 21.0},
+        "sparse": {"calls": 1, "median_ms": 20.0},
+    }
+    assert out["speedup_of_medians"] == {"sparse": pytest.approx(16.0 / 3.5)}
+    # Rounds of two calls: medians 20 / 3 and 16 / 4.
+    assert out["round_speedups"]["sparse"] == pytest.approx({"median": 16 / 3, "min": 4.0, "max": 20 / 3})
     assert "dense" not in out["round_speedups"]
 
 
 def test_smoke_run_writes_rows_with_provenance_and_a_plot(interleaved, tmp_path):
-    interleaved.main(["--smoke", "--rounds", "2", "--variants", "xla_lists", "--out", str(tmp_path)])
+    argv = ["--smoke", "--rounds", "2", "--block", "2", "--variants", "xla_lists", "--out", str(tmp_path)]
+    interleaved.main(argv)
     result = json.loads((tmp_path / "interleaved_prefill_smoke.json").read_text())
     assert {"command", "date", "device", "jax_version", "timing", "rows"} <= result.keys()
     (row,) = result["rows"]
-    assert (row["seq_len"], row["inputs"], row["rounds"]) == (256, "smooth", 2)
-    assert list(row["round_ms"]) == ["xla_dense", "pallas", "pallas_xla_lists"]
-    assert all(len(ms) == 2 for ms in row["round_ms"].values())
+    assert (row["seq_len"], row["inputs"], row["rounds"], row["block"]) == (256, "smooth", 2, 2)
+    assert list(row["call_ms"]) == ["xla_dense", "pallas", "pallas_xla_lists"]
+    assert all(len(ms) == 4 for ms in row["call_ms"].values())
     assert set(row["speedup_of_medians"]) == {"pallas", "pallas_xla_lists"}
     assert (tmp_path / "interleaved_prefill_smoke.png").stat().st_size > 0
