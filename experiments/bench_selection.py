@@ -206,14 +206,6 @@ PREFILL_VARIANTS = {
     **{f"token_{n}_warp{'s' * (n > 1)}": _prefill_tilings(attention=dict(token_warps=n)) for n in (1, 4)},
     **{f"token_{n}_stage{'s' * (n > 1)}": _prefill_tilings(attention=dict(token_stages=n)) for n in (1, 3)},
     "token_batch_2": _prefill_tilings(attention=dict(token_batch=2)),
-    # The flat token phase (BlockSizes.token_flat): a program's tokens' blocks in one pipelined loop.
-    **{
-        f"token_flat_{n}": _prefill_tilings(attention=dict(token_flat=True, token_batch=n))
-        for n in (4, 8, 16, 32)
-    },
-    "token_flat_16_3_stages": _prefill_tilings(
-        attention=dict(token_flat=True, token_batch=16, token_stages=3)
-    ),
     "token_2_blocks": _prefill_tilings(attention=dict(token_kv_blocks=2)),
     # Blocks at least 3 tokens of an 8-token tile chose go to the tile kernel (default 2): with the
     # faster token phase, a block 2 tokens share costs about as much there as in the tile kernel.

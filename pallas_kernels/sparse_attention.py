@@ -51,7 +51,7 @@ import numpy as np
 from jax import lax
 
 from pallas_kernels import sparse_attention_mgpu
-from pallas_kernels._compat import dot, pl, pltriton, triton_params
+from pallas_kernels._compat import dot, pl, triton_params
 from pallas_kernels.tiling import (
     DEFAULT_MASK_VALUE,
     EMPTY_BLOCK,
@@ -243,81 +243,6 @@ def _fwd_kernel(
         lse_ref[tokens] = jnp.where(seen, m + jnp.log2(l), -jnp.inf).reshape(tile_tokens, gp)
 
 
-def _fwd_flat_kernel(off_ref, q_ref, k_ref, v_ref, ids_ref, cnt_ref, *refs, n_tok, has_init):
-    """The token phase of ``n_tok`` consecutive tokens as one loop over all their blocks.
-
-    ``_fwd_kernel`` with one-token tiles runs a loop per token, so Triton's software pipeline fills
-    and drains once per token: with a few private blocks per token (~6 at 128K on smooth inputs)
-    that is most of the loop. Here step ``i`` of one loop is block ``i - start[t]`` of the token
-    ``t`` whose steps cover ``i``; a token's first step resumes its softmax state, its last one
-    writes its row. A token without blocks gets one step on no key, so that its row is written too.
-
-    Refs as in ``_fwd_kernel`` with ``tile_tokens=1``, ``n_sub=n_tok``, ``kv_blocks=1`` and no bits:
-    q ``[n_tok, Gp, D]``, ids ``[n_tok, L]``, cnt ``[n_tok, 2]``, the optional state o0, lse0, then
-    o, lse.
-    """
-    o0_ref, lse0_ref = refs[:2] if has_init else (None, None)
-    o_ref, lse_ref = refs[-2:]
-    gp, d = q_ref.shape[1], q_ref.shape[2]
-    block = k_ref.shape[1]
-    precision = dot_precision(q_ref.dtype)
-    qk_scale = d**-0.5 * LOG2E
-    tok = lax.broadcasted_iota(jnp.int32, (n_tok,), 0)
-    count = cnt_ref[:, 0]
-    steps = jnp.maximum(count, 1)
-    # end[t]: steps of tokens 0..t (an inclusive prefix sum as a triangular sum: n_tok is small).
-    end = jnp.sum(jnp.where(tok[None, :] <= tok[:, None], steps[None, :], 0), axis=1)
-    first_pos = off_ref[0] + pl.program_id(0) * n_tok
-    key = lax.broadcasted_iota(jnp.int32, (block,), 0)
-
-    def pick(vec, t):
-        return jnp.sum(jnp.where(tok == t, vec, 0))
-
-    def body(i, carry):
-        acc, m, l = carry
-        t = jnp.sum((end <= i).astype(jnp.int32))
-        last_step = pick(end, t) - 1
-        j = i - (last_step + 1 - pick(steps, t))
-        ok = j < pick(count, t)
-        first_rows, first = jnp.broadcast_to(j == 0, (gp,)), jnp.broadcast_to(j == 0, (gp, d))
-        if has_init:
-            # Resume from (o, lse): m = lse, l = 1, acc = o is the same softmax state. Masked loads:
-            # only a token's first step reads it.
-            o0 = pltriton.load(o0_ref.at[t], mask=first, other=0.0)
-            lse0 = pltriton.load(lse0_ref.at[t], mask=first_rows, other=-jnp.inf)
-            seen0 = lse0 > -jnp.inf
-            init = (o0, jnp.where(seen0, lse0, DEFAULT_MASK_VALUE), jnp.where(seen0, 1.0, 0.0))
-        else:
-            init = (jnp.zeros((gp, d), jnp.float32), jnp.full((gp,), DEFAULT_MASK_VALUE), jnp.zeros((gp,)))
-        acc = jnp.where(first, init[0], acc)
-        m = jnp.where(first_rows, init[1], m)
-        l = jnp.where(first_rows, init[2], l)
-        blk = jnp.where(ok, ids_ref[t, j], 0)
-        scores = dot(q_ref[t], k_ref[blk], trans_b=True, precision=precision) * qk_scale  # [gp, block]
-        visible = ok & (blk * block + key <= first_pos + t)
-        scores = jnp.where(visible[None, :], scores, DEFAULT_MASK_VALUE)
-        m_new = jnp.maximum(m, scores.max(axis=1))
-        alpha = jnp.exp2(m - m_new)
-        p = jnp.exp2(scores - m_new[:, None])
-        acc = acc * alpha[:, None] + dot(p.astype(q_ref.dtype), v_ref[blk], precision=precision)
-        l = l * alpha + p.sum(axis=1)
-        # The token's last step writes its row (as ``_fwd_kernel``'s epilogue).
-        last = i == last_step
-        seen = m_new > 0.5 * DEFAULT_MASK_VALUE
-        out = jnp.where(seen[:, None], acc / jnp.where(seen, l, 1.0)[:, None], 0.0)
-        pltriton.store(o_ref.at[t], out.astype(o_ref.dtype), mask=jnp.broadcast_to(last, (gp, d)))
-        lse = jnp.where(seen, m_new + jnp.log2(jnp.where(seen, l, 1.0)), -jnp.inf)
-        pltriton.store(lse_ref.at[t], lse, mask=jnp.broadcast_to(last, (gp,)))
-        return acc, m_new, l
-
-    state = (
-        jnp.zeros((gp, d), jnp.float32),
-        jnp.full((gp,), DEFAULT_MASK_VALUE, jnp.float32),
-        jnp.zeros((gp,), jnp.float32),
-    )
-    lax.fori_loop(0, jnp.sum(steps), body, state)
-
-
 def _fwd_call(
     off,
     q5,
@@ -338,10 +263,9 @@ def _fwd_call(
     warps,
     stages,
     interpret,
-    flat=False,
 ):
-    """Launches ``_fwd_kernel`` (``flat``: ``_fwd_flat_kernel``, one-token tiles) for local tokens
-    ``[start, start + length)`` on a grid (programs along them, batch, KV head).
+    """Launches ``_fwd_kernel`` for local tokens ``[start, start + length)`` on a grid (programs along
+    them, batch, KV head).
 
     Args:
       off: ``[1]`` int32, key position of local token ``start``.
@@ -400,19 +324,14 @@ def _fwd_call(
             in_specs += global_specs
             aliases = {len(args): 0, len(args) + 1: 1}
             args += list(dest)
-    if flat:
-        if (tile_tokens, kv_blocks, bits) != (1, 1, None):
-            raise ValueError("the flat token phase takes one-token tiles, one block per step and no bitmasks")
-        kernel = functools.partial(_fwd_flat_kernel, n_tok=n_sub, has_init=init is not None)
-    else:
-        kernel = functools.partial(
-            _fwd_kernel,
-            tile_tokens=tile_tokens,
-            n_sub=n_sub,
-            kv_blocks=kv_blocks,
-            has_bits=bits is not None,
-            has_init=init is not None,
-        )
+    kernel = functools.partial(
+        _fwd_kernel,
+        tile_tokens=tile_tokens,
+        n_sub=n_sub,
+        kv_blocks=kv_blocks,
+        has_bits=bits is not None,
+        has_init=init is not None,
+    )
     return pl.pallas_call(
         kernel,
         grid=(length // span, b, hkv),
@@ -560,7 +479,6 @@ def _forward(q, k, v, block_idx, q_offset, lists, block_size, config, interpret)
                 kv_blocks=config.token_kv_blocks,
                 warps=config.token_warps,
                 out_dtype=q.dtype,
-                flat=config.token_flat,
                 **(common | dict(stages=config.token_stages)),
             )
         if chunk < tp:

@@ -126,9 +126,6 @@ class BlockSizes:
       min_share: a block goes to the tile phase when at least this many tokens of the tile selected
         it; 1 = pure union of the tile's blocks, no token phase.
       token_batch: tokens handled one after another by one program of the token phase.
-      token_flat: the forward's token phase runs a program's ``token_batch`` tokens as one loop over
-        all their blocks (``sparse_attention._fwd_flat_kernel``), so that Triton's software pipeline
-        fills once per program, not once per token. Needs ``token_kv_blocks=1``.
       tile_kv_blocks, token_kv_blocks: key blocks gathered per inner step of the tile and token
         phases (``kv_blocks * block_size`` keys per step).
       mask_split: run the blocks that need no mask (all of the tile's tokens selected them and see
@@ -160,7 +157,6 @@ class BlockSizes:
     tile_tokens: int = 4
     min_share: int = 2
     token_batch: int = 1
-    token_flat: bool = False
     tile_kv_blocks: int = 1
     token_kv_blocks: int = 1
     mask_split: bool = False
@@ -194,10 +190,6 @@ class BlockSizes:
         for name in ("num_stages", "token_stages"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.token_flat and self.token_kv_blocks != 1:
-            raise ValueError(
-                f"token_flat runs one block per step, got token_kv_blocks={self.token_kv_blocks}"
-            )
         if self.fwd_chunk_bytes < 1:
             raise ValueError(f"fwd_chunk_bytes must be positive, got {self.fwd_chunk_bytes}")
         for name in ("token_batch", "tile_kv_blocks", "token_kv_blocks", "dkv_tokens"):

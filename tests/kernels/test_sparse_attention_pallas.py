@@ -93,8 +93,6 @@ class Case:
             mode += f"-kv{cfg.tile_kv_blocks}x{cfg.token_kv_blocks}"
         if cfg.mask_split:
             mode += "-split"
-        if cfg.token_flat:
-            mode += f"-flat{cfg.token_batch}"
         if self.offset or self.keys is not None:
             mode += f"-off={self.offset}-Tk={self.key_len}{'-traced' if self.traced else ''}"
         return (
@@ -122,18 +120,6 @@ CASES = [
         config=BlockSizes(tile_tokens=2, min_share=2, token_batch=2, tile_kv_blocks=2, token_kv_blocks=2),
     ),
     Case(g=16, d=128, t=140, block_size=64, k=3, dtype=jnp.bfloat16, config=BlockSizes(tile_tokens=8)),
-    # The flat token phase: several tokens' blocks in one loop, tokens without private blocks (token 3
-    # selects nothing), with and without a tile phase before it.
-    Case(g=3, d=64, t=45, k=5, config=BlockSizes(tile_tokens=4, token_batch=4, token_flat=True)),
-    Case(g=2, d=64, t=40, hkv=1, k=4, config=BlockSizes(tile_tokens=0, token_batch=8, token_flat=True)),
-    Case(
-        g=16,
-        d=64,
-        t=140,
-        k=6,
-        dtype=jnp.bfloat16,
-        config=BlockSizes(tile_tokens=8, token_batch=16, token_flat=True),
-    ),
 ]
 # Query slices (context parallelism): offsets that are not multiples of the block size or of the
 # tile, slices whose length is not a multiple of the block, keys past the slice, traced offsets.
@@ -165,29 +151,11 @@ SLICE_CASES = [
         dtype=jnp.bfloat16,
         config=BlockSizes(tile_tokens=8, min_share=3, mask_split=True),
     ),
-    Case(
-        g=4,
-        d=64,
-        t=40,
-        offset=50,
-        keys=90,
-        config=BlockSizes(tile_tokens=4, token_batch=4, token_flat=True),
-        traced=True,
-    ),
 ]
 GPU_CASES = [
     Case(g=16, d=128, t=8192 + 37, block_size=64, k=24, dtype=jnp.bfloat16, config=BlockSizes()),
     Case(g=16, d=128, t=32768, hkv=1, block_size=64, k=8, dtype=jnp.bfloat16, config=BlockSizes()),
     Case(g=2, d=64, t=4096 + 5, block_size=64, k=16, dtype=jnp.float32, config=BlockSizes()),
-    Case(
-        g=16,
-        d=128,
-        t=8192 + 37,
-        block_size=64,
-        k=24,
-        dtype=jnp.bfloat16,
-        config=BlockSizes(tile_tokens=8, token_batch=16, token_flat=True),
-    ),
 ]
 
 
@@ -277,7 +245,6 @@ def test_query_slice_matches_reference(case):
             t=45,
             config=BlockSizes(tile_tokens=2, min_share=2, token_batch=2, token_kv_blocks=2, mask_split=True),
         ),
-        Case(g=4, d=64, t=52, config=BlockSizes(tile_tokens=2, token_batch=4, token_flat=True)),
     ],
     ids=str,
 )
@@ -476,29 +443,6 @@ def test_token_phase_takes_its_own_pipeline_depth():
 
     text = lower_for_h200(forward, q, k, k, idx)
     assert sorted(re.findall(r"num_stages = (\d+) : i32", text)) == ["2", "4"]
-
-
-def test_flat_token_phase_lowers_for_cuda():
-    """The flat token phase (masked loads and stores inside the pipelined loop) lowers to Triton IR for
-    the H200 with its pipeline depth; the token phase is the flat kernel (no per-token loop nest)."""
-    config = BlockSizes(
-        tile_tokens=8, tile_warps=8, num_stages=4, token_stages=2, token_batch=16, token_flat=True
-    )
-    q = jax.ShapeDtypeStruct((1, 256, 16, 128), jnp.bfloat16)
-    k = jax.ShapeDtypeStruct((1, 256, 1, 128), jnp.bfloat16)
-    idx = jax.ShapeDtypeStruct((1, 1, 256, 6), jnp.int32)
-
-    def forward(q, k, v, idx):
-        return sparse_attention_pallas(q, k, v, idx, block_size=64, config=config)
-
-    text = lower_for_h200(forward, q, k, k, idx)
-    assert sorted(re.findall(r"num_stages = (\d+) : i32", text)) == ["2", "4"]
-    assert "sparse_attn_fwd_token" in text
-
-
-def test_flat_token_phase_needs_one_block_per_step():
-    with pytest.raises(ValueError, match="token_flat runs one block per step"):
-        BlockSizes(token_flat=True, token_kv_blocks=2)
 
 
 @pytest.mark.parametrize("field", ["num_stages", "token_stages"])
