@@ -195,8 +195,6 @@ PREFILL_VARIANTS = {
         select=dict(mosaic=MosaicScore(bf16_scores=False, persistent=True))
     ),
     "scoring_one_tile_per_cta": _prefill_tilings(select=dict(mosaic=MosaicScore())),
-    # The persistent scoring kernel's tiles in plain strided order (before session 19: no snake).
-    "scoring_strided": _prefill_tilings(select=dict(mosaic=MosaicScore(persistent=True, snake=False))),
     # The scoring kernel's warpgroups not staggered (the default before session 17), and a 4-slot ring.
     "scoring_no_stagger": _prefill_tilings(select=dict(mosaic=MosaicScore(persistent=True, stagger=False))),
     "scoring_st4": _prefill_tilings(select=dict(mosaic=MosaicScore(persistent=True, stages=4))),

@@ -97,10 +97,6 @@ class MosaicScore:
         a CTA's start-up and last stores overlap the neighbouring tiles' steps. Keys-as-rows kernel
         only: below ``key_rows_from_blocks`` ``select_blocks`` launches the token-rows kernel with one
         tile per CTA.
-      snake: with ``persistent``, every other round of the CTAs' strided tiles runs in reverse
-        (``tiling.snake_item``): a tile's cost grows with its tokens' positions, so with the plain
-        strided order the last CTA gets the costliest tile of every round and the launch ends
-        waiting for it.
       stagger: keys-as-rows kernel only: at the start of each pass (coarse, fine) of a tile, compute
         warpgroup 1 waits until warpgroup 0's first WGMMA of that pass is done, so that one
         warpgroup's exponentials can run while the other's WGMMA does. Without it both start a pass
@@ -123,7 +119,6 @@ class MosaicScore:
     key_rows: bool = True
     key_rows_from_blocks: int = 128
     persistent: bool = False
-    snake: bool = True
     stagger: bool = True
     bf16_scores: bool = True
 

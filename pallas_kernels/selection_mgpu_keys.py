@@ -54,7 +54,7 @@ from pallas_kernels.selection_mgpu import (
     supported_mosaic_scoring,
     visible_kernels,
 )
-from pallas_kernels.tiling import DEFAULT_MASK_VALUE, GROUP_ROWS, LOG2E, persistent_ctas, snake_item
+from pallas_kernels.tiling import DEFAULT_MASK_VALUE, GROUP_ROWS, LOG2E, persistent_ctas
 
 __all__ = ["PAIR_BLOCKS", "query_rows_head_major", "score_tiles_mgpu_keys"]
 
@@ -377,11 +377,10 @@ def _persistent_kernel(
 ):
     """``config.persistent``: CTA ``c`` of ``C`` scores tiles ``c, c + C, ...`` of the ``(batch, kv head,
     tile)`` grid (tiles fastest, so concurrent CTAs read the same keys, as in the one-tile-per-CTA
-    launch; with ``config.snake`` every other round of ``C`` tiles in reverse). The memory warpgroup
-    loads each tile's query rows into one of two buffers while the compute warpgroups still score the
-    previous tile, and streams the key tiles through the ring across tiles (global step numbers); the
-    LSE exchange is double-buffered too, since a tile without key steps lets a warpgroup reach the
-    next exchange before the other one read the last."""
+    launch). The memory warpgroup loads each tile's query rows into one of two buffers while the
+    compute warpgroups still score the previous tile, and streams the key tiles through the ring
+    across tiles (global step numbers); the LSE exchange is double-buffered too, since a tile without
+    key steps lets a warpgroup reach the next exchange before the other one read the last."""
     (q_smem, ring, lse_smem, out_smem), (q_bar, k_bar, k_free, lse_bar, tile_free, kick) = scratch
     wg = lax.axis_index("wg")
     batch, hkv, chunk = body_ref.shape[:3]
@@ -390,11 +389,6 @@ def _persistent_kernel(
 
     def tile_of(loop_info):
         b, h, tile = loop_info.index
-        if config.snake:
-            n_tiles = grid[2]
-            item = snake_item((b * hkv + h) * n_tiles + tile, batch * hkv * n_tiles, lax.axis_size("cta"))
-            bh = lax.div(item, n_tiles)
-            b, h, tile = lax.div(bh, hkv), lax.rem(bh, hkv), lax.rem(item, n_tiles)
         return b, h, tile, lax.rem(loop_info.local_index, 2)
 
     @pl.when(wg < _COMPUTE_WGS)

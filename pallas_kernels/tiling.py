@@ -30,7 +30,6 @@ __all__ = [
     "next_pow2",
     "persistent_ctas",
     "round_up",
-    "snake_item",
     "tile_lists",
 ]
 
@@ -219,21 +218,6 @@ def persistent_ctas(interpret: bool) -> int:
     if interpret:
         return 2
     return getattr(jax.devices()[0], "core_count", None) or _H100_SMS
-
-
-def snake_item(linear, n_items, ctas):
-    """The grid item that a persistent launch's strided loop runs at linear index ``linear`` when
-    every other round of ``ctas`` items goes in reverse (traced int32 scalars).
-
-    ``plgpu.nd_loop`` gives CTA ``c`` the linear indices ``c, c + C, ...``: round ``k`` holds items
-    ``kC .. kC + C - 1``. When the items' costs grow along the grid (the selection's scoring tiles:
-    each token sees more keys than the one before), CTA ``C - 1`` then gets the costliest item of
-    every round and the launch waits for it; reversing the odd rounds hands each CTA a cheap and a
-    costly item in turn. A bijection of ``[0, n_items)``: the last round may hold fewer than ``C``.
-    """
-    k, p = lax.div(linear, ctas), lax.rem(linear, ctas)
-    size = jnp.minimum(ctas, n_items - k * ctas)
-    return k * ctas + jnp.where(lax.rem(k, 2) == 1, size - 1 - p, p)
 
 
 def next_pow2(x: int) -> int:

@@ -339,29 +339,6 @@ def test_mosaic_persistent_scoring_selects_what_one_tile_per_cta_does(cfg, t, hq
     np.testing.assert_array_equal(got, want)
 
 
-@pytest.mark.parametrize("n_items,ctas", [(12, 4), (14, 4), (3, 4), (1000, 132)])
-def test_snake_item_reverses_every_other_round_of_a_permutation(n_items, ctas):
-    """``snake_item`` maps the strided loop's linear indices onto every item once; round ``k`` (items
-    ``k C .. k C + C - 1``, the last one shorter) runs backwards when ``k`` is odd."""
-    from pallas_kernels.tiling import snake_item
-
-    got = np.asarray(jax.jit(snake_item, static_argnums=(1, 2))(jnp.arange(n_items), n_items, ctas))
-    assert sorted(got.tolist()) == list(range(n_items))
-    for k, start in enumerate(range(0, n_items, ctas)):
-        round_items = list(range(start, min(start + ctas, n_items)))
-        assert got[start : start + ctas].tolist() == (round_items[::-1] if k % 2 else round_items)
-
-
-def test_mosaic_persistent_strided_order_selects_what_the_snake_order_does():
-    """The scoring kernel's persistent tiles in plain strided order (``snake=False``) or snake order
-    (the default) compute the same scores: same selection."""
-    q, k = qk(5, 1, 600, 16, 1, 64, jnp.bfloat16)
-    snake = MosaicScore(key_rows_from_blocks=0, persistent=True)
-    tilings = [dataclasses.replace(MOSAIC, mosaic=dataclasses.replace(snake, snake=x)) for x in (True, False)]
-    want, got = (np.asarray(pallas_select(q, k, STRIDE1, query_chunk=256, block_sizes=x)) for x in tilings)
-    np.testing.assert_array_equal(got, want)
-
-
 def test_mosaic_query_slice_at_a_traced_offset_matches_the_full_selection():
     # Every token's scores depend on its own rows only, so a slice (other 8-token tiles, other chunk
     # boundaries, more masked tiles) selects bit-identically.
@@ -475,12 +452,6 @@ _LOWERING_TILINGS = [
     ("f32-scores", MOSAIC_F32_SCORES),
     ("token-rows-f32-scores", MOSAIC_TOKEN_ROWS_F32_SCORES),
     ("persistent", MOSAIC_PERSISTENT),
-    (
-        "persistent-strided",
-        dataclasses.replace(
-            MOSAIC_PERSISTENT, mosaic=dataclasses.replace(MOSAIC_PERSISTENT.mosaic, snake=False)
-        ),
-    ),
     ("no-stagger", MOSAIC_NO_STAGGER),
 ]
 
