@@ -1,17 +1,12 @@
 """experiments/bench_selection.py on CPU (interpret mode): prefill variants and their comparison rows."""
 
 import json
-from pathlib import Path
 
 import pytest
 
-EXPERIMENTS = Path(__file__).resolve().parents[2] / "experiments"
 
-
-def test_prefill_variant_rows_compare_with_the_default_and_the_dense_baseline(tmp_path, monkeypatch):
-    # The script imports its sibling bench_attention, as when run as experiments/bench_selection.py.
-    monkeypatch.syspath_prepend(str(EXPERIMENTS))
-    import bench_selection
+def test_prefill_variant_rows_compare_with_the_default_and_the_dense_baseline(tmp_path, experiment):
+    bench_selection = experiment("bench_selection")
 
     argv = ["--smoke", "--no-sweep", "--select-lens", "--prefill-lens", "256", "--inputs", "smooth"]
     bench_selection.main([*argv, "--prefill-variants", "xla_lists", "--out", str(tmp_path)])

@@ -2,22 +2,14 @@
 persistent-loop iteration, and get their modules back afterwards; a launch's balance from a profiler
 trace; the script refuses to run without a GPU."""
 
-from pathlib import Path
-
 import jax
 import jax.numpy as jnp
 import pytest
 
-EXPERIMENTS = Path(__file__).resolve().parents[2] / "experiments"
-
 
 @pytest.fixture
-def balance(monkeypatch):
-    # The script imports its siblings, as when run as experiments/cta_balance.py.
-    monkeypatch.syspath_prepend(str(EXPERIMENTS))
-    import cta_balance
-
-    return cta_balance
+def balance(experiment):
+    return experiment("cta_balance")
 
 
 def test_profiled_kernels_get_a_profile_buffer_and_scoped_loops_then_their_modules_back(balance, tmp_path):

@@ -1,11 +1,8 @@
 """experiments/bench_attention.gpu_timeline: busy and idle GPU time per call from profiler events."""
 
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-
-EXPERIMENTS = Path(__file__).resolve().parents[2] / "experiments"
 
 
 def _events(spans):
@@ -32,11 +29,8 @@ def _profile(kernels, other_lines=(), host=()):
 
 
 @pytest.fixture
-def gpu_timeline(monkeypatch):
-    monkeypatch.syspath_prepend(str(EXPERIMENTS))
-    import bench_attention
-
-    return bench_attention.gpu_timeline
+def gpu_timeline(experiment):
+    return experiment("bench_attention").gpu_timeline
 
 
 def test_two_calls_split_at_the_host_turnaround_and_gaps_inside_them_are_idle(gpu_timeline):
@@ -78,9 +72,8 @@ def test_fewer_events_than_calls_give_no_timeline(gpu_timeline):
     assert gpu_timeline(_profile([("a", 0, 100)]), calls=2) == {}
 
 
-def test_kernel_totals_count_stream_launches_per_call_and_sum_the_rest(monkeypatch):
-    monkeypatch.syspath_prepend(str(EXPERIMENTS))
-    import bench_attention
+def test_kernel_totals_count_stream_launches_per_call_and_sum_the_rest(experiment):
+    bench_attention = experiment("bench_attention")
 
     # Two calls of a 100 us, b 60 us and c 50 + 30 us; the "XLA Ops" summary line repeats them.
     kernels = [("a", 0, 100), ("b", 100, 160), ("c", 160, 210), ("c", 220, 250)]

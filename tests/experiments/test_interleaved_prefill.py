@@ -1,21 +1,14 @@
 """experiments/interleaved_prefill.py: the rotation of the timed calls, the summary, and a CPU smoke run."""
 
 import json
-from pathlib import Path
 
 import jax.numpy as jnp
 import pytest
 
-EXPERIMENTS = Path(__file__).resolve().parents[2] / "experiments"
-
 
 @pytest.fixture
-def interleaved(monkeypatch):
-    # The script imports its siblings, as when run as experiments/interleaved_prefill.py.
-    monkeypatch.syspath_prepend(str(EXPERIMENTS))
-    import interleaved_prefill
-
-    return interleaved_prefill
+def interleaved(experiment):
+    return experiment("interleaved_prefill")
 
 
 def _recorders(names, calls):

@@ -1,23 +1,15 @@
 """experiments/scoring_anatomy.py: the stripped variants swap names in the scoring kernel's module and
 put them back; the script refuses to run without a GPU (it times a Mosaic GPU kernel)."""
 
-from pathlib import Path
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-EXPERIMENTS = Path(__file__).resolve().parents[2] / "experiments"
-
 
 @pytest.fixture
-def anatomy(monkeypatch):
-    # The script imports its siblings, as when run as experiments/scoring_anatomy.py.
-    monkeypatch.syspath_prepend(str(EXPERIMENTS))
-    import scoring_anatomy
-
-    return scoring_anatomy
+def anatomy(experiment):
+    return experiment("scoring_anatomy")
 
 
 @pytest.mark.parametrize("variant", ["default", "no_exp2", "no_wgmma", "neither"])

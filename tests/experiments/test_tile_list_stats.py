@@ -1,21 +1,14 @@
 """experiments/tile_list_stats.py: the step counts on hand-made lists, and a small run end to end."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-EXPERIMENTS = Path(__file__).resolve().parents[2] / "experiments"
-
 
 @pytest.fixture
-def stats(monkeypatch):
-    # The script imports its siblings, as when run as experiments/tile_list_stats.py.
-    monkeypatch.syspath_prepend(str(EXPERIMENTS))
-    import tile_list_stats
-
-    return tile_list_stats
+def stats(experiment):
+    return experiment("tile_list_stats")
 
 
 def test_steps_pair_list_entries_in_list_order_or_grouped_by_warpgroup(stats):

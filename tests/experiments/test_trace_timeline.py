@@ -2,18 +2,13 @@
 
 import gzip
 import json
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 
-EXPERIMENTS = Path(__file__).resolve().parents[2] / "experiments"
 
-
-def test_a_gzipped_cpu_trace_has_no_gpu_timeline_and_an_unknown_device(tmp_path, monkeypatch):
-    monkeypatch.syspath_prepend(str(EXPERIMENTS))
-    import bench_attention
-    import trace_timeline
+def test_a_gzipped_cpu_trace_has_no_gpu_timeline_and_an_unknown_device(tmp_path, experiment):
+    bench_attention, trace_timeline = experiment("bench_attention"), experiment("trace_timeline")
 
     raw = tmp_path / "cpu.xplane.pb"
     fn = jax.jit(lambda x: jnp.sin(x) @ x.T)

@@ -7,15 +7,10 @@ from pathlib import Path
 import jax
 import pytest
 
-EXPERIMENTS = Path(__file__).resolve().parents[2] / "experiments"
-
 
 @pytest.fixture
-def bench_attention(monkeypatch):
-    monkeypatch.syspath_prepend(str(EXPERIMENTS))
-    import bench_attention
-
-    return bench_attention
+def bench_attention(experiment):
+    return experiment("bench_attention")
 
 
 def test_writes_command_date_device_and_jax_version_before_the_body(bench_attention, tmp_path, monkeypatch):
