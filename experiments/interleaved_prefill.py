@@ -11,6 +11,9 @@ dense call's load leaves behind), the ratio of the medians to the dense one
 (``speedup_of_medians``), and the distribution over rounds of the ratio of the rounds' medians
 (``round_speedups``); every call's time is kept, in call order (``call_ms``). ``--variants`` adds
 ``bench_selection``'s prefill variants to the rotation, for an A/B under the same conditions.
+``--clocks`` samples the SM clock and the power draw through NVML during the rounds and gives each
+implementation's median of its calls' mean clock and power by the implementation called before
+(``clocks_after``).
 
 Timing as in ``bench_selection.py``: each function jitted and compiled ahead (compile excluded), two
 warm-up calls each, every timed call ended by ``block_until_ready``, host clock.
@@ -22,7 +25,9 @@ Usage::
 """
 
 import argparse
+import contextlib
 import statistics
+import threading
 import time
 from pathlib import Path
 
@@ -48,7 +53,7 @@ from infllm_jax import SparseConfig, ops
 
 
 def time_interleaved(
-    fns: dict, args, rounds: int, *, block: int = 1, warmups: int = 2, progress=None
+    fns: dict, args, rounds: int, *, block: int = 1, warmups: int = 2, progress=None, on_call=None
 ) -> tuple[dict[str, list[float]], dict[str, list[str]]]:
     """Times ``rounds`` rounds of ``block`` consecutive calls of each function of ``fns`` (name ->
     callable of ``args``).
@@ -56,7 +61,8 @@ def time_interleaved(
     Round ``r`` runs the functions in ``fns``'s order rotated left by ``r % len(fns)``. Each function
     first gets ``warmups`` untimed calls. Returns name -> the call times in ms in call order
     (``rounds * block``), and name -> the name of the function called just before each of them
-    (``None`` for the first timed call).
+    (``None`` for the first timed call). ``on_call(name, start, end)`` (``time.perf_counter``
+    seconds) follows every timed call.
     """
     if rounds < 1 or block < 1 or not fns:
         raise ValueError(f"need at least one round, call and function, got {rounds} x {block} of {list(fns)}")
@@ -73,8 +79,11 @@ def time_interleaved(
             for _ in range(block):
                 start = time.perf_counter()
                 jax.block_until_ready(fns[name](*args))
-                times[name].append((time.perf_counter() - start) * 1e3)
+                end = time.perf_counter()
+                times[name].append((end - start) * 1e3)
                 before[name].append(previous)
+                if on_call is not None:
+                    on_call(name, start, end)
                 previous = name
         if progress is not None:
             progress.update(1)
@@ -116,12 +125,80 @@ def summarise(
     return out
 
 
+class ClockSampler:
+    """Samples GPU 0's SM clock (MHz) and power draw (W) through NVML every ``period_s`` in a thread,
+    while used as a context manager; ``mean_over(start, end)`` averages the samples taken between two
+    ``time.perf_counter`` instants (``None`` if there are none)."""
+
+    def __init__(self, period_s: float = 0.002):
+        import pynvml  # the nvidia-ml-py package; GPU machines only
+
+        pynvml.nvmlInit()
+        handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+        self._read = lambda: (
+            pynvml.nvmlDeviceGetClockInfo(handle, pynvml.NVML_CLOCK_SM),
+            pynvml.nvmlDeviceGetPowerUsage(handle) / 1e3,
+        )
+        self._period, self._stop, self.samples = period_s, threading.Event(), []
+
+    def _loop(self):
+        while not self._stop.is_set():
+            self.samples.append((time.perf_counter(), *self._read()))
+            time.sleep(self._period)
+
+    def __enter__(self):
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+    def mean_over(self, start: float, end: float):
+        inside = [(mhz, watts) for t, mhz, watts in self.samples if start <= t <= end]
+        if not inside:
+            return None
+        return tuple(float(np.mean(x)) for x in zip(*inside, strict=True))
+
+
+def clocks_after(clocks: dict[str, list], before: dict[str, list[str]]) -> dict:
+    """Per implementation and implementation called just before: the median over calls of each
+    call's mean SM clock and power draw (``clocks``: name -> per call ``(mhz, watts)`` or ``None``)."""
+    out = {}
+    for name, per_call in clocks.items():
+        groups = {}
+        for prev, sample in zip(before[name], per_call, strict=True):
+            if sample is not None:
+                groups.setdefault(str(prev), []).append(sample)
+        out[name] = {
+            prev: {
+                "calls": len(x),
+                "sm_mhz": statistics.median(s[0] for s in x),
+                "watts": statistics.median(s[1] for s in x),
+            }
+            for prev, x in groups.items()
+        }
+    return out
+
+
 def run(
-    *, lens, kinds, rounds: int, block: int = 1, variants=(), shape: Shape, cfg: SparseConfig, log=print
+    *,
+    lens,
+    kinds,
+    rounds: int,
+    block: int = 1,
+    variants=(),
+    shape: Shape,
+    cfg: SparseConfig,
+    sampler=None,
+    log=print,
 ) -> list[dict]:
     """One row per (length, input kind): the dense forward (cuDNN on a GPU, XLA on the CPU), the
     default sparse prefill (``pallas``) and ``variants`` (``pallas_<name>``) timed in alternation,
-    ``block`` calls of each per round."""
+    ``block`` calls of each per round. With a ``sampler`` (``ClockSampler``) each row also gives the
+    calls' SM clock and power by the implementation called before (``clocks_after``)."""
     dense = "xla" if jax.default_backend() == "cpu" else "cudnn"
     rows = []
     for t in lens:
@@ -135,8 +212,17 @@ def run(
                 **{f"pallas_{name}": PREFILL_VARIANTS[name](cfg) for name in variants},
             }
             compiled = {name: _compile(fn, q, k, v) for name, fn in fns.items()}
+            spans = {name: [] for name in compiled}
             with tqdm(total=rounds, desc=f"T={t} {kind}", leave=False) as bar:
-                times, before = time_interleaved(compiled, (q, k, v), rounds, block=block, progress=bar)
+                with sampler if sampler is not None else contextlib.nullcontext():
+                    times, before = time_interleaved(
+                        compiled,
+                        (q, k, v),
+                        rounds,
+                        block=block,
+                        progress=bar,
+                        on_call=lambda name, start, end, spans=spans: spans[name].append((start, end)),
+                    )
             row = {
                 "seq_len": t,
                 "inputs": kind,
@@ -145,6 +231,10 @@ def run(
                 **summarise(times, before, f"{dense}_dense", block),
                 "call_ms": {name: [round(x, 3) for x in ms] for name, ms in times.items()},
             }
+            if sampler is not None:
+                clocks = {name: [sampler.mean_over(*span) for span in calls] for name, calls in spans.items()}
+                row["clocks_after"] = clocks_after(clocks, before)
+                sampler.samples.clear()
             rows.append(row)
             for name, stats in row["implementations"].items():
                 line = f"T={t:>7} {kind:>6} {name:>28} median {stats['median_ms']:9.2f} ms"
@@ -155,6 +245,8 @@ def run(
                         f"x{spread['median']:.3f} ({spread['min']:.3f}-{spread['max']:.3f})"
                     )
                 log(line)
+                for prev, clock in row.get("clocks_after", {}).get(name, {}).items():
+                    log(f"{'':>46} after {prev}: {clock['sm_mhz']:.0f} MHz, {clock['watts']:.0f} W")
             del q, k, v, compiled
     return rows
 
@@ -209,6 +301,9 @@ def main(argv=None) -> None:
         default=[],
         help="bench_selection prefill variants",
     )
+    parser.add_argument(
+        "--clocks", action="store_true", help="sample the SM clock and power draw during the calls (NVML)"
+    )
     parser.add_argument("--smoke", action="store_true", help="tiny shapes (CPU interpret mode check)")
     parser.add_argument("--name", help="results file name (.json and .png added)")
     args = parser.parse_args(argv)
@@ -224,6 +319,7 @@ def main(argv=None) -> None:
         variants=tuple(args.variants),
         shape=shape,
         cfg=cfg,
+        sampler=ClockSampler() if args.clocks else None,
     )
     body = {
         "timing": f"rounds of {args.block} consecutive call(s) per implementation, order rotating per "

@@ -78,3 +78,59 @@ def test_smoke_run_writes_rows_with_provenance_and_a_plot(interleaved, tmp_path)
     assert all(len(ms) == 4 for ms in row["call_ms"].values())
     assert set(row["speedup_of_medians"]) == {"pallas", "pallas_xla_lists"}
     assert (tmp_path / "interleaved_prefill_smoke.png").stat().st_size > 0
+
+
+class _FakeSampler:
+    """``ClockSampler``'s interface without NVML: a call's clock is 1000 MHz plus its length in ms."""
+
+    def __init__(self):
+        self.samples, self.entered = [], 0
+
+    def __enter__(self):
+        self.entered += 1
+        return self
+
+    def __exit__(self, *exc):
+        return None
+
+    def mean_over(self, start, end):
+        return 1000.0 + (end - start) * 1e3, 500.0
+
+
+def test_clocks_are_grouped_by_the_call_before(interleaved):
+    clocks = {
+        "a": [(1000.0, 300.0), (1200.0, 500.0), None],
+        "b": [(900.0, 200.0), (1100.0, 400.0), (1300.0, 600.0)],
+    }
+    before = {"a": [None, "b", "b"], "b": ["a", "a", "b"]}
+    got = interleaved.clocks_after(clocks, before)
+    assert got["a"] == {
+        "None": {"calls": 1, "sm_mhz": 1000.0, "watts": 300.0},
+        "b": {"calls": 1, "sm_mhz": 1200.0, "watts": 500.0},
+    }
+    assert got["b"] == {
+        "a": {"calls": 2, "sm_mhz": 1000.0, "watts": 300.0},
+        "b": {"calls": 1, "sm_mhz": 1300.0, "watts": 600.0},
+    }
+
+
+def test_a_run_with_a_sampler_gives_each_call_its_clock(interleaved):
+    from bench_selection import SMOKE_CONFIG, SMOKE_SHAPE
+
+    sampler = _FakeSampler()
+    (row,) = interleaved.run(
+        lens=(256,),
+        kinds=("smooth",),
+        rounds=2,
+        shape=SMOKE_SHAPE,
+        cfg=SMOKE_CONFIG,
+        sampler=sampler,
+        log=lambda _: None,
+    )
+    assert sampler.entered == 1
+    for name, ms in row["call_ms"].items():
+        assert sum(group["calls"] for group in row["clocks_after"][name].values()) == len(ms) == 2
+        # The fake clock is 1000 + the call's ms: per predecessor, 1000 + the median call time after it.
+        for prev, group in row["clocks_after"][name].items():
+            after_ms = row["implementations"][name]["after"][prev]["median_ms"]
+            assert group["sm_mhz"] == pytest.approx(1000.0 + after_ms) and group["watts"] == 500.0
