@@ -248,6 +248,21 @@ INPUT_KINDS = ("random", "smooth")
 DEFAULT_CORR, DEFAULT_NOISE = 256, 0.3
 
 
+def dense_impl() -> str:
+    """The dense baseline's ``implementation``: cuDNN on a GPU, XLA on the CPU (smoke runs)."""
+    return "xla" if jax.default_backend() == "cpu" else "cudnn"
+
+
+def dense_prefill(impl: str):
+    """The dense causal forward ``(q, k, v) -> o`` with ``jax.nn.dot_product_attention``'s ``impl``."""
+    return lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=impl)
+
+
+def sparse_prefill(cfg: SparseConfig):
+    """The default sparse prefill ``(q, k, v) -> o``: Pallas selection and attention."""
+    return lambda q, k, v: ops.infllmv2_attention(q, k, v, cfg, implementation="pallas")
+
+
 def _compile(fn, *args):
     return jax.jit(fn).lower(*args).compile()
 
@@ -408,7 +423,7 @@ def run(
     if trace_dir is not None:
         trace_dir.mkdir(parents=True, exist_ok=True)
     on_cpu = jax.default_backend() == "cpu"
-    dense_impl = "xla" if on_cpu else "cudnn"
+    dense = dense_impl()
     rows: list[dict] = []
     dense_ms: dict[int, float] = {}
 
@@ -433,11 +448,11 @@ def run(
             row["tflops"] = _flops(pass_, impl, t, shape, cfg) / row["median_ms"] / 1e9
         except Exception as err:  # a failed row is reported, the rest of the run continues
             row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"[:500]
-        if impl == dense_impl and pass_ == "prefill" and "median_ms" in row:
+        if impl == dense and pass_ == "prefill" and "median_ms" in row:
             dense_ms[t] = row["median_ms"]
         if t in dense_ms and "median_ms" in row:
             row["speedup_vs_cudnn_dense"] = dense_ms[t] / row["median_ms"]
-        if compiled is not None and (impl.startswith("pallas") or impl == dense_impl) and t in profile_lens:
+        if compiled is not None and (impl.startswith("pallas") or impl == dense) and t in profile_lens:
             keep = None if trace_dir is None else trace_dir / f"{impl}_{pass_}_{inputs}_{t}.xplane.pb"
             kernels, timeline = kernel_times(compiled, *args, top=profile_top, timeline=True, keep_trace=keep)
             row["kernels"], row["gpu_timeline"] = kernels, timeline
@@ -468,25 +483,9 @@ def run(
             if kind == input_kinds[0]:
                 # Dense attention does the same work whatever the values: one row per length is the
                 # baseline (speedup_vs_cudnn_dense) of every input kind, recorded before their rows.
-                record(
-                    dense_impl,
-                    "prefill",
-                    t,
-                    lambda q, k, v: jax.nn.dot_product_attention(
-                        q, k, v, is_causal=True, implementation=dense_impl
-                    ),
-                    (q, k, v),
-                    kind,
-                )
+                record(dense, "prefill", t, dense_prefill(dense), (q, k, v), kind)
             if t in prefill_lens:
-                _, compiled = record(
-                    "pallas",
-                    "prefill",
-                    t,
-                    lambda q, k, v: ops.infllmv2_attention(q, k, v, cfg, implementation="pallas"),
-                    (q, k, v),
-                    kind,
-                )
+                _, compiled = record("pallas", "prefill", t, sparse_prefill(cfg), (q, k, v), kind)
                 out = None if compiled is None else np.asarray(compiled(q, k, v))
                 for name in extra_prefill:
                     variant_row, variant = record(

@@ -38,9 +38,8 @@ from pathlib import Path
 
 import jax
 from bench_attention import ModuleProxy, kernel_times, write_report
-from bench_selection import MINICPM4_SHAPE, PREFILL_VARIANTS, SHIPPED, _inputs
+from bench_selection import MINICPM4_SHAPE, PREFILL_VARIANTS, SHIPPED, _inputs, sparse_prefill
 
-from infllm_jax import ops
 from pallas_kernels import mgpu_sync, selection_mgpu_keys, sparse_attention_mgpu
 
 # Kernel module -> a part of its kernel's name (the profiler trace files' and the GPU trace's).
@@ -178,9 +177,7 @@ def paired_kernel_times(prefills: dict, args, pairs: int) -> dict:
 def run(seq_len: int, inputs: str, against: str | None = None, pairs: int = 5) -> dict:
     q, k, v = _inputs(seq_len, MINICPM4_SHAPE, jax.numpy.bfloat16, inputs)
 
-    def prefill(q, k, v):
-        return ops.infllmv2_attention(q, k, v, SHIPPED, implementation="pallas")
-
+    prefill = sparse_prefill(SHIPPED)
     # Kernel times of the unprofiled kernels: the launches' lengths the tail fractions apply to.
     compiled = jax.jit(prefill).lower(q, k, v).compile()
     kernels = kernel_times(compiled, q, k, v, top=20)

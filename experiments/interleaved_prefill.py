@@ -45,11 +45,14 @@ from bench_selection import (
     Shape,
     _compile,
     _inputs,
+    dense_impl,
+    dense_prefill,
     describe_inputs,
+    sparse_prefill,
 )
 from tqdm.auto import tqdm
 
-from infllm_jax import SparseConfig, ops
+from infllm_jax import SparseConfig
 
 
 def time_interleaved(
@@ -199,20 +202,23 @@ def run(
     default sparse prefill (``pallas``) and ``variants`` (``pallas_<name>``) timed in alternation,
     ``block`` calls of each per round. With a ``sampler`` (``ClockSampler``) each row also gives the
     calls' SM clock and power by the implementation called before (``clocks_after``)."""
-    dense = "xla" if jax.default_backend() == "cpu" else "cudnn"
+    dense = dense_impl()
     rows = []
     for t in lens:
         for kind in kinds:
             q, k, v = _inputs(t, shape, jnp.bfloat16, kind)
             fns = {
-                f"{dense}_dense": lambda q, k, v: jax.nn.dot_product_attention(
-                    q, k, v, is_causal=True, implementation=dense
-                ),
-                "pallas": lambda q, k, v: ops.infllmv2_attention(q, k, v, cfg, implementation="pallas"),
+                f"{dense}_dense": dense_prefill(dense),
+                "pallas": sparse_prefill(cfg),
                 **{f"pallas_{name}": PREFILL_VARIANTS[name](cfg) for name in variants},
             }
             compiled = {name: _compile(fn, q, k, v) for name, fn in fns.items()}
+            # With a sampler: each timed call's (start, end), to average the clock samples over.
             spans = {name: [] for name in compiled}
+
+            def on_call(name, start, end, spans=spans):
+                spans[name].append((start, end))
+
             with tqdm(total=rounds, desc=f"T={t} {kind}", leave=False) as bar:
                 with sampler if sampler is not None else contextlib.nullcontext():
                     times, before = time_interleaved(
@@ -221,7 +227,7 @@ def run(
                         rounds,
                         block=block,
                         progress=bar,
-                        on_call=lambda name, start, end, spans=spans: spans[name].append((start, end)),
+                        on_call=None if sampler is None else on_call,
                     )
             row = {
                 "seq_len": t,
