@@ -203,16 +203,18 @@ def run(
     ``block`` calls of each per round. With a ``sampler`` (``ClockSampler``) each row also gives the
     calls' SM clock and power by the implementation called before (``clocks_after``)."""
     dense = dense_impl()
+    fns = {
+        f"{dense}_dense": dense_prefill(dense),
+        "pallas": sparse_prefill(cfg),
+        **{f"pallas_{name}": PREFILL_VARIANTS[name](cfg) for name in variants},
+    }
     rows = []
     for t in lens:
+        compiled = None  # one compilation per length: the input kinds share shapes and dtypes
         for kind in kinds:
             q, k, v = _inputs(t, shape, jnp.bfloat16, kind)
-            fns = {
-                f"{dense}_dense": dense_prefill(dense),
-                "pallas": sparse_prefill(cfg),
-                **{f"pallas_{name}": PREFILL_VARIANTS[name](cfg) for name in variants},
-            }
-            compiled = {name: _compile(fn, q, k, v) for name, fn in fns.items()}
+            if compiled is None:
+                compiled = {name: _compile(fn, q, k, v) for name, fn in fns.items()}
             # With a sampler: each timed call's (start, end), to average the clock samples over.
             spans = {name: [] for name in compiled}
 
@@ -253,7 +255,7 @@ def run(
                 log(line)
                 for prev, clock in row.get("clocks_after", {}).get(name, {}).items():
                     log(f"{'':>46} after {prev}: {clock['sm_mhz']:.0f} MHz, {clock['watts']:.0f} W")
-            del q, k, v, compiled
+            del q, k, v
     return rows
 
 

@@ -68,15 +68,28 @@ def test_summary_pairs_each_round_with_its_dense_calls(interleaved):
 
 
 def test_smoke_run_writes_rows_with_provenance_and_a_plot(interleaved, tmp_path):
-    argv = ["--smoke", "--rounds", "2", "--block", "2", "--variants", "xla_lists", "--out", str(tmp_path)]
-    interleaved.main(argv)
+    argv = [
+        "--smoke",
+        "--rounds",
+        "2",
+        "--block",
+        "2",
+        "--variants",
+        "xla_lists",
+        "--inputs",
+        "smooth",
+        "random",
+    ]
+    interleaved.main([*argv, "--out", str(tmp_path)])
     result = json.loads((tmp_path / "interleaved_prefill_smoke.json").read_text())
     assert {"command", "date", "device", "jax_version", "timing", "rows"} <= result.keys()
-    (row,) = result["rows"]
-    assert (row["seq_len"], row["inputs"], row["rounds"], row["block"]) == (256, "smooth", 2, 2)
-    assert list(row["call_ms"]) == ["xla_dense", "pallas", "pallas_xla_lists"]
-    assert all(len(ms) == 4 for ms in row["call_ms"].values())
-    assert set(row["speedup_of_medians"]) == {"pallas", "pallas_xla_lists"}
+    # Both input kinds of a length run the executables compiled once for it.
+    assert [row["inputs"] for row in result["rows"]] == ["smooth", "random"]
+    for row in result["rows"]:
+        assert (row["seq_len"], row["rounds"], row["block"]) == (256, 2, 2)
+        assert list(row["call_ms"]) == ["xla_dense", "pallas", "pallas_xla_lists"]
+        assert all(len(ms) == 4 for ms in row["call_ms"].values())
+        assert set(row["speedup_of_medians"]) == {"pallas", "pallas_xla_lists"}
     assert (tmp_path / "interleaved_prefill_smoke.png").stat().st_size > 0
 
 
