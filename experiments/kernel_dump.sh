@@ -27,5 +27,8 @@ MOSAIC_GPU_DUMP_PTXAS=1 MOSAIC_GPU_DUMP_TO="$out/dump" timeout 240 \
 ls -la "$out/dump" >> "$log"
 # ptxas -v lines: registers, spill stores/loads, shared memory, per kernel.
 grep -h -A4 "Compiling entry function" "$out"/dump/* 2>/dev/null | head -n 200 >> "$log"
+# ptxas performance advisories (e.g. C7510: WGMMAs serialized; C7519: an injected warpgroup.arrive).
+echo "ptxas advisories (count, message):" >> "$log"
+grep -h "(C75" "$out"/dump/* 2>/dev/null | sed 's/ in around line [0-9]*//' | sort | uniq -c | head -n 50 >> "$log"
 rm -rf "$out/dump" "$out/bench"
 tail -n 60 "$log"
