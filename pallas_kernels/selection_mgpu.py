@@ -113,8 +113,7 @@ class MosaicScore:
       pipelined: keys-as-rows kernel only: in the fine pass's unmasked pair tiles a compute warpgroup
         issues each ring step's WGMMA before the previous step's exponentials, into a second
         accumulator, so that its exponentials run while its own next WGMMA does (FlashAttention-3's
-        intra-warpgroup overlap; ``pool - 1`` of a pair tile's ``pool`` steps overlap, since a pair
-        tile ends with its last WGMMA done). Same scores bit for bit; needs ``stages >= 2``.
+        intra-warpgroup overlap). Same scores bit for bit; needs ``stages >= 2``.
     """
 
     stages: int = 3

@@ -300,23 +300,23 @@ def _score_tile(
         store_pooled(pt, pooled, sums)
         return carry
 
-    def pipelined_whole(pt, carry):
-        """``config.pipelined``: unmasked pair tile ``pt`` with each ring step's WGMMA issued before
-        the previous step's exponentials, into the other of two accumulators (even steps the first,
-        odd ones the second). Each pair tile waits for its last WGMMA before it ends: an accumulator
-        still being written at a loop's back edge made ptxas serialise every WGMMA of the kernel
-        (advisory C7514, ``experiments/results/kernel_dump_h200_pipelined.log``). The interpreter's
-        WGMMAs are synchronous and it cannot store into an accumulator: there each step's product is
-        a value."""
-        first_step = pt * pool  # among the tile's fine steps
+    def pipelined_whole(n_whole):
+        """``config.pipelined``: the unmasked pair tiles ``0 .. n_whole - 1`` (``n_whole >= 1``) as one
+        stream of ``n_whole * pool`` fine steps (an even number), each step's WGMMA issued before the
+        previous step's exponentials, into the other of two accumulators: even steps use the first,
+        odd ones the second, so that neither changes role between loop iterations. The interpreter's
+        WGMMAs are synchronous and it cannot store into an accumulator: there each step's product
+        is a value, carried like the compiled kernel's in-flight accumulator."""
+        steps = n_whole * pool
+        fresh = plgpu.layout_cast(jnp.zeros((64, _ROWS), jnp.float32), layout)
 
-        def slot_of(i):
-            return lax.rem(base + n2_tiles + first_step + i, stages)
+        def slot_of(j):
+            return lax.rem(base + n2_tiles + j, stages)
 
-        def issue(i, acc_ref):
-            """Starts step ``i``'s WGMMA; returns its product in the interpreter (else ``None``)."""
-            plgpu.barrier_wait(k_bar.at[slot_of(i)])
-            keys = ring.at[slot_of(i), pl.ds(pl.multiple_of(w * 64, 64), 64)]
+        def issue(j, acc_ref):
+            """Starts step ``j``'s WGMMA; returns its product in the interpreter (else a placeholder)."""
+            plgpu.barrier_wait(k_bar.at[slot_of(j)])
+            keys = ring.at[slot_of(j), pl.ds(pl.multiple_of(w * 64, 64), 64)]
             if acc_ref is None:
 
                 def kq(acc):
@@ -324,36 +324,50 @@ def _score_tile(
                     return acc[...]
 
                 return pl.run_scoped(kq, plgpu.ACC((64, _ROWS), jnp.float32))
-            if i >= 2:  # the first use of each accumulator starts from its zero allocation
-                acc_ref[...] = plgpu.layout_cast(jnp.zeros((64, _ROWS), jnp.float32), layout)
+            acc_ref[...] = fresh
             plgpu.wgmma(acc_ref, keys, q_smem.T)
-            return None
+            return jnp.int32(0)
 
-        def run(*accs):
-            pending = issue(0, accs[0])
-            pooled = zeros
-            for i in range(pool):
-                nxt = issue(i + 1, accs[(i + 1) % 2]) if i + 1 < pool else None
-                acc_ref = accs[i % 2]
-                # Step i's WGMMA is done once at most step i + 1's is in flight.
-                s = (
-                    pending
-                    if acc_ref is None
-                    else plgpu.wgmma_accumulator_load(acc_ref, wait_n=int(i + 1 < pool))
-                )
-                plgpu.barrier_arrive(k_free.at[slot_of(i)])
-                stagger_arrive(1, first_step + i == 0)
-                sums = group_sums(s * qk_scale - lse_cols)
-                pooled = jnp.maximum(pooled, sums)
-                pending = nxt
-            store_pooled(pt, pooled, sums)
+        def finish(j, pending, acc_ref, in_flight, carry):
+            """Step ``j``'s exponentials once its WGMMA is done (``in_flight``: step ``j + 1``'s may
+            still run); the last step of a pair tile stores the pair tile."""
+            if acc_ref is None:
+                s = pending
+            else:
+                s = plgpu.wgmma_accumulator_load(acc_ref, wait_n=in_flight)
+            plgpu.barrier_arrive(k_free.at[slot_of(j)])
+            stagger_arrive(1, j == 0)
+            pooled, _ = carry
+            sums = group_sums(s * qk_scale - lse_cols)
+
+            def store_and_restart(pooled):
+                store_pooled(lax.div(j, pool), pooled, sums)
+                return zeros
+
+            pooled = jnp.maximum(pooled, sums)
+            pooled = lax.cond(lax.rem(j, pool) == pool - 1, store_and_restart, lambda x: x, pooled)
+            return pooled, sums
+
+        def run(acc_even, acc_odd):
+            def two_steps(k, carry):
+                even, pooled = carry
+                j = 2 * k
+                odd = issue(j + 1, acc_odd)
+                pooled = finish(j, even, acc_even, 1, pooled)
+                even = issue(j + 2, acc_even)
+                return even, finish(j + 1, odd, acc_odd, 1, pooled)
+
+            even = issue(0, acc_even)
+            even, pooled = lax.fori_loop(0, lax.div(steps, 2) - 1, two_steps, (even, (zeros, zeros)))
+            odd = issue(steps - 1, acc_odd)
+            pooled = finish(steps - 2, even, acc_even, 1, pooled)
+            finish(steps - 1, odd, acc_odd, 0, pooled)
 
         if interpret:
             run(None, None)
         else:
             acc = plgpu.ACC((64, _ROWS), jnp.float32)
             pl.run_scoped(run, acc, acc)
-        return carry
 
     # Pair tiles whose half holds a scored block; of those, the ones whose scored blocks every token
     # sees entirely. When every scored block is whole (the tile's forced window covers the partly
@@ -367,8 +381,10 @@ def _score_tile(
         jnp.minimum(lax.div(blocks_whole + _HALF_BLOCKS - block0, PAIR_BLOCKS), n_pairs),
     )
     stagger_wait(1, n_pairs)
-    whole = pipelined_whole if config.pipelined else functools.partial(pair, mode="none")
-    lax.fori_loop(0, n_whole, whole, 0)
+    if config.pipelined:
+        pl.when(n_whole > 0)(lambda: pipelined_whole(n_whole))
+    else:
+        lax.fori_loop(0, n_whole, functools.partial(pair, mode="none"), 0)
     lax.fori_loop(n_whole, n_seen, functools.partial(pair, mode="mask"), 0)
     lax.fori_loop(n_seen, n_pairs, functools.partial(pair, mode="pass"), 0)
 
