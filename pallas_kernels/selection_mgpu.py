@@ -110,10 +110,6 @@ class MosaicScore:
         ones is the same); half the bytes to write and for the top-k to read, whose bitwise search
         then takes at most 16 passes (128K prefill on the H200: 0.47 ms faster,
         ``experiments/results/bench_selection_h200_bf16_scores.json``). ``False``: float32.
-      pipelined: keys-as-rows kernel only: in the fine pass's unmasked pair tiles a compute warpgroup
-        issues each ring step's WGMMA before the previous step's exponentials, into a second
-        accumulator, so that its exponentials run while its own next WGMMA does (FlashAttention-3's
-        intra-warpgroup overlap). Same scores bit for bit; needs ``stages >= 2``.
     """
 
     stages: int = 3
@@ -125,7 +121,6 @@ class MosaicScore:
     persistent: bool = False
     stagger: bool = True
     bf16_scores: bool = True
-    pipelined: bool = False
 
     def __post_init__(self):
         if self.stages < 1:
@@ -138,11 +133,6 @@ class MosaicScore:
             raise ValueError(f"MosaicScore.store_buffers must be 1 or 2, got {self.store_buffers}")
         if self.persistent and not self.key_rows:
             raise ValueError("MosaicScore.persistent needs the keys-as-rows kernel (key_rows=True)")
-        if self.pipelined and not self.key_rows:
-            raise ValueError("MosaicScore.pipelined needs the keys-as-rows kernel (key_rows=True)")
-        if self.pipelined and self.stages < 2:
-            # A step's WGMMA is issued before the previous step releases its ring slot.
-            raise ValueError(f"MosaicScore.pipelined needs stages >= 2, got {self.stages}")
 
 
 def score_dtype(config: MosaicScore):

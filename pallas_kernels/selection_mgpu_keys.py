@@ -128,23 +128,7 @@ def _load_queries(pos_ref, q_ref, q_smem, q_bar, *, w, tile, b, h, in_place: boo
 
 
 def _score_tile(
-    refs,
-    smem,
-    bars,
-    geometry,
-    *,
-    w,
-    tile,
-    b,
-    h,
-    base,
-    n1,
-    n2,
-    stride,
-    group,
-    pool,
-    config: MosaicScore,
-    interpret: bool,
+    refs, smem, bars, geometry, *, w, tile, b, h, base, n1, n2, stride, group, pool, config: MosaicScore
 ):
     """Compute warpgroup ``w``'s two passes over one tile (ring steps ``base ...`` of the CTA) and the
     TMA stores of its pooled scores (issued, not waited for).
@@ -239,20 +223,39 @@ def _score_tile(
         stagger_arrive(1, j == n2_tiles)
         return s
 
-    def group_sums(x, visible=None):
-        """``[64, 8]`` sums over the group's heads of ``exp2(x)`` (``x``: ``[64 kernels, 128]`` base-2
-        logits minus the LSE), the probabilities of kernels ``visible`` (``[64, 128]`` bool) masks off."""
+    def pair(pt, carry, mode):
+        """Pair tile ``pt``: ``pool`` ring steps; ``mode`` "none" (every token sees every kernel of
+        this half), "mask" or "pass" (no token sees any: barrier traffic only)."""
+        first_step = n2_tiles + pt * pool
+        if mode == "pass":
+            for i in range(pool):
+                slot = lax.rem(base + first_step + i, stages)
+                plgpu.barrier_wait(k_bar.at[slot])
+                plgpu.barrier_arrive(k_free.at[slot])
+            return carry
 
-        def head_probs(g):
-            # Column 8 * head + token: the group sum adds whole 8-column slices.
-            cols = slice(g * TILE_TOKENS, (g + 1) * TILE_TOKENS)
-            p = jnp.exp2(x[:, cols])
-            return p if visible is None else jnp.where(visible[:, cols], p, 0.0)
+        def pool_step(i, carry):
+            pooled, _ = carry
+            x = fine_step(first_step + i) * qk_scale - lse_cols
+            if mode == "mask":
+                kernel_end = pool * (pt * PAIR_BLOCKS + block0 + key_row) + i
+                kernel_end = kernel_end * stride + size1  # one past the kernel's last key
 
-        return functools.reduce(jnp.add, [head_probs(g) for g in range(group)])
+            def head_probs(g):
+                # Column 8 * head + token: the group sum adds whole 8-column slices.
+                cols = slice(g * TILE_TOKENS, (g + 1) * TILE_TOKENS)
+                p = jnp.exp2(x[:, cols])
+                if mode == "mask":
+                    p = jnp.where(kernel_end[:, cols] <= t_col[:, cols] + 1, p, 0.0)
+                return p
 
-    def store_pooled(pt, pooled, sums):
-        """TMA-stores pair tile ``pt``'s pooled maxima and its last step's sums (the halos)."""
+            sums = functools.reduce(jnp.add, [head_probs(g) for g in range(group)])
+            return jnp.maximum(pooled, sums), sums
+
+        # Sums of probabilities are >= 0, so a max that starts at 0 is the max over the steps. A
+        # loop, not ``pool`` copies of the step: less code to fetch (and to lower).
+        zeros = plgpu.layout_cast(jnp.zeros((64, TILE_TOKENS), jnp.float32), layout)
+        pooled, sums = lax.fori_loop(0, pool, pool_step, (zeros, zeros))
         buffers = config.store_buffers
         buf = out_smem.at[w, lax.rem(pt, buffers)]
         # The stores that last read this buffer (``buffers`` pair tiles ago) must be done.
@@ -269,105 +272,7 @@ def _score_tile(
         plgpu.copy_smem_to_gmem(
             buf.at[1], halo_ref.at[b, h, tokens, pl.ds(blocks + HALO_SHIFT, _HALF_BLOCKS)]
         )
-
-    # Sums of probabilities are >= 0, so a max that starts at 0 is the max over a pair tile's steps.
-    zeros = plgpu.layout_cast(jnp.zeros((64, TILE_TOKENS), jnp.float32), layout)
-
-    def pair(pt, carry, mode):
-        """Pair tile ``pt``: ``pool`` ring steps; ``mode`` "none" (every token sees every kernel of
-        this half), "mask" or "pass" (no token sees any: barrier traffic only)."""
-        first_step = n2_tiles + pt * pool
-        if mode == "pass":
-            for i in range(pool):
-                slot = lax.rem(base + first_step + i, stages)
-                plgpu.barrier_wait(k_bar.at[slot])
-                plgpu.barrier_arrive(k_free.at[slot])
-            return carry
-
-        def pool_step(i, carry):
-            pooled, _ = carry
-            x = fine_step(first_step + i) * qk_scale - lse_cols
-            visible = None
-            if mode == "mask":
-                kernel_end = pool * (pt * PAIR_BLOCKS + block0 + key_row) + i
-                kernel_end = kernel_end * stride + size1  # one past the kernel's last key
-                visible = kernel_end <= t_col + 1
-            sums = group_sums(x, visible)
-            return jnp.maximum(pooled, sums), sums
-
-        # A loop, not ``pool`` copies of the step: less code to fetch (and to lower).
-        pooled, sums = lax.fori_loop(0, pool, pool_step, (zeros, zeros))
-        store_pooled(pt, pooled, sums)
         return carry
-
-    def pipelined_whole(n_whole):
-        """``config.pipelined``: the unmasked pair tiles ``0 .. n_whole - 1`` (``n_whole >= 1``) as one
-        stream of ``n_whole * pool`` fine steps (an even number), each step's WGMMA issued before the
-        previous step's exponentials, into the other of two accumulators: even steps use the first,
-        odd ones the second, so that neither changes role between loop iterations. The interpreter's
-        WGMMAs are synchronous and it cannot store into an accumulator: there each step's product
-        is a value, carried like the compiled kernel's in-flight accumulator."""
-        steps = n_whole * pool
-        fresh = plgpu.layout_cast(jnp.zeros((64, _ROWS), jnp.float32), layout)
-
-        def slot_of(j):
-            return lax.rem(base + n2_tiles + j, stages)
-
-        def issue(j, acc_ref):
-            """Starts step ``j``'s WGMMA; returns its product in the interpreter (else a placeholder)."""
-            plgpu.barrier_wait(k_bar.at[slot_of(j)])
-            keys = ring.at[slot_of(j), pl.ds(pl.multiple_of(w * 64, 64), 64)]
-            if acc_ref is None:
-
-                def kq(acc):
-                    plgpu.wgmma(acc, keys, q_smem.T)
-                    return acc[...]
-
-                return pl.run_scoped(kq, plgpu.ACC((64, _ROWS), jnp.float32))
-            acc_ref[...] = fresh
-            plgpu.wgmma(acc_ref, keys, q_smem.T)
-            return jnp.int32(0)
-
-        def finish(j, pending, acc_ref, in_flight, carry):
-            """Step ``j``'s exponentials once its WGMMA is done (``in_flight``: step ``j + 1``'s may
-            still run); the last step of a pair tile stores the pair tile."""
-            if acc_ref is None:
-                s = pending
-            else:
-                s = plgpu.wgmma_accumulator_load(acc_ref, wait_n=in_flight)
-            plgpu.barrier_arrive(k_free.at[slot_of(j)])
-            stagger_arrive(1, j == 0)
-            pooled, _ = carry
-            sums = group_sums(s * qk_scale - lse_cols)
-
-            def store_and_restart(pooled):
-                store_pooled(lax.div(j, pool), pooled, sums)
-                return zeros
-
-            pooled = jnp.maximum(pooled, sums)
-            pooled = lax.cond(lax.rem(j, pool) == pool - 1, store_and_restart, lambda x: x, pooled)
-            return pooled, sums
-
-        def run(acc_even, acc_odd):
-            def two_steps(k, carry):
-                even, pooled = carry
-                j = 2 * k
-                odd = issue(j + 1, acc_odd)
-                pooled = finish(j, even, acc_even, 1, pooled)
-                even = issue(j + 2, acc_even)
-                return even, finish(j + 1, odd, acc_odd, 1, pooled)
-
-            even = issue(0, acc_even)
-            even, pooled = lax.fori_loop(0, lax.div(steps, 2) - 1, two_steps, (even, (zeros, zeros)))
-            odd = issue(steps - 1, acc_odd)
-            pooled = finish(steps - 2, even, acc_even, 1, pooled)
-            finish(steps - 1, odd, acc_odd, 0, pooled)
-
-        if interpret:
-            run(None, None)
-        else:
-            acc = plgpu.ACC((64, _ROWS), jnp.float32)
-            pl.run_scoped(run, acc, acc)
 
     # Pair tiles whose half holds a scored block; of those, the ones whose scored blocks every token
     # sees entirely. When every scored block is whole (the tile's forced window covers the partly
@@ -381,10 +286,7 @@ def _score_tile(
         jnp.minimum(lax.div(blocks_whole + _HALF_BLOCKS - block0, PAIR_BLOCKS), n_pairs),
     )
     stagger_wait(1, n_pairs)
-    if config.pipelined:
-        pl.when(n_whole > 0)(lambda: pipelined_whole(n_whole))
-    else:
-        lax.fori_loop(0, n_whole, functools.partial(pair, mode="none"), 0)
+    lax.fori_loop(0, n_whole, functools.partial(pair, mode="none"), 0)
     lax.fori_loop(n_whole, n_seen, functools.partial(pair, mode="mask"), 0)
     lax.fori_loop(n_seen, n_pairs, functools.partial(pair, mode="pass"), 0)
 
@@ -406,7 +308,6 @@ def _kernel(
     config: MosaicScore,
     in_place: bool,
     forced: tuple[int, int] | None,
-    interpret: bool,
 ):
     """One CTA: warpgroups 0 and 1 score tile ``tile``'s 8 tokens, warpgroup 2 streams the keys (refs
     and shapes as in ``score_tiles_mgpu_keys``)."""
@@ -441,7 +342,6 @@ def _kernel(
             group=group,
             pool=pool,
             config=config,
-            interpret=interpret,
         )
         plgpu.wait_smem_to_gmem(0)
 
@@ -474,7 +374,6 @@ def _persistent_kernel(
     config: MosaicScore,
     in_place: bool,
     forced: tuple[int, int] | None,
-    interpret: bool,
 ):
     """``config.persistent``: CTA ``c`` of ``C`` scores tiles ``c, c + C, ...`` of the ``(batch, kv head,
     tile)`` grid (tiles fastest, so concurrent CTAs read the same keys, as in the one-tile-per-CTA
@@ -518,7 +417,6 @@ def _persistent_kernel(
                 group=group,
                 pool=pool,
                 config=config,
-                interpret=interpret,
             )
             plgpu.barrier_arrive(tile_free.at[buf])
             if config.store_buffers > 1:
@@ -678,7 +576,6 @@ def score_tiles_mgpu_keys(
         config=config,
         in_place=in_place,
         forced=forced,
-        interpret=interpret,
     )
     if config.persistent:
         n_tiles = b * hkv * (chunk // TILE_TOKENS)

@@ -229,11 +229,6 @@ MOSAIC_TOKEN_ROWS_F32_SCORES = dataclasses.replace(
 MOSAIC_PERSISTENT = dataclasses.replace(MOSAIC, mosaic=MosaicScore(key_rows_from_blocks=0, persistent=True))
 # Both compute warpgroups start each pass together (the default staggers them).
 MOSAIC_NO_STAGGER = dataclasses.replace(MOSAIC, mosaic=MosaicScore(key_rows_from_blocks=0, stagger=False))
-# Each unmasked fine step's WGMMA issued before the previous step's exponentials.
-MOSAIC_PIPELINED = dataclasses.replace(MOSAIC, mosaic=MosaicScore(key_rows_from_blocks=0, pipelined=True))
-MOSAIC_PIPELINED_PERSISTENT = dataclasses.replace(
-    MOSAIC, mosaic=MosaicScore(key_rows_from_blocks=0, pipelined=True, persistent=True)
-)
 
 
 def group_sum_of(block_sizes, nb):
@@ -306,8 +301,6 @@ def test_mosaic_scoring_is_a_valid_topk(cfg, t, hq, hkv, d, chunk, dtype, block_
         MOSAIC_TOKEN_ROWS_F32_SCORES.mosaic,
         MOSAIC_NO_STAGGER.mosaic,
         dataclasses.replace(MOSAIC_NO_STAGGER.mosaic, persistent=True),
-        MOSAIC_PIPELINED.mosaic,
-        dataclasses.replace(MOSAIC_PIPELINED.mosaic, stages=2),
     ],
     ids=[
         "st2-two-store-buffers",
@@ -317,16 +310,12 @@ def test_mosaic_scoring_is_a_valid_topk(cfg, t, hq, hkv, d, chunk, dtype, block_
         "token-rows-f32-scores",
         "no-stagger",
         "no-stagger-persistent",
-        "pipelined",
-        "pipelined-st2",
     ],
 )
 def test_mosaic_scoring_options_are_a_valid_topk(mosaic):
     """Other ring depths and store buffers than the default (3 slots, one store buffer), the
-    token-rows kernel, float32 pooled scores (the default stores bf16) with either kernel, the
-    warpgroups not staggered, and the pipelined fine pass (also with 2 slots, the fewest it takes:
-    a step's WGMMA is issued while the previous step still holds its slot), over two coarse and five
-    fine key tiles."""
+    token-rows kernel, float32 pooled scores (the default stores bf16) with either kernel, and the
+    warpgroups not staggered, over two coarse and five fine key tiles."""
     block_sizes = dataclasses.replace(MOSAIC, mosaic=mosaic)
     test_mosaic_scoring_is_a_valid_topk(STRIDE1, 600, 16, 1, 64, 256, jnp.bfloat16, block_sizes=block_sizes)
 
@@ -347,24 +336,6 @@ def test_mosaic_persistent_scoring_selects_what_one_tile_per_cta_does(cfg, t, hq
         dataclasses.replace(MOSAIC, mosaic=dataclasses.replace(one, persistent=p)) for p in (False, True)
     ]
     want, got = (np.asarray(pallas_select(q, k, cfg, query_chunk=chunk, block_sizes=x)) for x in tilings)
-    np.testing.assert_array_equal(got, want)
-
-
-@pytest.mark.parametrize(
-    "cfg,t,hq,hkv,d",
-    [pytest.param(STRIDE1, 1000, 16, 1, 64, id="T1000-two-whole-pair-tiles")]
-    if INTERPRET
-    else [pytest.param(SHIPPED, 32768, 32, 2, 128, id="shipped-32k")],
-)
-def test_mosaic_pipelined_fine_pass_selects_what_the_default_does(cfg, t, hq, hkv, d):
-    """The pipelined fine pass computes every score in the same order as the default one (only the
-    WGMMAs are issued earlier): the selections are bit-identical. At T = 1000 (block 4) the last tiles'
-    first warpgroup runs two unmasked pair tiles, eight pipelined steps across a pair-tile store."""
-    q, k = qk(7, 1, t, hq, hkv, d, jnp.bfloat16)
-    want, got = (
-        np.asarray(pallas_select(q, k, cfg, block_sizes=tiling))
-        for tiling in (MOSAIC_PERSISTENT, MOSAIC_PIPELINED_PERSISTENT)
-    )
     np.testing.assert_array_equal(got, want)
 
 
@@ -482,8 +453,6 @@ _LOWERING_TILINGS = [
     ("token-rows-f32-scores", MOSAIC_TOKEN_ROWS_F32_SCORES),
     ("persistent", MOSAIC_PERSISTENT),
     ("no-stagger", MOSAIC_NO_STAGGER),
-    ("pipelined", MOSAIC_PIPELINED),
-    ("pipelined-persistent", MOSAIC_PIPELINED_PERSISTENT),
 ]
 
 
@@ -639,8 +608,6 @@ def test_block_size_options_are_validated():
         MosaicScore(stages=0)
     with pytest.raises(ValueError, match="persistent needs the keys-as-rows kernel"):
         MosaicScore(key_rows=False, persistent=True)
-    with pytest.raises(ValueError, match="pipelined"):
-        MosaicScore(pipelined=True, stages=1)
 
 
 def test_registered_as_pallas_select_blocks():
