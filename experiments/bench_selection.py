@@ -223,20 +223,6 @@ PREFILL_VARIANTS = {
     "fwd_dynamic_tiles": _prefill_tilings(
         attention=dict(mosaic=dataclasses.replace(sparse_attention.MOSAIC_BLOCK_SIZES.mosaic, dynamic=True))
     ),
-    # The forward tile kernel's Q K^T operand from registers, and with the rows of tokens that chose none
-    # of a step's entries zeroed (MosaicTile.q_registers / zero_unselected; session 20).
-    "fwd_q_registers": _prefill_tilings(
-        attention=dict(
-            mosaic=dataclasses.replace(sparse_attention.MOSAIC_BLOCK_SIZES.mosaic, q_registers=True)
-        )
-    ),
-    "fwd_zero_unselected": _prefill_tilings(
-        attention=dict(
-            mosaic=dataclasses.replace(
-                sparse_attention.MOSAIC_BLOCK_SIZES.mosaic, q_registers=True, zero_unselected=True
-            )
-        )
-    ),
 }
 
 

@@ -114,9 +114,7 @@ def _attend_tile(smem, bars, my_q, list_smem, count, t0, base, *, wg, config: Mo
     """A compute warpgroup's online softmax over one tile's list (ring steps ``base ...`` of the CTA).
 
     Args:
-      smem: ``(k_ring, v_ring, staging)``: ``staging`` only in interpret mode (else ``None``), the
-        ``(P [2, 64, keys], Q [2, 64, D])`` SMEM buffers through which the interpreter, which takes
-        only SMEM operands for wgmma, gets the warpgroups' register operands.
+      smem: ``(k_ring, v_ring, p_smem)`` (``p_smem`` only in interpret mode, else ``None``).
       bars: the ring's K and V arrival and release barriers and the ping-pong barrier.
       my_q: ``[64, D]`` SMEM, the warpgroup's query rows; list_smem: the tile's packed list.
       count: list entries; t0: key position of the warpgroup's first token.
@@ -125,8 +123,7 @@ def _attend_tile(smem, bars, my_q, list_smem, count, t0, base, *, wg, config: Mo
     Returns:
       ``(acc [64, D], m [64], l [64])`` fp32, the unnormalised state (WGMMA layouts).
     """
-    k_smem, v_smem, staging = smem
-    p_stage, q_stage = (None, None) if staging is None else staging
+    k_smem, v_smem, p_smem = smem
     k_bar, v_bar, k_free, v_free, sched = bars
     stages = config.stages
     head_dim = my_q.shape[-1]
@@ -150,25 +147,6 @@ def _attend_tile(smem, bars, my_q, list_smem, count, t0, base, *, wg, config: Mo
     m = plgpu.layout_cast(jnp.full((_ROWS,), DEFAULT_MASK_VALUE, jnp.float32), row_layout)
     l = plgpu.layout_cast(jnp.zeros((_ROWS,), jnp.float32), row_layout)
     acc = plgpu.layout_cast(jnp.zeros((_ROWS, head_dim), jnp.float32), wgmma_layout)
-    if config.q_registers:
-        q_regs = plgpu.load(my_q, layout=wgmma_layout)
-
-    def q_operand(entries, mask):
-        """The ``Q K^T`` WGMMA's left operand: the query rows in SMEM, or (``q_registers``) in
-        registers, where ``zero_unselected`` zeroes the rows of tokens that chose none of the step's
-        entries (their scores are masked in every path that has such rows)."""
-        if not config.q_registers:
-            return my_q
-        q = q_regs
-        if config.zero_unselected and mask != "none":
-            any_bits = functools.reduce(lambda x, y: x | y, [bits for _, bits in entries])
-            chosen = rows_selecting(any_bits, wg, row_layout)
-            q = jnp.where(lax.broadcast_in_dim(chosen, q.shape, [0]), q, 0)
-        if q_stage is None:
-            return q
-        q_stage.at[wg][...] = q
-        plgpu.commit_smem()
-        return q_stage.at[wg]
 
     pl.when(wg == 1)(sync_point)
 
@@ -176,11 +154,10 @@ def _attend_tile(smem, bars, my_q, list_smem, count, t0, base, *, wg, config: Mo
         """One step; ``mask``: "none" (every row sees every key), "rows" (every key is before
         the warpgroup's tokens, so a row sees a whole entry or none of it) or "scores"."""
         acc, m, l = carry
-        q = q_operand(entries, mask)
         plgpu.barrier_wait(k_bar.at[slot])
 
         def qk(acc_ref):
-            plgpu.wgmma(acc_ref, q, k_smem.at[slot].T)
+            plgpu.wgmma(acc_ref, my_q, k_smem.at[slot].T)
             sync_point()
             return acc_ref[...]
 
@@ -229,10 +206,11 @@ def _attend_tile(smem, bars, my_q, list_smem, count, t0, base, *, wg, config: Mo
         if config.pingpong:
             plgpu.barrier_wait(sched)
 
-        if p_stage is not None:
-            p_stage.at[wg][...] = p16
+        if p_smem is not None:
+            # The Mosaic GPU interpreter only takes SMEM operands for wgmma.
+            p_smem.at[wg][...] = p16
             plgpu.commit_smem()
-        p_operand = p16 if p_stage is None else p_stage.at[wg]
+        p_operand = p16 if p_smem is None else p_smem.at[wg]
 
         def pv(acc_ref):
             plgpu.wgmma(acc_ref, p_operand, v_smem.at[slot])
@@ -640,12 +618,7 @@ def tile_phase_mgpu(
     ring = plgpu.SMEM((stages, keys, d), in_dtype, transforms=SWIZZLED_128B)
     q_rows = plgpu.SMEM((_COMPUTE_WGS, _ROWS, d), in_dtype, transforms=SWIZZLED_128B)
     p_smem = (
-        (
-            plgpu.SMEM((_COMPUTE_WGS, _ROWS, keys), in_dtype, transforms=SWIZZLED_128B),
-            plgpu.SMEM((_COMPUTE_WGS, _ROWS, d), in_dtype, transforms=SWIZZLED_128B),
-        )
-        if interpret
-        else None
+        plgpu.SMEM((_COMPUTE_WGS, _ROWS, keys), in_dtype, transforms=SWIZZLED_128B) if interpret else None
     )
     ring_bars = (
         plgpu.Barrier(num_arrivals=per_step, num_barriers=stages),

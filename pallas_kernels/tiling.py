@@ -72,12 +72,6 @@ class MosaicTile:
         their SM time, ``experiments/cta_balance.py``) and the GPU span of the 128K prefill was
         0.13-0.17 ms shorter in two paired runs, but its timed medians were not, and the 16K tile
         kernel took 2-3.5% longer (``experiments/results/NOTES_attention_kernels.md``, session 18).
-      q_registers: the ``Q K^T`` WGMMAs take the warpgroup's query rows from registers (loaded from
-        SMEM once per tile) instead of reading them from SMEM at every step (forward only).
-      zero_unselected: with ``q_registers``, a step's ``Q K^T`` gets zeros in the rows of tokens that
-        chose none of its entries (their scores are masked anyway): on a GPU held at its power limit
-        (the H200 runs the 128K prefill at ~690 W and ~1.58 GHz) multiplications of zeros draw less
-        power. Same output bit for bit.
       compute_registers, memory_registers: per-thread register budgets of the compute and memory
         warpgroups (``setmaxnreg``).
     """
@@ -90,8 +84,6 @@ class MosaicTile:
     blocks_per_step: int = 1
     persistent: bool = False
     dynamic: bool = False
-    q_registers: bool = False
-    zero_unselected: bool = False
     compute_registers: int = 232
     memory_registers: int = 40
 
@@ -100,8 +92,6 @@ class MosaicTile:
             raise ValueError(f"stages must be >= 1, got {self.stages}")
         if self.blocks_per_step not in (1, 2):
             raise ValueError(f"blocks_per_step must be 1 or 2, got {self.blocks_per_step}")
-        if self.zero_unselected and not self.q_registers:
-            raise ValueError("zero_unselected zeroes query rows in registers: it needs q_registers=True")
         if self.dynamic and not self.persistent:
             raise ValueError("dynamic hands out the tiles of a persistent launch: it needs persistent=True")
 
@@ -193,10 +183,6 @@ class BlockSizes:
             )
         if self.mosaic_dq is not None and self.mosaic_dq.persistent:
             raise ValueError("the Mosaic dQ tile phase has no persistent launch (mosaic_dq.persistent=True)")
-        if self.mosaic_dq is not None and self.mosaic_dq.q_registers:
-            raise ValueError(
-                "the Mosaic dQ tile phase reads its queries from SMEM (mosaic_dq.q_registers=True)"
-            )
         if self.tile_tokens not in (0, 1, 2, 4, 8, 16):
             raise ValueError(f"tile_tokens must be 0 or a power of two <= 16, got {self.tile_tokens}")
         if self.min_share < 1:

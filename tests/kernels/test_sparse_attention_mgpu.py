@@ -166,10 +166,6 @@ def test_config_needs_8_token_tiles():
         MosaicTile(blocks_per_step=3)
     with pytest.raises(ValueError, match="needs persistent=True"):
         MosaicTile(dynamic=True)
-    with pytest.raises(ValueError, match="q_registers"):
-        MosaicTile(zero_unselected=True)
-    with pytest.raises(ValueError, match="reads its queries from SMEM"):
-        BlockSizes(tile_tokens=8, mosaic_dq=MosaicTile(q_registers=True))
 
 
 @pytest.mark.parametrize(("dtype", "block_size"), [(jnp.float32, 64), (jnp.bfloat16, 32)], ids=str)
@@ -211,42 +207,6 @@ def _packed_tile_lists():
     return _abstract((_B, _HKV, tiles, 1, 128), jnp.int32), _abstract((_B, _HKV, tiles, 2), jnp.int32)
 
 
-@pytest.mark.parametrize(
-    "mosaic",
-    [
-        dataclasses.replace(MOSAIC_BLOCK_SIZES.mosaic, q_registers=True),
-        dataclasses.replace(MOSAIC_BLOCK_SIZES.mosaic, q_registers=True, zero_unselected=True),
-        dataclasses.replace(SCORE_MASKS, q_registers=True, zero_unselected=True),
-    ],
-    ids=["q-registers", "zero-unselected", "zero-unselected-score-masks"],
-)
-def test_query_rows_from_registers_give_the_same_output(mosaic):
-    """The ``Q K^T`` operand from registers, with the rows of tokens that chose none of a step's
-    entries zeroed or not, gives the default's output bit for bit (every zeroed row's scores are
-    masked): the default tiling (row masks, 128-key steps, persistent) and one that masks every score.
-    Compiled on the GPU at T = 32K (8,192 tiles), in the interpreter at T = 200."""
-    t = 200 if INTERPRET else 32768
-    case = Case(
-        g=16,
-        d=64 if INTERPRET else 128,
-        t=t,
-        hkv=1,
-        block_size=64,
-        k=4 if INTERPRET else 24,
-        dtype=jnp.bfloat16,
-        config=MOSAIC_BLOCK_SIZES,
-    )
-    (q, k, v, _), idx = _inputs(case, seed=5)
-
-    def forward(config):
-        fn = functools.partial(sparse_attention_pallas, block_size=64, config=config, interpret=INTERPRET)
-        return np.asarray(jax.jit(fn)(q, k, v, idx))
-
-    base = dataclasses.replace(mosaic, q_registers=False, zero_unselected=False)
-    want = forward(dataclasses.replace(MOSAIC_BLOCK_SIZES, mosaic=base))
-    np.testing.assert_array_equal(forward(dataclasses.replace(MOSAIC_BLOCK_SIZES, mosaic=mosaic)), want)
-
-
 def _assert_lowers_for_cuda(fn, *args):
     text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert "mosaic_gpu" in text
@@ -265,8 +225,6 @@ def _assert_lowers_for_cuda(fn, *args):
         dataclasses.replace(MOSAIC_BLOCK_SIZES.mosaic, persistent=False),
         dataclasses.replace(MOSAIC_BLOCK_SIZES.mosaic, dynamic=True),
         PERSISTENT_UNION.mosaic,
-        dataclasses.replace(MOSAIC_BLOCK_SIZES.mosaic, q_registers=True, zero_unselected=True),
-        dataclasses.replace(SCORE_MASKS, q_registers=True, zero_unselected=True),
     ],
     ids=[
         "default",
@@ -278,8 +236,6 @@ def _assert_lowers_for_cuda(fn, *args):
         "default-one-tile-per-cta",
         "default-dynamic-tiles",
         "persistent-pairs-pingpong-union",
-        "default-zero-unselected",
-        "score-masks-zero-unselected",
     ],
 )
 def test_lowers_for_cuda(mosaic):
