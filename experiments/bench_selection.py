@@ -56,7 +56,7 @@ import numpy as np
 
 # A sibling script, not a package module: importable because running experiments/<script>.py puts
 # experiments/ first on sys.path (the documented way to run these benchmarks).
-from bench_attention import kernel_times, smooth_process
+from bench_attention import kernel_times, smooth_process, write_report
 
 from infllm_jax import SparseConfig, ops
 from infllm_jax.ops import pallas_backend
@@ -309,6 +309,19 @@ def _flops(pass_: str, impl: str, t: int, shape: Shape, cfg: SparseConfig) -> fl
     if impl == "cudnn":
         return 2.0 * heads * t * t * shape.head_dim  # causal: half of 4 * T^2 * D per head
     return select + 4.0 * heads * shape.head_dim * blocks * cfg.block_size
+
+
+def experiment_shapes(smoke: bool) -> tuple[Shape, SparseConfig]:
+    """The shapes and sparse config of a prefill experiment: tiny ones for a CPU smoke run, else
+    MiniCPM4-8B's attention with the shipped config."""
+    return (SMOKE_SHAPE, SMOKE_CONFIG) if smoke else (MINICPM4_SHAPE, SHIPPED)
+
+
+def write_experiment(out: Path, name: str, rows: list[dict], kinds, plot, **how) -> None:
+    """``out/name.json`` (provenance, ``how`` the rows were measured, the input kinds' descriptions and
+    ``rows``) and ``out/name.png``, drawn by ``plot(rows, path)``."""
+    write_report(out, name, {**how, "inputs": {kind: describe_inputs(kind) for kind in kinds}, "rows": rows})
+    plot(rows, out / f"{name}.png")
 
 
 def describe_inputs(kind: str, corr: int = DEFAULT_CORR, noise: float = DEFAULT_NOISE) -> str:

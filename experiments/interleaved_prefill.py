@@ -34,21 +34,17 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from bench_attention import write_report
 from bench_selection import (
     INPUT_KINDS,
-    MINICPM4_SHAPE,
     PREFILL_VARIANTS,
-    SHIPPED,
-    SMOKE_CONFIG,
-    SMOKE_SHAPE,
     Shape,
     _compile,
     _inputs,
     dense_impl,
     dense_prefill,
-    describe_inputs,
+    experiment_shapes,
     sparse_prefill,
+    write_experiment,
 )
 from tqdm.auto import tqdm
 
@@ -315,7 +311,7 @@ def main(argv=None) -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny shapes (CPU interpret mode check)")
     parser.add_argument("--name", help="results file name (.json and .png added)")
     args = parser.parse_args(argv)
-    shape, cfg = (SMOKE_SHAPE, SMOKE_CONFIG) if args.smoke else (MINICPM4_SHAPE, SHIPPED)
+    shape, cfg = experiment_shapes(args.smoke)
     lens = (256,) if args.smoke else tuple(args.lens)
     name = args.name or ("interleaved_prefill_smoke" if args.smoke else "interleaved_prefill_h200")
     kinds = tuple(dict.fromkeys(args.inputs))
@@ -329,14 +325,15 @@ def main(argv=None) -> None:
         cfg=cfg,
         sampler=ClockSampler() if args.clocks else None,
     )
-    body = {
-        "timing": f"rounds of {args.block} consecutive call(s) per implementation, order rotating per "
-        "round; compile excluded, 2 warm-ups each, block_until_ready, host clock",
-        "inputs": {kind: describe_inputs(kind) for kind in kinds},
-        "rows": rows,
-    }
-    write_report(args.out, name, body)
-    plot(rows, args.out / f"{name}.png")
+    write_experiment(
+        args.out,
+        name,
+        rows,
+        kinds,
+        plot,
+        timing=f"rounds of {args.block} consecutive call(s) per implementation, order rotating per round; "
+        "compile excluded, 2 warm-ups each, block_until_ready, host clock",
+    )
 
 
 if __name__ == "__main__":

@@ -31,18 +31,14 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
-from bench_attention import write_report
 from bench_selection import (
     INPUT_KINDS,
-    MINICPM4_SHAPE,
-    SHIPPED,
-    SMOKE_CONFIG,
-    SMOKE_SHAPE,
     _inputs,
     dense_impl,
     dense_prefill,
-    describe_inputs,
+    experiment_shapes,
     sparse_prefill,
+    write_experiment,
 )
 from interleaved_prefill import ClockSampler
 
@@ -167,7 +163,7 @@ def main(argv=None) -> None:
     )
     parser.add_argument("--name", help="results file name (.json and .png added)")
     args = parser.parse_args(argv)
-    shape, cfg = (SMOKE_SHAPE, SMOKE_CONFIG) if args.smoke else (MINICPM4_SHAPE, SHIPPED)
+    shape, cfg = experiment_shapes(args.smoke)
     seq_len = 256 if args.smoke else args.seq_len
     name = args.name or ("power_draw_smoke" if args.smoke else "power_draw_h200")
     kinds = tuple(dict.fromkeys(args.inputs))
@@ -180,16 +176,17 @@ def main(argv=None) -> None:
         cfg=cfg,
         sampler=None if args.smoke else ClockSampler(),
     )
-    body = {
-        "method": f"{args.rounds} round(s) per input kind, each workload's back-to-back calls for "
+    write_experiment(
+        args.out,
+        name,
+        rows,
+        kinds,
+        plot,
+        method=f"{args.rounds} round(s) per input kind, each workload's back-to-back calls for "
         f"{args.seconds} s after 2 warm-ups, the order rotating per round; NVML SM clock and board power "
         "every 2 ms, averaged over the window; energy per call = mean power x window / calls; medians "
         "over rounds",
-        "inputs": {kind: describe_inputs(kind) for kind in kinds},
-        "rows": rows,
-    }
-    write_report(args.out, name, body)
-    plot(rows, args.out / f"{name}.png")
+    )
 
 
 if __name__ == "__main__":

@@ -71,13 +71,14 @@ def test_rounds_rotate_the_workloads(power_draw, monkeypatch):
             fn() or {"calls": 1, "median_ms": 1.0, "sm_mhz": None, "watts": None, "joules_per_call": None}
         ),
     )
+    shape, cfg = power_draw.experiment_shapes(smoke=True)
     rows = power_draw.run(
         seq_len=64,
         kinds=("smooth",),
         rounds=3,
         seconds=0.0,
-        shape=power_draw.SMOKE_SHAPE,
-        cfg=power_draw.SMOKE_CONFIG,
+        shape=shape,
+        cfg=cfg,
         sampler=FakeSampler(),
     )
     assert order == [*"abc", *"bca", *"cab"]
