@@ -1,12 +1,11 @@
 """Energy per call of the dense baseline and of each phase of the sparse prefill (GPU; NVML samples).
 
-In sustained runs the H200 holds both the cuDNN dense forward and the sparse prefill at its 700 W limit
-(~690 W at 1.55-1.65 GHz instead of its 1980 MHz boost, ``interleaved_prefill.py --clocks``), so a call's
-time there is about its energy over that power. This script measures the energy: for each workload it runs
-back-to-back calls for ``--seconds`` (after two warm-ups), samples the SM clock and the board's power every
-2 ms (``ClockSampler``), and reports the calls, their median time, the mean clock and power over the window
-and the energy per call (mean power x window / calls). The workloads rotate over ``--rounds`` rounds, so
-that each meets the same drift.
+The H200 lowers its SM clock below the 1980 MHz boost when a workload would draw more than its 700 W limit,
+so how fast a kernel runs in sustained use depends on its power as well as its cycles. This script measures
+both: for each workload it runs back-to-back calls for ``--seconds`` (after two warm-ups), samples the SM
+clock and the board's power every 2 ms (``ClockSampler``), and reports the calls, their median time, the
+mean clock and power over the window and the energy per call (mean power x window / calls). The workloads
+rotate over ``--rounds`` rounds, so that each meets the same drift.
 
 Workloads (MiniCPM4 shapes, the shipped config, T = ``--seq-len``):
 - ``cudnn_dense``: the dense causal forward (``bench_selection.dense_prefill``);
@@ -84,8 +83,13 @@ def measure(fn, args, *, seconds: float, sampler, warmups: int = 2) -> dict:
         jax.block_until_ready(fn(*args))
         times.append((time.perf_counter() - t0) * 1e3)
     end = time.perf_counter()
-    row = {"calls": len(times), "median_ms": statistics.median(times), "sm_mhz": None, "watts": None}
-    row["joules_per_call"] = None
+    row = {
+        "calls": len(times),
+        "median_ms": statistics.median(times),
+        "sm_mhz": None,
+        "watts": None,
+        "joules_per_call": None,
+    }
     mean = None if sampler is None else sampler.mean_over(start, end)
     if mean is not None:
         row["sm_mhz"], row["watts"] = mean
