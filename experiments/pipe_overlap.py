@@ -1,0 +1,346 @@
+"""Diagnostic: do WGMMAs and exponentials of different warpgroups overlap on a Hopper SM?
+
+Both big Mosaic kernels show tensor-pipe and XU-pipe use that add up to ~100% (session 12's Nsight
+Compute profile: scoring 51% + 51%, forward tile 65% + 34%), and every schedule meant to overlap the
+two (FlashAttention-3's ping-pong, the stagger, an intra-warpgroup pipeline) was no faster. This
+script asks the hardware with a synthetic kernel instead: one CTA per SM, two to four warpgroups, each
+given a role that it repeats ``--iters`` times:
+
+- ``mma``: a ``64 x 128 x 128`` bf16 WGMMA with both operands in SMEM (the scoring kernel's fine
+  step), waited for, then added into a float32 register array (64 ``FADD`` per thread);
+- ``exp``: ``x = exp2(-2 x)`` on a ``[64, 128]`` float32 register array (8,192 ``ex2.approx.ftz.f32``);
+- ``exp16``: the same in float16 pairs (``ex2.approx.f16x2``: 4,096 packed ops for 8,192 results);
+- ``step``: ``mma``, then the exponentials of its result added into the register array (one
+  warpgroup's scoring step without the group sum);
+- ``pstep``: ``step`` pipelined inside the warpgroup: each iteration issues its WGMMA, then computes
+  the previous iteration's exponentials while it runs (a second accumulator's worth of registers);
+- ``idle``.
+
+Each role alone needs ~512 cycles per iteration at the datasheet rates (2.1 MFLOP at 4,096 dense bf16
+FLOP per cycle and SM; 8,192 ``exp2`` at 16 per cycle and SM). If the pipes overlap, ``mma + exp``
+takes about as long as the slower of ``mma + idle`` and ``idle + exp``; if they exclude each other,
+about the sum. ``overlap`` in the table is ``(t_a + t_b - t_ab) / min(t_a, t_b)``: 1 for full
+overlap, 0 for none. Times are the kernel's device time from a profiler trace.
+
+Every role's output is checked against numpy (``--check``, and the CPU test in interpret mode), so
+the loops time real work.
+
+Usage (GPU)::
+
+    PYTHONPATH=experiments:. python3 experiments/pipe_overlap.py --out experiments/results
+"""
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from bench_attention import kernel_times, write_report
+from jax import lax
+from jax.experimental.mosaic import gpu as mgpu
+
+from pallas_kernels._compat import SWIZZLED_128B, pl, plgpu
+
+ROWS, COLS, DEPTH = 64, 128, 128  # the WGMMA: [ROWS, DEPTH] x [COLS, DEPTH]^T
+ROLES = ("idle", "mma", "exp", "exp16", "step", "pstep")
+# The roles of warpgroups 0, 1, ... of the combinations timed by default.
+COMBOS = (
+    ("mma", "idle"),
+    ("idle", "exp"),
+    ("mma", "exp"),
+    ("mma", "mma"),
+    ("exp", "exp"),
+    ("idle", "exp16"),
+    ("mma", "exp16"),
+    ("step", "idle"),
+    ("step", "step"),
+    ("mma", "mma", "mma"),
+    ("step", "step", "step"),
+    ("pstep", "idle"),
+    ("pstep", "pstep"),
+)
+MAX_WARPGROUPS = 4
+# Overlap rows: (pair, the two pairs whose times add up to "no overlap").
+OVERLAPS = (
+    (("mma", "exp"), ("mma", "idle"), ("idle", "exp")),
+    (("mma", "exp16"), ("mma", "idle"), ("idle", "exp16")),
+    (("step", "step"), ("step", "idle"), ("step", "idle")),
+)
+# Scale of the step role's scores: keeps exp2 of them near 1 for the inputs below.
+_STEP_SCALE = 0.25
+# The exp roles iterate x -> 2^(-2 x) from 0.1: it oscillates towards 0.5 slowly (a factor ~0.69 per
+# iteration), so every iteration changes the result (which the CPU test checks) and nothing overflows.
+_EXP_FACTOR, _EXP_START = -2.0, 0.1
+# SMEM per CTA at least (operands, output staging, padding): two CTAs never share an SM.
+_SMEM_MIN = 120 * 1024
+
+
+def _exp2_f16x2(x, *, interpret: bool):
+    """``2^x`` of a float16 ``[64, 128]`` WGMMA-layout array: one ``ex2.approx.f16x2`` per register
+    pair (the interpreter cannot run ``inline_mgpu``: there, ``exp2`` in float32 rounded to float16)."""
+    if interpret:
+        return jnp.exp2(x.astype(jnp.float32)).astype(jnp.float16)
+    layout = plgpu.Layout.WGMMA
+
+    @plgpu.inline_mgpu(
+        arg_types=(layout,), return_type=plgpu.ShapeDtypeStruct(x.shape, jnp.float16, layout=layout)
+    )
+    def ex2(_, a):
+        return a._pointwise(
+            mgpu.FragmentedArray._lift_fast_packed_instr("ex2.approx.f16x2", "ex2.approx.f16")
+        )
+
+    return ex2(x)
+
+
+def _run_role(role: str, a_smem, b_smem, iters: int, interpret: bool):
+    """The role's loop; returns its final ``[64, 128]`` float32 register array (zeros when idle)."""
+    layout = plgpu.Layout.WGMMA
+
+    def full(value, dtype=jnp.float32):
+        return plgpu.layout_cast(jnp.full((ROWS, COLS), value, dtype), layout)
+
+    def mma():
+        def issue(acc_ref):
+            plgpu.wgmma(acc_ref, a_smem, b_smem.T)
+            return acc_ref[...]
+
+        return pl.run_scoped(issue, plgpu.ACC((ROWS, COLS), jnp.float32))
+
+    if role == "idle":
+        return full(0.0)
+    if role == "mma":
+        return lax.fori_loop(0, iters, lambda i, acc: acc + mma(), full(0.0))
+    if role == "exp":
+        return lax.fori_loop(0, iters, lambda i, x: jnp.exp2(x * _EXP_FACTOR), full(_EXP_START))
+    if role == "exp16":
+        factor = jnp.float16(_EXP_FACTOR)
+        x = lax.fori_loop(
+            0,
+            iters,
+            lambda i, x: _exp2_f16x2(x * factor, interpret=interpret),
+            full(_EXP_START, jnp.float16),
+        )
+        return x.astype(jnp.float32)
+    if role == "step":
+        return lax.fori_loop(0, iters, lambda i, acc: acc + jnp.exp2(mma() * _STEP_SCALE), full(0.0))
+    if role == "pstep":
+
+        def pipelined(i, carry):
+            total, previous = carry
+
+            def issue(acc_ref):
+                plgpu.wgmma(acc_ref, a_smem, b_smem.T)
+                # The previous iteration's exponentials while this WGMMA runs; reading the
+                # accumulator afterwards waits for it.
+                return total + jnp.exp2(previous * _STEP_SCALE), acc_ref[...]
+
+            return pl.run_scoped(issue, plgpu.ACC((ROWS, COLS), jnp.float32))
+
+        # The first iteration adds 2^0 = 1 for the "previous" zeros: start the sum at -1.
+        total, last = lax.fori_loop(0, iters, pipelined, (full(-1.0), full(0.0)))
+        return total + jnp.exp2(last * _STEP_SCALE)
+    raise ValueError(f"unknown role {role!r}; expected one of {ROLES}")
+
+
+def overlap_kernel(roles: tuple[str, ...], iters: int, n_ctas: int, *, interpret: bool = False):
+    """``(a [64, 128], b [128, 128]) bf16 -> out [n_ctas, W, 64, 128] float32``: warpgroup ``w < W`` of
+    every CTA runs ``roles[w]`` for ``iters`` iterations on ``a @ b.T`` and writes its register array."""
+    if not 1 <= len(roles) <= MAX_WARPGROUPS:
+        raise ValueError(f"1 to {MAX_WARPGROUPS} warpgroups, got roles {roles}")
+    for role in roles:
+        if role not in ROLES:
+            raise ValueError(f"unknown role {role!r}; expected one of {ROLES}")
+    if iters < 1 or n_ctas < 1:
+        raise ValueError(f"iters and n_ctas must be >= 1, got {iters}, {n_ctas}")
+
+    def body(a_ref, b_ref, out_ref, a_smem, b_smem, out_smem, _pad, bar):
+        wg, cta = lax.axis_index("wg"), lax.axis_index("cta")
+
+        @pl.when(wg == 0)
+        def _():
+            plgpu.copy_gmem_to_smem(a_ref, a_smem, bar)
+            plgpu.copy_gmem_to_smem(b_ref, b_smem, bar)
+
+        plgpu.barrier_wait(bar)
+        for w, role in enumerate(roles):
+
+            @pl.when(wg == w)
+            def _(w=w, role=role):
+                out_smem.at[w][...] = _run_role(role, a_smem, b_smem, iters, interpret)
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(out_smem.at[w], out_ref.at[cta, w])
+                plgpu.wait_smem_to_gmem(0)
+
+    n_wg = len(roles)
+    used = 2 * (ROWS + COLS) * DEPTH + 4 * n_wg * ROWS * COLS
+    scratch = (
+        plgpu.SMEM((ROWS, DEPTH), jnp.bfloat16, transforms=SWIZZLED_128B),
+        plgpu.SMEM((COLS, DEPTH), jnp.bfloat16, transforms=SWIZZLED_128B),
+        plgpu.SMEM((n_wg, ROWS, COLS), jnp.float32),
+        plgpu.SMEM((max(_SMEM_MIN - used, 4) // 4,), jnp.float32),
+        plgpu.Barrier(num_arrivals=2),
+    )
+
+    # The profiler names the kernel after this function.
+    def pipe_overlap(*refs):
+        pl.run_scoped(lambda *allocs: body(*refs, *allocs), *scratch, collective_axes="wg")
+
+    return plgpu.kernel(
+        pipe_overlap,
+        out_type=jax.ShapeDtypeStruct((n_ctas, n_wg, ROWS, COLS), jnp.float32),
+        grid=(n_ctas,),
+        grid_names=("cta",),
+        num_threads=n_wg,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+        interpret=plgpu.InterpretGPUParams() if interpret else False,
+    )
+
+
+def expected(role: str, a: np.ndarray, b: np.ndarray, iters: int) -> np.ndarray:
+    """numpy (float64) value of ``role``'s register array after ``iters`` iterations."""
+    s = a.astype(np.float64) @ b.astype(np.float64).T
+    if role == "idle":
+        return np.zeros((ROWS, COLS))
+    if role == "mma":
+        return iters * s
+    if role in ("exp", "exp16"):
+        x = np.full((ROWS, COLS), _EXP_START)
+        for _ in range(iters):
+            x = np.exp2(_EXP_FACTOR * x)
+        return x
+    if role in ("step", "pstep"):
+        return iters * np.exp2(s * _STEP_SCALE)
+    raise ValueError(role)
+
+
+def operands(seed: int = 0):
+    """Random bf16 operands whose products stay O(1)."""
+    ka, kb = jax.random.split(jax.random.key(seed))
+    a = (jax.random.normal(ka, (ROWS, DEPTH)) * 0.1).astype(jnp.bfloat16)
+    b = (jax.random.normal(kb, (COLS, DEPTH)) * 0.1).astype(jnp.bfloat16)
+    return a, b
+
+
+def check(roles, out: np.ndarray, a, b, iters: int) -> float:
+    """Largest relative error of the kernel's arrays (``out[:, w]``) against ``expected``."""
+    worst = 0.0
+    for w, role in enumerate(roles):
+        want = expected(role, np.asarray(a, np.float32), np.asarray(b, np.float32), iters)
+        got = out[:, w].astype(np.float64)
+        scale = max(np.abs(want).max(), 1e-30)
+        worst = max(worst, float(np.abs(got - want[None]).max() / scale))
+    return worst
+
+
+def run(iters: int, waves: int, reps: int, combos=COMBOS) -> list[dict]:
+    n_ctas = waves * (getattr(jax.devices()[0], "core_count", None) or 132)
+    a, b = operands()
+    rows = []
+    for roles in combos:
+        fn = jax.jit(overlap_kernel(roles, iters, n_ctas))
+        out = np.asarray(fn(a, b))
+        # float16 exponentials and float32 sums over thousands of iterations: loose but catching.
+        error = check(roles, out, a, b, iters)
+        host = []
+        for _ in range(reps):
+            start = time.perf_counter()
+            jax.block_until_ready(fn(a, b))
+            host.append((time.perf_counter() - start) * 1e3)
+        device = sum(kernel_times(fn, a, b, calls=3).values())
+        row = {
+            "roles": list(roles),
+            "device_ms": round(device, 4),
+            "host_median_ms": round(statistics.median(host), 4),
+            "max_rel_error": error,
+        }
+        print(f"{' + '.join(roles):>22} {device:8.3f} ms  (rel. error {error:.1e})", flush=True)
+        rows.append(row)
+    return rows
+
+
+def overlaps(rows: list[dict]) -> list[dict]:
+    """The ``OVERLAPS`` rows: ``(t_a + t_b - t_ab) / min(t_a, t_b)`` from the rows' device times."""
+    t = {tuple(r["roles"]): r["device_ms"] for r in rows}
+    result = []
+    for pair, first, second in OVERLAPS:
+        if pair in t and first in t and second in t:
+            ta, tb, tab = t[first], t[second], t[pair]
+            result.append(
+                {
+                    "pair": "+".join(pair),
+                    "alone_ms": [ta, tb],
+                    "together_ms": tab,
+                    "overlap": round((ta + tb - tab) / min(ta, tb), 3),
+                }
+            )
+    return result
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """A bar of device time per combination of roles (written to ``path``)."""
+    # Imported here: matplotlib is needed only for the figure.
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [" + ".join(r["roles"]) for r in rows]
+    fig, ax = plt.subplots(figsize=(8, 0.4 * len(rows) + 1.2))
+    ax.barh(range(len(rows)), [r["device_ms"] for r in rows], color="tab:blue")
+    for i, r in enumerate(rows):
+        ax.text(r["device_ms"], i, f" {r['device_ms']:.2f}", va="center", fontsize=8)
+    ax.set_yticks(range(len(rows)), names, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("kernel device time (ms)")
+    ax.set_title("WGMMA and exp2 per warpgroup role (one CTA per SM)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def parse_combo(text: str) -> tuple[str, ...]:
+    """``"step+step+idle"`` -> ``("step", "step", "idle")`` (roles of warpgroups 0, 1, ...)."""
+    roles = tuple(text.split("+"))
+    if not 1 <= len(roles) <= MAX_WARPGROUPS or any(role not in ROLES for role in roles):
+        raise argparse.ArgumentTypeError(f"{text!r}: 1 to {MAX_WARPGROUPS} of {ROLES} joined by '+'")
+    return roles
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--iters", type=int, default=8192, help="iterations of each role per CTA")
+    parser.add_argument("--waves", type=int, default=2, help="CTAs per SM, one at a time")
+    parser.add_argument("--reps", type=int, default=10)
+    parser.add_argument(
+        "--combos", nargs="+", type=parse_combo, default=list(COMBOS), help="e.g. mma+exp step+step+step"
+    )
+    parser.add_argument("--name", default="pipe_overlap_h200", help="results file name (.json added)")
+    parser.add_argument(
+        "--replot", type=Path, help="redraw the figure of a results file (next to it) and exit; no GPU needed"
+    )
+    args = parser.parse_args(argv)
+    if args.replot is not None:
+        plot(json.loads(args.replot.read_text())["rows"], args.replot.with_suffix(".png"))
+        return
+    if jax.devices()[0].platform != "gpu":
+        sys.exit("pipe_overlap.py times WGMMA and exp2 on a Hopper GPU: it needs one")
+    rows = run(args.iters, args.waves, args.reps, args.combos)
+    summary = overlaps(rows)
+    for s in summary:
+        alone, together = s["alone_ms"], s["together_ms"]
+        print(f"overlap {s['pair']:>11}: alone {alone} ms, together {together} ms -> {s['overlap']}")
+    body = {"iters": args.iters, "waves": args.waves, "rows": rows, "overlaps": summary}
+    write_report(args.out, args.name, body)
+    plot(rows, args.out / f"{args.name}.png")
+
+
+if __name__ == "__main__":
+    main()
