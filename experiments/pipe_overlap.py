@@ -14,6 +14,9 @@ given a role that it repeats ``--iters`` times:
   warpgroup's scoring step without the group sum);
 - ``pstep``: ``step`` pipelined inside the warpgroup: each iteration issues its WGMMA, then computes
   the previous iteration's exponentials while it runs (a second accumulator's worth of registers);
+- ``fa``: one warpgroup's attention step as the forward tile kernel runs it: ``S = A B^T`` (``mma``),
+  the online softmax (row maximum, ``exp2``, row sum, rescale), ``O += P V`` with ``P`` in bf16 from
+  registers and ``V = B``;
 - ``idle``.
 
 Each role alone needs ~512 cycles per iteration at the datasheet rates (2.1 MFLOP at 4,096 dense bf16
@@ -47,7 +50,7 @@ from jax.experimental.mosaic import gpu as mgpu
 from pallas_kernels._compat import SWIZZLED_128B, pl, plgpu
 
 ROWS, COLS, DEPTH = 64, 128, 128  # the WGMMA: [ROWS, DEPTH] x [COLS, DEPTH]^T
-ROLES = ("idle", "mma", "exp", "exp16", "step", "pstep")
+ROLES = ("idle", "mma", "exp", "exp16", "step", "pstep", "fa")
 # The roles of warpgroups 0, 1, ... of the combinations timed by default.
 COMBOS = (
     ("mma", "idle"),
@@ -63,6 +66,8 @@ COMBOS = (
     ("step", "step", "step"),
     ("pstep", "idle"),
     ("pstep", "pstep"),
+    ("fa", "idle"),
+    ("fa", "fa"),
 )
 MAX_WARPGROUPS = 4
 # Overlap rows: (pair, the two pairs whose times add up to "no overlap").
@@ -98,8 +103,10 @@ def _exp2_f16x2(x, *, interpret: bool):
     return ex2(x)
 
 
-def _run_role(role: str, a_smem, b_smem, iters: int, interpret: bool):
-    """The role's loop; returns its final ``[64, 128]`` float32 register array (zeros when idle)."""
+def _run_role(role: str, a_smem, b_smem, p_smem, iters: int, interpret: bool):
+    """The role's loop; returns its final ``[64, 128]`` float32 register array (zeros when idle).
+    ``p_smem``: this warpgroup's ``[64, 128]`` bf16 staging of ``P`` for the interpreter, which takes
+    SMEM operands only."""
     layout = plgpu.Layout.WGMMA
 
     def full(value, dtype=jnp.float32):
@@ -145,6 +152,32 @@ def _run_role(role: str, a_smem, b_smem, iters: int, interpret: bool):
         # The first iteration adds 2^0 = 1 for the "previous" zeros: start the sum at -1.
         total, last = lax.fori_loop(0, iters, pipelined, (full(-1.0), full(0.0)))
         return total + jnp.exp2(last * _STEP_SCALE)
+    if role == "fa":
+        row_layout = layout.reduce(1)
+
+        def attend(i, carry):
+            o, m, l = carry
+            s = mma() * _STEP_SCALE
+            m_new = jnp.maximum(m, s.max(axis=1))
+            p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
+            alpha = jnp.exp2(m - m_new)
+            p16 = p.astype(jnp.bfloat16)
+            if interpret:
+                p_smem[...] = p16
+                plgpu.commit_smem()
+
+            def pv(acc_ref):
+                plgpu.wgmma(acc_ref, p_smem if interpret else p16, b_smem)
+                return acc_ref[...]
+
+            pv_out = pl.run_scoped(pv, plgpu.ACC((ROWS, DEPTH), jnp.float32))
+            o = o * lax.broadcast_in_dim(alpha, o.shape, [0]) + pv_out
+            return o, m_new, l * alpha + p.sum(axis=1)
+
+        m0 = plgpu.layout_cast(jnp.full((ROWS,), -jnp.inf, jnp.float32), row_layout)
+        l0 = plgpu.layout_cast(jnp.zeros((ROWS,), jnp.float32), row_layout)
+        o, _, l = lax.fori_loop(0, iters, attend, (full(0.0), m0, l0))
+        return o + lax.broadcast_in_dim(l, o.shape, [0])
     raise ValueError(f"unknown role {role!r}; expected one of {ROLES}")
 
 
@@ -159,7 +192,7 @@ def overlap_kernel(roles: tuple[str, ...], iters: int, n_ctas: int, *, interpret
     if iters < 1 or n_ctas < 1:
         raise ValueError(f"iters and n_ctas must be >= 1, got {iters}, {n_ctas}")
 
-    def body(a_ref, b_ref, out_ref, a_smem, b_smem, out_smem, _pad, bar):
+    def body(a_ref, b_ref, out_ref, a_smem, b_smem, out_smem, p_smem, _pad, bar):
         wg, cta = lax.axis_index("wg"), lax.axis_index("cta")
 
         @pl.when(wg == 0)
@@ -172,17 +205,19 @@ def overlap_kernel(roles: tuple[str, ...], iters: int, n_ctas: int, *, interpret
 
             @pl.when(wg == w)
             def _(w=w, role=role):
-                out_smem.at[w][...] = _run_role(role, a_smem, b_smem, iters, interpret)
+                value = _run_role(role, a_smem, b_smem, p_smem.at[w], iters, interpret)
+                out_smem.at[w][...] = value
                 plgpu.commit_smem()
                 plgpu.copy_smem_to_gmem(out_smem.at[w], out_ref.at[cta, w])
                 plgpu.wait_smem_to_gmem(0)
 
     n_wg = len(roles)
-    used = 2 * (ROWS + COLS) * DEPTH + 4 * n_wg * ROWS * COLS
+    used = 2 * (ROWS + COLS) * DEPTH + 4 * n_wg * ROWS * COLS + 2 * n_wg * ROWS * COLS
     scratch = (
         plgpu.SMEM((ROWS, DEPTH), jnp.bfloat16, transforms=SWIZZLED_128B),
         plgpu.SMEM((COLS, DEPTH), jnp.bfloat16, transforms=SWIZZLED_128B),
         plgpu.SMEM((n_wg, ROWS, COLS), jnp.float32),
+        plgpu.SMEM((n_wg, ROWS, COLS), jnp.bfloat16, transforms=SWIZZLED_128B),
         plgpu.SMEM((max(_SMEM_MIN - used, 4) // 4,), jnp.float32),
         plgpu.Barrier(num_arrivals=2),
     )
@@ -217,6 +252,12 @@ def expected(role: str, a: np.ndarray, b: np.ndarray, iters: int) -> np.ndarray:
         return x
     if role in ("step", "pstep"):
         return iters * np.exp2(s * _STEP_SCALE)
+    if role == "fa":
+        # Every iteration sees the same scores: after the first the maximum stays, so O and l grow by
+        # the same amounts each time. P enters the second product rounded to bf16, as in the kernel.
+        p = np.exp2(s * _STEP_SCALE - (s * _STEP_SCALE).max(axis=1, keepdims=True))
+        p16 = np.asarray(jnp.asarray(p, jnp.float32).astype(jnp.bfloat16), np.float64)
+        return iters * (p16 @ b + p.sum(axis=1, keepdims=True))
     raise ValueError(role)
 
 
