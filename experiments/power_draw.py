@@ -41,25 +41,21 @@ from bench_selection import (
 )
 from interleaved_prefill import ClockSampler
 
-from infllm_jax.ops.pallas_backend import selection_kwargs
-from pallas_kernels import block_lists, selection, sparse_attention
+from infllm_jax.ops import pallas_backend
 
 WORKLOADS = ("cudnn_dense", "prefill", "selection", "forward")
 
 
 def workloads(q, k, v, cfg) -> dict:
-    """``name -> (jitted function, arguments)`` of the four workloads on ``q, k, v``."""
-    interpret = jax.default_backend() == "cpu"
-    config = sparse_attention.default_block_sizes(q.dtype, q.shape[-1], cfg.block_size, interpret)
-    kwargs = dict(lists_for=block_lists.list_tiling(config), interpret=interpret, **selection_kwargs(cfg))
+    """``name -> (jitted function, arguments)`` of the four workloads on ``q, k, v``: the selection and
+    the forward are ``infllmv2_attention_pallas``'s two stages."""
+    config = pallas_backend.prefill_attention_tiling(q, k, cfg)
 
     def select(q, k):
-        return selection.select_blocks(q, k, **kwargs)
+        return pallas_backend.prefill_selection_pallas(q, k, cfg, attention_tiling=config)
 
     def forward(q, k, v, idx, lists):
-        return sparse_attention.sparse_attention_pallas(
-            q, k, v, idx, block_size=cfg.block_size, config=config, lists=lists, interpret=interpret
-        )
+        return pallas_backend.prefill_attention_pallas(q, k, v, idx, lists, cfg, attention_tiling=config)
 
     select = jax.jit(select)
     idx, lists = select(q, k)

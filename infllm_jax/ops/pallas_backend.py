@@ -10,7 +10,15 @@ import jax
 
 from infllm_jax.config import SparseConfig
 
-__all__ = ["infllmv2_attention_pallas", "select_blocks_pallas", "selection_kwargs", "sparse_attention_pallas"]
+__all__ = [
+    "infllmv2_attention_pallas",
+    "prefill_attention_pallas",
+    "prefill_attention_tiling",
+    "prefill_selection_pallas",
+    "select_blocks_pallas",
+    "selection_kwargs",
+    "sparse_attention_pallas",
+]
 
 
 def sparse_attention_pallas(
@@ -73,7 +81,8 @@ def infllmv2_attention_pallas(
 
     The same result as ``select_blocks_pallas`` followed by ``sparse_attention_pallas``, but the
     selection's top-k also hands the attention its tile and token lists (built by a Pallas kernel
-    from the top-k's masks), so the attention skips building them from the ids in XLA.
+    from the top-k's masks), so the attention skips building them from the ids in XLA. Its two
+    stages are ``prefill_selection_pallas`` and ``prefill_attention_pallas``.
 
     ``select_tiling`` / ``attention_tiling``: the ``BlockSizes`` of ``pallas_kernels.selection`` /
     ``pallas_kernels.tiling`` (default: each module's ``default_block_sizes``; benchmarks vary them).
@@ -81,21 +90,72 @@ def infllmv2_attention_pallas(
     Raises:
       NotImplementedError: as ``select_blocks_pallas`` and ``sparse_attention_pallas`` do.
     """
+    config = prefill_attention_tiling(q, k, cfg, attention_tiling)
+    block_idx, lists = prefill_selection_pallas(
+        select_q, select_k, cfg, attention_tiling=config, q_offset=q_offset, select_tiling=select_tiling
+    )
+    return prefill_attention_pallas(
+        q, k, v, block_idx, lists, cfg, attention_tiling=config, q_offset=q_offset
+    )
+
+
+def prefill_attention_tiling(q: jax.Array, k: jax.Array, cfg: SparseConfig, attention_tiling=None):
+    """The ``pallas_kernels.tiling.BlockSizes`` of ``infllmv2_attention_pallas``'s sparse attention:
+    ``attention_tiling``, else the default for ``q`` (``[B, Tq, Hq, D]``) on this backend.
+
+    Raises:
+      NotImplementedError: on a backend other than CPU/GPU, or for inputs the attention kernels do not
+        support.
+    """
     interpret = _interpret_mode("InfLLM-V2 attention")
-    from pallas_kernels import block_lists, selection, sparse_attention
+    from pallas_kernels import sparse_attention
 
     reason = sparse_attention.supported(q.shape, k.shape, q.dtype, cfg.block_size)
     if reason is not None:
         raise NotImplementedError(f"Pallas sparse attention does not support {reason}")
-    config = attention_tiling or sparse_attention.default_block_sizes(
+    return attention_tiling or sparse_attention.default_block_sizes(
         q.dtype, q.shape[-1], cfg.block_size, interpret
     )
-    tiling = block_lists.list_tiling(config)
+
+
+def prefill_selection_pallas(
+    select_q: jax.Array,
+    select_k: jax.Array,
+    cfg: SparseConfig,
+    *,
+    attention_tiling,
+    q_offset: int | jax.Array = 0,
+    select_tiling=None,
+):
+    """The first stage of ``infllmv2_attention_pallas``: ``(block_idx [B, Hkv, Tq, K] int32, lists)``,
+    the selected blocks and, when ``attention_tiling`` (``prefill_attention_tiling``) takes lists, the
+    attention's tile and token lists built from the top-k's masks (else ``None``)."""
+    interpret = _interpret_mode("block selection")
+    from pallas_kernels import block_lists, selection
+
+    tiling = block_lists.list_tiling(attention_tiling)
     kwargs = dict(q_offset=q_offset, block_sizes=select_tiling, interpret=interpret, **selection_kwargs(cfg))
     if tiling is None:
-        block_idx, lists = selection.select_blocks(select_q, select_k, **kwargs), None
-    else:
-        block_idx, lists = selection.select_blocks(select_q, select_k, lists_for=tiling, **kwargs)
+        return selection.select_blocks(select_q, select_k, **kwargs), None
+    return selection.select_blocks(select_q, select_k, lists_for=tiling, **kwargs)
+
+
+def prefill_attention_pallas(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    block_idx: jax.Array,
+    lists,
+    cfg: SparseConfig,
+    *,
+    attention_tiling,
+    q_offset: int | jax.Array = 0,
+) -> jax.Array:
+    """The second stage of ``infllmv2_attention_pallas``: the sparse attention ``[B, Tq, Hq, D]`` over
+    ``prefill_selection_pallas``'s ``block_idx`` and ``lists`` with the same ``attention_tiling``."""
+    interpret = _interpret_mode("sparse attention")
+    from pallas_kernels import sparse_attention
+
     return sparse_attention.sparse_attention_pallas(
         q,
         k,
@@ -103,7 +163,7 @@ def infllmv2_attention_pallas(
         block_idx,
         block_size=cfg.block_size,
         q_offset=q_offset,
-        config=config,
+        config=attention_tiling,
         lists=lists,
         interpret=interpret,
     )

@@ -139,6 +139,24 @@ def test_infllmv2_attention_builds_the_lists_in_the_selection():
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
+@pytest.mark.parametrize(
+    "tiling",
+    [None, BlockSizes(tile_tokens=0)],
+    ids=["default-tiling-with-lists", "token-phase-only-no-lists"],
+)
+def test_the_prefill_stages_compose_to_infllmv2_attention_pallas(tiling):
+    # experiments/power_draw.py times the two stages apart; together they are the whole op.
+    q, k, v = qkv(4, 200)
+    config = pallas_backend.prefill_attention_tiling(q, k, SMALL, tiling)
+    idx, lists = pallas_backend.prefill_selection_pallas(q, k, SMALL, attention_tiling=config)
+    assert (lists is None) == (block_lists.list_tiling(config) is None)
+    staged = pallas_backend.prefill_attention_pallas(q, k, v, idx, lists, SMALL, attention_tiling=config)
+    whole = pallas_backend.infllmv2_attention_pallas(
+        q, k, v, SMALL, select_q=q, select_k=k, attention_tiling=tiling
+    )
+    np.testing.assert_array_equal(np.asarray(staged), np.asarray(whole))
+
+
 def test_lists_of_the_wrong_shape_are_rejected():
     q, k, v = qkv(3, 64)
     config = TILINGS["8-token-tiles-share-2"]
