@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Nsight Compute profile of one launch of a Mosaic GPU kernel in the 128K smooth prefill, on the GPU machine
-# (its image has /usr/local/cuda/bin/ncu). Session 12 ran the 19-launch example below (ncu_prefill.* in
-# experiments/results); experiments/ncu_summary.py condenses the SASS table.
+# Nsight Compute profile of one launch of a kernel (Mosaic GPU or Triton) in the 128K smooth prefill, on the GPU
+# machine (its image has /usr/local/cuda/bin/ncu). Session 12 ran the 19-launch example below (ncu_prefill.* in
+# experiments/results; then at ncu's locked base clock, now --clock-control none); experiments/ncu_summary.py
+# condenses the SASS table.
 #   [NCU_COUNT=1] [NCU_TIMEOUT=420] bash experiments/ncu_kernels.sh OUT_DIR NAME KERNEL_REGEX SKIP [BENCH_SELECTION_ARG ...]
 # e.g. the scoring kernel's last 8K-token chunk of the first timed call (16 chunks per call at 128K):
 #   bash experiments/ncu_kernels.sh $OUT scores infllmv2_select_scores_mgpu_keys 15
@@ -31,7 +32,9 @@ log="$out/ncu_$name.log"
   echo "device: $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null || echo none)"
   echo "ncu: $ncu $("$ncu" --version 2>&1 | tail -n 1)"
 } > "$log"
-timeout "${NCU_TIMEOUT:-420}" "$ncu" --set full --import-source no -k "regex:$regex" --launch-skip "$skip" \
+# --clock-control none: leave the GPU's clocks as they are (ncu's default locks them to the base clock).
+timeout "${NCU_TIMEOUT:-420}" "$ncu" --set full --clock-control none --import-source no -k "regex:$regex" \
+  --launch-skip "$skip" \
   --launch-count "$count" \
   -o "$out/ncu_$name" -f python3 experiments/bench_selection.py --no-sweep --select-lens \
   --prefill-lens 131072 --inputs smooth --iters 1 --out "$out/bench_$name" "$@" >> "$log" 2>&1
