@@ -25,8 +25,8 @@ takes about as long as the slower of ``mma + idle`` and ``idle + exp``; if they 
 about the sum. ``overlap`` in the table is ``(t_a + t_b - t_ab) / min(t_a, t_b)``: 1 for full
 overlap, 0 for none. Times are the kernel's device time from a profiler trace.
 
-Every role's output is checked against numpy (``--check``, and the CPU test in interpret mode), so
-the loops time real work.
+Every run checks each role's output against numpy (``max_rel_error`` in the results; the CPU test
+does the same in interpret mode), so the loops time real work.
 
 Usage (GPU)::
 
