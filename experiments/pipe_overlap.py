@@ -17,6 +17,10 @@ given a role that it repeats ``--iters`` times:
 - ``fa``: one warpgroup's attention step as the forward tile kernel runs it: ``S = A B^T`` (``mma``),
   the online softmax (row maximum, ``exp2``, row sum, rescale), ``O += P V`` with ``P`` in bf16 from
   registers and ``V = B``;
+- ``coarse``: the scoring kernel's coarse step: ``S = A B^T``, then the row maxima and the online
+  log-sum-exp's exponentials and row sums;
+- ``fine``: the scoring kernel's fine step: ``S = A B^T``, ``exp2(S - lse)`` with a per-column ``lse``,
+  and the group sum of the 16 eight-column slices (``[64, 8]`` sums per step, added up);
 - ``idle``.
 
 Each role alone needs ~512 cycles per iteration at the datasheet rates (2.1 MFLOP at 4,096 dense bf16
@@ -34,6 +38,7 @@ Usage (GPU)::
 """
 
 import argparse
+import functools
 import json
 import statistics
 import sys
@@ -50,7 +55,7 @@ from jax.experimental.mosaic import gpu as mgpu
 from pallas_kernels._compat import SWIZZLED_128B, pl, plgpu
 
 ROWS, COLS, DEPTH = 64, 128, 128  # the WGMMA: [ROWS, DEPTH] x [COLS, DEPTH]^T
-ROLES = ("idle", "mma", "exp", "exp16", "step", "pstep", "fa")
+ROLES = ("idle", "mma", "exp", "exp16", "step", "pstep", "fa", "coarse", "fine")
 # The roles of warpgroups 0, 1, ... of the combinations timed by default.
 COMBOS = (
     ("mma", "idle"),
@@ -68,6 +73,10 @@ COMBOS = (
     ("pstep", "pstep"),
     ("fa", "idle"),
     ("fa", "fa"),
+    ("fa", "fa", "fa"),
+    ("coarse", "coarse"),
+    ("fine", "fine"),
+    ("fine", "fine", "fine"),
 )
 MAX_WARPGROUPS = 4
 # Overlap rows: (pair, the two pairs whose times add up to "no overlap").
@@ -78,6 +87,8 @@ OVERLAPS = (
 )
 # Scale of the step role's scores: keeps exp2 of them near 1 for the inputs below.
 _STEP_SCALE = 0.25
+# The fine role: columns 8 h + t as in the scoring kernel (head h, token t), an lse per column.
+_SLICE, _FINE_LSE_STEP = 8, 0.125
 # The exp roles iterate x -> 2^(-2 x) from 0.1: it oscillates towards 0.5 slowly (a factor ~0.69 per
 # iteration), so every iteration changes the result (which the CPU test checks) and nothing overflows.
 _EXP_FACTOR, _EXP_START = -2.0, 0.1
@@ -182,6 +193,32 @@ def _run_role(role: str, a_smem, b_smem, p_smem, iters: int, interpret: bool):
         l0 = plgpu.layout_cast(jnp.zeros((ROWS,), jnp.float32), row_layout)
         o, _, l = lax.fori_loop(0, iters, attend, (full(0.0), m0, l0))
         return o + lax.broadcast_in_dim(l, o.shape, [0])
+    if role == "coarse":
+        row_layout = layout.reduce(1)
+
+        def online_lse(i, carry):
+            m, l = carry
+            s = mma() * _STEP_SCALE
+            m_new = jnp.maximum(m, s.max(axis=1))
+            p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
+            return m_new, l * jnp.exp2(m - m_new) + p.sum(axis=1)
+
+        m0 = plgpu.layout_cast(jnp.full((ROWS,), -jnp.inf, jnp.float32), row_layout)
+        l0 = plgpu.layout_cast(jnp.zeros((ROWS,), jnp.float32), row_layout)
+        m, l = lax.fori_loop(0, iters, online_lse, (m0, l0))
+        return lax.broadcast_in_dim(m + jnp.log2(l), (ROWS, COLS), [0])
+    if role == "fine":
+        col = plgpu.broadcasted_iota(jnp.int32, (ROWS, COLS), 1, layout=layout)
+        lse = (col % _SLICE).astype(jnp.float32) * _FINE_LSE_STEP
+
+        def group_sum(i, total):
+            x = mma() * _STEP_SCALE - lse
+            slices = [jnp.exp2(x[:, g * _SLICE : (g + 1) * _SLICE]) for g in range(COLS // _SLICE)]
+            return total + functools.reduce(jnp.add, slices)
+
+        zeros = plgpu.layout_cast(jnp.zeros((ROWS, _SLICE), jnp.float32), layout)
+        total = lax.fori_loop(0, iters, group_sum, zeros)
+        return jnp.concatenate([total] * (COLS // _SLICE), axis=1)
     raise ValueError(f"unknown role {role!r}; expected one of {ROLES}")
 
 
@@ -262,6 +299,16 @@ def expected(role: str, a: np.ndarray, b: np.ndarray, iters: int) -> np.ndarray:
         p = np.exp2(s * _STEP_SCALE - (s * _STEP_SCALE).max(axis=1, keepdims=True))
         p16 = np.asarray(jnp.asarray(p, jnp.float32).astype(jnp.bfloat16), np.float64)
         return iters * (p16 @ b + p.sum(axis=1, keepdims=True))
+    if role == "coarse":
+        x = s * _STEP_SCALE
+        m = x.max(axis=1, keepdims=True)
+        lse = m + np.log2(iters * np.exp2(x - m).sum(axis=1, keepdims=True))
+        return np.broadcast_to(lse, (ROWS, COLS))
+    if role == "fine":
+        lse = (np.arange(COLS) % _SLICE) * _FINE_LSE_STEP
+        p = np.exp2(s * _STEP_SCALE - lse[None, :])
+        sums = p.reshape(ROWS, COLS // _SLICE, _SLICE).sum(axis=1)
+        return np.tile(iters * sums, (1, COLS // _SLICE))
     raise ValueError(role)
 
 

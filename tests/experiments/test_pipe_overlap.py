@@ -16,7 +16,14 @@ def overlap(experiment):
 
 @pytest.mark.parametrize(
     "roles",
-    [("mma", "exp"), ("step", "idle"), ("idle", "exp16"), ("pstep", "step", "mma"), ("fa", "idle")],
+    [
+        ("mma", "exp"),
+        ("step", "idle"),
+        ("idle", "exp16"),
+        ("pstep", "step", "mma"),
+        ("fa", "idle"),
+        ("coarse", "fine"),
+    ],
     ids=lambda r: "+".join(r),
 )
 def test_each_role_computes_its_loop(overlap, roles):
