@@ -31,6 +31,7 @@ log="$out/ncu_$name.log"
   echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
   echo "device: $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null || echo none)"
   echo "ncu: $ncu $("$ncu" --version 2>&1 | tail -n 1)"
+  echo "jax: $(python3 -c 'import jax; print(jax.__version__, jax.default_backend())' 2>&1 | tail -n 1)"
 } > "$log"
 # --clock-control none: leave the GPU's clocks as they are (ncu's default locks them to the base clock).
 timeout "${NCU_TIMEOUT:-420}" "$ncu" --set full --clock-control none --import-source no -k "regex:$regex" \

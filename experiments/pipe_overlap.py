@@ -53,6 +53,7 @@ from jax import lax
 from jax.experimental.mosaic import gpu as mgpu
 
 from pallas_kernels._compat import SWIZZLED_128B, pl, plgpu
+from pallas_kernels.tiling import persistent_ctas
 
 ROWS, COLS, DEPTH = 64, 128, 128  # the WGMMA: [ROWS, DEPTH] x [COLS, DEPTH]^T
 ROLES = ("idle", "mma", "exp", "exp16", "step", "pstep", "fa", "coarse", "fine")
@@ -332,7 +333,7 @@ def check(roles, out: np.ndarray, a, b, iters: int) -> float:
 
 
 def run(iters: int, waves: int, reps: int, combos=COMBOS) -> list[dict]:
-    n_ctas = waves * (getattr(jax.devices()[0], "core_count", None) or 132)
+    n_ctas = waves * persistent_ctas(interpret=False)  # SMs of the device
     a, b = operands()
     rows = []
     for roles in combos:
