@@ -48,13 +48,14 @@ from pallas_kernels.selection_mgpu import (
     KEY_TILE,
     TILE_TOKENS,
     MosaicScore,
+    coarse_lse,
     copy_key_tiles,
     score_dtype,
     stream_key_tiles,
     supported_mosaic_scoring,
     visible_kernels,
 )
-from pallas_kernels.tiling import DEFAULT_MASK_VALUE, GROUP_ROWS, LOG2E, persistent_ctas
+from pallas_kernels.tiling import GROUP_ROWS, LOG2E, persistent_ctas
 
 __all__ = ["PAIR_BLOCKS", "query_rows_head_major", "score_tiles_mgpu_keys"]
 
@@ -170,8 +171,7 @@ def _score_tile(
     row_layout = layout.reduce(1)
     head = w * _HEADS_PER_WG + plgpu.broadcasted_iota(jnp.int32, (64,), 0, layout=row_layout) // TILE_TOKENS
 
-    def coarse(j, carry, masked):
-        m, l = carry
+    def coarse_scores(j):
         slot = lax.rem(base + j, stages)
         plgpu.barrier_wait(k_bar.at[slot])
 
@@ -182,22 +182,18 @@ def _score_tile(
         s = pl.run_scoped(qk, plgpu.ACC((64, KEY_TILE), jnp.float32))
         plgpu.barrier_arrive(k_free.at[slot])
         stagger_arrive(0, j == 0)
-        s = s * qk_scale
-        if masked:
-            s = jnp.where((j * KEY_TILE + col) * stride2 + size2 <= t_row + 1, s, DEFAULT_MASK_VALUE)
-        m_new = jnp.maximum(m, s.max(axis=1))
-        p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
-        return m_new, l * jnp.exp2(m - m_new) + p.sum(axis=1)
+        return s
 
-    m = plgpu.layout_cast(jnp.full((64,), DEFAULT_MASK_VALUE, jnp.float32), row_layout)
-    l = plgpu.layout_cast(jnp.zeros((64,), jnp.float32), row_layout)
-    n2_all = jnp.minimum(lax.div(visible_kernels(t_first, size2, stride2, n2), KEY_TILE), n2_tiles)
     stagger_wait(0, n2_tiles)
-    carry = lax.fori_loop(0, n2_all, functools.partial(coarse, masked=False), (m, l))
-    m, l = lax.fori_loop(n2_all, n2_tiles, functools.partial(coarse, masked=True), carry)
-    # A row that saw no coarse key (m still at the mask value) or a padding head scores 0.
-    ok = (m > 0.5 * DEFAULT_MASK_VALUE) & (head < group)
-    lse_smem.at[my_rows][...] = jnp.where(ok, m + jnp.log2(jnp.where(ok, l, 1.0)), jnp.inf)
+    lse_smem.at[my_rows][...] = coarse_lse(
+        coarse_scores,
+        lambda j: (j * KEY_TILE + col) * stride2 + size2 <= t_row + 1,
+        n_all=jnp.minimum(lax.div(visible_kernels(t_first, size2, stride2, n2), KEY_TILE), n2_tiles),
+        n_tiles=n2_tiles,
+        qk_scale=qk_scale,
+        valid_rows=head < group,
+        partials=config.coarse_partials,
+    )
     plgpu.barrier_arrive(lse_bar)
     plgpu.barrier_wait(lse_bar)
     lse = plgpu.load(lse_smem, layout=layout.reduce(0))  # [128]: column c's row
