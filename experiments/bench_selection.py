@@ -114,10 +114,6 @@ SELECT_VARIANTS = {
     "mosaic_no_stagger": dataclasses.replace(
         pallas_selection.MOSAIC_SELECTION, mosaic=MosaicScore(persistent=True, stagger=False)
     ),
-    # The coarse pass reducing each step's rows (the default before session 22 keeps per-class partials).
-    "mosaic_coarse_rowwise": dataclasses.replace(
-        pallas_selection.MOSAIC_SELECTION, mosaic=MosaicScore(persistent=True, coarse_partials=False)
-    ),
 }
 
 
@@ -202,9 +198,6 @@ PREFILL_VARIANTS = {
     # The scoring kernel's warpgroups not staggered (the default before session 17), and a 4-slot ring.
     "scoring_no_stagger": _prefill_tilings(select=dict(mosaic=MosaicScore(persistent=True, stagger=False))),
     "scoring_st4": _prefill_tilings(select=dict(mosaic=MosaicScore(persistent=True, stages=4))),
-    "scoring_coarse_rowwise": _prefill_tilings(
-        select=dict(mosaic=MosaicScore(persistent=True, coarse_partials=False))
-    ),
     # Launch parameters of the small Triton kernels, last tuned before the Mosaic kernels, swept in
     # session 15 (bench_selection_h200_small_kernels.json): the top-k's warps and block scores per
     # program, the token phase's warps, pipelining depth, tokens per program and blocks per step.

@@ -111,12 +111,6 @@ class MosaicScore:
         ones is the same); half the bytes to write and for the top-k to read, whose bitwise search
         then takes at most 16 passes (128K prefill on the H200: 0.47 ms faster,
         ``experiments/results/bench_selection_h200_bf16_scores.json``). ``False``: float32.
-      coarse_partials: the coarse pass keeps its running max and sum per row *and column class*
-        ``c % 8`` (``coarse_lse``): a thread's 16 columns of a class reduce in its registers, and
-        the exchange between the 4 threads of a row happens once per tile instead of twice per
-        step. ``False``: the row max and sum of every step (``s.max(axis=1)``, ``p.sum(axis=1)``).
-        128K prefill on the H200, interleaved: 49.83 vs 50.30 ms on smooth inputs, 78.52 vs 78.41
-        on random ones (``experiments/results/interleaved_prefill_h200_128k_coarse_partials.json``).
     """
 
     stages: int = 3
@@ -128,7 +122,6 @@ class MosaicScore:
     persistent: bool = False
     stagger: bool = True
     bf16_scores: bool = True
-    coarse_partials: bool = True
 
     def __post_init__(self):
         if self.stages < 1:
@@ -167,8 +160,9 @@ def visible_kernels(t, size: int, step: int, n: int):
     return jnp.minimum(lax.div(jnp.maximum(t + 1 - size + step, 0), step), n)
 
 
-def coarse_lse(raw_scores, visible, *, n_all, n_tiles, qk_scale, valid_rows, partials: bool):
-    """Pass 1 of the scoring kernels: the base-2 log-sum-exp of 64 query rows over the coarse keys.
+def coarse_lse(raw_scores, visible, *, n_all, n_tiles, qk_scale, valid_rows):
+    """Pass 1 of the scoring kernels: the online base-2 log-sum-exp of 64 query rows over the coarse
+    keys.
 
     Args:
       raw_scores: ``j -> [64, 128]`` float32 ``Q K2^T`` of coarse ring step ``j`` (WGMMA layout,
@@ -177,69 +171,35 @@ def coarse_lse(raw_scores, visible, *, n_all, n_tiles, qk_scale, valid_rows, par
       n_all, n_tiles: steps every row sees entirely (no mask), and all steps.
       qk_scale: ``log2(e) / sqrt(D)``.
       valid_rows: ``[64]`` bool: rows of real heads.
-      partials: ``MosaicScore.coarse_partials``.
 
     Returns:
       ``[64]`` float32 (WGMMA row layout): the LSE, ``+inf`` for a row that sees no coarse key or
       is not valid (its fine scores are then 0).
+
+    Session 22 tried keeping the max and sum per row and column class ``c % 8`` (reduced in each
+    thread's registers, the exchange between a row's 4 threads once per tile instead of twice per
+    step): no measurable gain on the H200 (128K prefill 49.92 vs 50.01 ms smooth, 78.63 vs 78.84
+    random, scoring kernel 11.77 vs 11.51 and 12.68 vs 12.75 ms,
+    ``experiments/results/bench_selection_h200_coarse_partials.json``), so the simpler row-wise
+    reduction stays.
     """
-    layout = plgpu.Layout.WGMMA
-    row_layout = layout.reduce(1)
-    if partials:
-        # Column ``8 i + c`` of a step is class ``c``: the 16 slices ``[:, 8 i : 8 i + 8]`` hold the
-        # same columns of every thread, so the per-class max and sum are elementwise over slices.
-        # The max stays in unscaled units and the scale goes into the exponent's FMA,
-        # ``fma(x, scale, -round(m * scale))``. That is not 0 for ``x = m`` but the rounding error of
-        # ``m * scale``: tiny for scores, about 1e30 at the mask value (the GPU tests caught
-        # ``exp2`` of it as inf). So masked scores are zeroed after the exponential, and the
-        # rescale factor subtracts before it scales (exactly 0 for equal maxima).
-        classes = 8
-        slices = KEY_TILE // classes
+    row_layout = plgpu.Layout.WGMMA.reduce(1)
 
-        def step(j, carry, masked):
-            m, l = carry
-            s = raw_scores(j)
-            seen = visible(j) if masked else None
-            parts = [s[:, i * classes : (i + 1) * classes] for i in range(slices)]
-            seen_parts = [seen[:, i * classes : (i + 1) * classes] for i in range(slices)] if masked else None
-            if masked:
-                maxed = [jnp.where(v, x, DEFAULT_MASK_VALUE) for x, v in zip(parts, seen_parts, strict=True)]
-            else:
-                maxed = parts
-            m_new = functools.reduce(jnp.maximum, maxed, m)
-            shift = m_new * qk_scale
-            p = [jnp.exp2(x * qk_scale - shift) for x in parts]
-            if masked:
-                p = [jnp.where(v, e, 0.0) for e, v in zip(p, seen_parts, strict=True)]
-            return m_new, l * jnp.exp2((m - m_new) * qk_scale) + functools.reduce(jnp.add, p)
+    def step(j, carry, masked):
+        m, l = carry
+        s = raw_scores(j) * qk_scale
+        if masked:
+            s = jnp.where(visible(j), s, DEFAULT_MASK_VALUE)
+        m_new = jnp.maximum(m, s.max(axis=1))
+        p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
+        return m_new, l * jnp.exp2(m - m_new) + p.sum(axis=1)
 
-        m = plgpu.layout_cast(jnp.full((64, classes), DEFAULT_MASK_VALUE, jnp.float32), layout)
-        l = plgpu.layout_cast(jnp.zeros((64, classes), jnp.float32), layout)
-    else:
-
-        def step(j, carry, masked):
-            m, l = carry
-            s = raw_scores(j) * qk_scale
-            if masked:
-                s = jnp.where(visible(j), s, DEFAULT_MASK_VALUE)
-            m_new = jnp.maximum(m, s.max(axis=1))
-            p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
-            return m_new, l * jnp.exp2(m - m_new) + p.sum(axis=1)
-
-        m = plgpu.layout_cast(jnp.full((64,), DEFAULT_MASK_VALUE, jnp.float32), row_layout)
-        l = plgpu.layout_cast(jnp.zeros((64,), jnp.float32), row_layout)
+    m = plgpu.layout_cast(jnp.full((64,), DEFAULT_MASK_VALUE, jnp.float32), row_layout)
+    l = plgpu.layout_cast(jnp.zeros((64,), jnp.float32), row_layout)
     carry = lax.fori_loop(0, n_all, functools.partial(step, masked=False), (m, l))
     m, l = lax.fori_loop(n_all, n_tiles, functools.partial(step, masked=True), carry)
-    if partials:
-        # A class that saw only masked scores has its max at the mask value: its weight is 0 unless
-        # the whole row is masked, which ``ok`` below catches.
-        m_row = m.max(axis=1)
-        l = (l * jnp.exp2((m - lax.broadcast_in_dim(m_row, m.shape, [0])) * qk_scale)).sum(axis=1)
-        ok = (m_row > 0.5 * DEFAULT_MASK_VALUE) & valid_rows
-        m = m_row * qk_scale
-    else:
-        ok = (m > 0.5 * DEFAULT_MASK_VALUE) & valid_rows
     # A row that saw no coarse key (m still at the mask value) or a padding head scores 0.
+    ok = (m > 0.5 * DEFAULT_MASK_VALUE) & valid_rows
     return jnp.where(ok, m + jnp.log2(jnp.where(ok, l, 1.0)), jnp.inf)
 
 
@@ -352,7 +312,6 @@ def _kernel(
             n_tiles=n2_tiles,
             qk_scale=qk_scale,
             valid_rows=head < group,
-            partials=config.coarse_partials,
         )
 
         # Pass 2: p over the fine keys, group sums by E^T P, pooled by column slices.

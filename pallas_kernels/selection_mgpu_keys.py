@@ -192,7 +192,6 @@ def _score_tile(
         n_tiles=n2_tiles,
         qk_scale=qk_scale,
         valid_rows=head < group,
-        partials=config.coarse_partials,
     )
     plgpu.barrier_arrive(lse_bar)
     plgpu.barrier_wait(lse_bar)

@@ -229,13 +229,6 @@ MOSAIC_TOKEN_ROWS_F32_SCORES = dataclasses.replace(
 MOSAIC_PERSISTENT = dataclasses.replace(MOSAIC, mosaic=MosaicScore(key_rows_from_blocks=0, persistent=True))
 # Both compute warpgroups start each pass together (the default staggers them).
 MOSAIC_NO_STAGGER = dataclasses.replace(MOSAIC, mosaic=MosaicScore(key_rows_from_blocks=0, stagger=False))
-# The coarse pass reducing each step's rows (the default keeps per-column-class partials), either kernel.
-MOSAIC_COARSE_ROWWISE = dataclasses.replace(
-    MOSAIC, mosaic=MosaicScore(key_rows_from_blocks=0, coarse_partials=False)
-)
-MOSAIC_TOKEN_ROWS_COARSE_ROWWISE = dataclasses.replace(
-    MOSAIC, mosaic=MosaicScore(key_rows=False, coarse_partials=False)
-)
 
 
 def group_sum_of(block_sizes, nb):
@@ -308,8 +301,6 @@ def test_mosaic_scoring_is_a_valid_topk(cfg, t, hq, hkv, d, chunk, dtype, block_
         MOSAIC_TOKEN_ROWS_F32_SCORES.mosaic,
         MOSAIC_NO_STAGGER.mosaic,
         dataclasses.replace(MOSAIC_NO_STAGGER.mosaic, persistent=True),
-        MOSAIC_COARSE_ROWWISE.mosaic,
-        MOSAIC_TOKEN_ROWS_COARSE_ROWWISE.mosaic,
     ],
     ids=[
         "st2-two-store-buffers",
@@ -319,15 +310,12 @@ def test_mosaic_scoring_is_a_valid_topk(cfg, t, hq, hkv, d, chunk, dtype, block_
         "token-rows-f32-scores",
         "no-stagger",
         "no-stagger-persistent",
-        "coarse-rowwise",
-        "token-rows-coarse-rowwise",
     ],
 )
 def test_mosaic_scoring_options_are_a_valid_topk(mosaic):
     """Other ring depths and store buffers than the default (3 slots, one store buffer), the
-    token-rows kernel, float32 pooled scores (the default stores bf16) with either kernel, the
-    warpgroups not staggered, and the coarse pass reducing rows every step, over two coarse and five
-    fine key tiles."""
+    token-rows kernel, float32 pooled scores (the default stores bf16) with either kernel, and the
+    warpgroups not staggered, over two coarse and five fine key tiles."""
     block_sizes = dataclasses.replace(MOSAIC, mosaic=mosaic)
     test_mosaic_scoring_is_a_valid_topk(STRIDE1, 600, 16, 1, 64, 256, jnp.bfloat16, block_sizes=block_sizes)
 
@@ -465,8 +453,6 @@ _LOWERING_TILINGS = [
     ("token-rows-f32-scores", MOSAIC_TOKEN_ROWS_F32_SCORES),
     ("persistent", MOSAIC_PERSISTENT),
     ("no-stagger", MOSAIC_NO_STAGGER),
-    ("coarse-rowwise", MOSAIC_COARSE_ROWWISE),
-    ("token-rows-coarse-rowwise", MOSAIC_TOKEN_ROWS_COARSE_ROWWISE),
 ]
 
 
