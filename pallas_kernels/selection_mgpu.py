@@ -160,15 +160,16 @@ def visible_kernels(t, size: int, step: int, n: int):
     return jnp.minimum(lax.div(jnp.maximum(t + 1 - size + step, 0), step), n)
 
 
-def coarse_lse(raw_scores, visible, *, n_all, n_tiles, qk_scale, valid_rows):
+def coarse_lse(raw_scores, *, t_row, t_first, n2: int, n2_tiles, stride: int, qk_scale: float, valid_rows):
     """Pass 1 of the scoring kernels: the online base-2 log-sum-exp of 64 query rows over the coarse
-    keys.
+    keys. Steps every row sees entirely skip the mask.
 
     Args:
       raw_scores: ``j -> [64, 128]`` float32 ``Q K2^T`` of coarse ring step ``j`` (WGMMA layout,
         unscaled).
-      visible: ``j -> [64, 128]`` bool, which of step ``j``'s scores a row sees.
-      n_all, n_tiles: steps every row sees entirely (no mask), and all steps.
+      t_row: ``[64, 128]`` int32 (WGMMA layout): each row's key position; t_first: the smallest.
+      n2, n2_tiles: coarse kernels, and the ring steps to run over them.
+      stride: the fine kernel stride (coarse kernels: 4x, sizes 2x the strides).
       qk_scale: ``log2(e) / sqrt(D)``.
       valid_rows: ``[64]`` bool: rows of real heads.
 
@@ -183,13 +184,17 @@ def coarse_lse(raw_scores, visible, *, n_all, n_tiles, qk_scale, valid_rows):
     ``experiments/results/bench_selection_h200_coarse_partials.json``), so the simpler row-wise
     reduction stays.
     """
-    row_layout = plgpu.Layout.WGMMA.reduce(1)
+    layout = plgpu.Layout.WGMMA
+    row_layout = layout.reduce(1)
+    size2, stride2 = 8 * stride, 4 * stride
+    col = plgpu.broadcasted_iota(jnp.int32, (64, KEY_TILE), 1, layout=layout)
+    n_all = jnp.minimum(lax.div(visible_kernels(t_first, size2, stride2, n2), KEY_TILE), n2_tiles)
 
     def step(j, carry, masked):
         m, l = carry
         s = raw_scores(j) * qk_scale
         if masked:
-            s = jnp.where(visible(j), s, DEFAULT_MASK_VALUE)
+            s = jnp.where((j * KEY_TILE + col) * stride2 + size2 <= t_row + 1, s, DEFAULT_MASK_VALUE)
         m_new = jnp.maximum(m, s.max(axis=1))
         p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
         return m_new, l * jnp.exp2(m - m_new) + p.sum(axis=1)
@@ -197,7 +202,7 @@ def coarse_lse(raw_scores, visible, *, n_all, n_tiles, qk_scale, valid_rows):
     m = plgpu.layout_cast(jnp.full((64,), DEFAULT_MASK_VALUE, jnp.float32), row_layout)
     l = plgpu.layout_cast(jnp.zeros((64,), jnp.float32), row_layout)
     carry = lax.fori_loop(0, n_all, functools.partial(step, masked=False), (m, l))
-    m, l = lax.fori_loop(n_all, n_tiles, functools.partial(step, masked=True), carry)
+    m, l = lax.fori_loop(n_all, n2_tiles, functools.partial(step, masked=True), carry)
     # A row that saw no coarse key (m still at the mask value) or a padding head scores 0.
     ok = (m > 0.5 * DEFAULT_MASK_VALUE) & valid_rows
     return jnp.where(ok, m + jnp.log2(jnp.where(ok, l, 1.0)), jnp.inf)
@@ -303,13 +308,14 @@ def _kernel(
             plgpu.barrier_arrive(k_free.at[slot])
             return s
 
-        # Pass 1: log-sum-exp over the coarse keys; tiles every token of the warpgroup sees entirely
-        # skip the mask.
+        # Pass 1: log-sum-exp over the coarse keys.
         lse = coarse_lse(
             scores,
-            lambda j: (j * KEY_TILE + col) * stride2 + size2 <= t_row + 1,
-            n_all=jnp.minimum(lax.div(visible_kernels(t_first, size2, stride2, n2), KEY_TILE), n2_tiles),
-            n_tiles=n2_tiles,
+            t_row=t_row,
+            t_first=t_first,
+            n2=n2,
+            n2_tiles=n2_tiles,
+            stride=stride,
             qk_scale=qk_scale,
             valid_rows=head < group,
         )

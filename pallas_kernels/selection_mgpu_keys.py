@@ -146,7 +146,7 @@ def _score_tile(
     t_first, t_end, n2_tiles, blocks_seen, blocks_whole, n_pairs = geometry
     stages = config.stages
     head_dim = q_smem.shape[-1]
-    size1, size2, stride2 = 2 * stride, 8 * stride, 4 * stride
+    size1 = 2 * stride  # fine kernel size
     wg_rows = _HEADS_PER_WG * TILE_TOKENS
     my_rows = pl.ds(pl.multiple_of(w * wg_rows, wg_rows), wg_rows)
 
@@ -166,7 +166,6 @@ def _score_tile(
 
     # Pass 1: rows head * 8 + token of this warpgroup's 8 heads against 128 coarse keys per step.
     row = plgpu.broadcasted_iota(jnp.int32, (64, KEY_TILE), 0, layout=layout)
-    col = plgpu.broadcasted_iota(jnp.int32, (64, KEY_TILE), 1, layout=layout)
     t_row = jnp.minimum(pos_ref[0] + tile * TILE_TOKENS + row % TILE_TOKENS, t_end)
     row_layout = layout.reduce(1)
     head = w * _HEADS_PER_WG + plgpu.broadcasted_iota(jnp.int32, (64,), 0, layout=row_layout) // TILE_TOKENS
@@ -187,9 +186,11 @@ def _score_tile(
     stagger_wait(0, n2_tiles)
     lse_smem.at[my_rows][...] = coarse_lse(
         coarse_scores,
-        lambda j: (j * KEY_TILE + col) * stride2 + size2 <= t_row + 1,
-        n_all=jnp.minimum(lax.div(visible_kernels(t_first, size2, stride2, n2), KEY_TILE), n2_tiles),
-        n_tiles=n2_tiles,
+        t_row=t_row,
+        t_first=t_first,
+        n2=n2,
+        n2_tiles=n2_tiles,
+        stride=stride,
         qk_scale=qk_scale,
         valid_rows=head < group,
     )
