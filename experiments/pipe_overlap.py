@@ -21,6 +21,13 @@ given a role that it repeats ``--iters`` times:
   log-sum-exp's exponentials and row sums;
 - ``fine``: the scoring kernel's fine step: ``S = A B^T``, ``exp2(S - lse)`` with a per-column ``lse``,
   and the group sum of the 16 eight-column slices (``[64, 8]`` sums per step, added up);
+- ``tok``: one token's attention step over one 64-key block with the *keys* as the WGMMA rows (a
+  design for blocks only one token of a tile selected, which the forward now sends to a Triton kernel
+  with 16 query rows): ``S^T = K Q^T`` (``64 x 16 x 128``, ``K = A``, the 16 heads of one token =
+  the first 16 rows of ``B``), the online softmax down the columns (a cross-warp column maximum),
+  ``P^T`` to SMEM in bf16, and ``O^T += V^T P^T`` as two ``64 x 16 x 64`` WGMMAs (``V = A``);
+- ``tokfix``: ``tok`` with a fixed per-column reference instead of the running maximum (no cross-warp
+  reduction: the lower bound of what such a step can cost);
 - ``idle``.
 
 Each role alone needs ~512 cycles per iteration at the datasheet rates (2.1 MFLOP at 4,096 dense bf16
@@ -56,7 +63,7 @@ from pallas_kernels._compat import SWIZZLED_128B, pl, plgpu
 from pallas_kernels.tiling import persistent_ctas
 
 ROWS, COLS, DEPTH = 64, 128, 128  # the WGMMA: [ROWS, DEPTH] x [COLS, DEPTH]^T
-ROLES = ("idle", "mma", "exp", "exp16", "step", "pstep", "fa", "coarse", "fine")
+ROLES = ("idle", "mma", "exp", "exp16", "step", "pstep", "fa", "coarse", "fine", "tok", "tokfix")
 # The roles of warpgroups 0, 1, ... of the combinations timed by default.
 COMBOS = (
     ("mma", "idle"),
@@ -78,6 +85,11 @@ COMBOS = (
     ("coarse", "coarse"),
     ("fine", "fine"),
     ("fine", "fine", "fine"),
+    ("tok", "idle"),
+    ("tok", "tok"),
+    ("tok", "tok", "tok"),
+    ("tokfix", "tokfix"),
+    ("tokfix", "tokfix", "tokfix"),
 )
 MAX_WARPGROUPS = 4
 # Overlap rows: (pair, the two pairs whose times add up to "no overlap").
@@ -90,6 +102,9 @@ OVERLAPS = (
 _STEP_SCALE = 0.25
 # The fine role: columns 8 h + t as in the scoring kernel (head h, token t), an lse per column.
 _SLICE, _FINE_LSE_STEP = 8, 0.125
+# The tok roles: one token's 16 heads (the first rows of B), their output O^T [128, 16] in columns
+# 0:16 (rows 0-63) and 16:32 (rows 64-127) of the register array, the softmax sums in 32:48.
+_TOK_HEADS = 16
 # The exp roles iterate x -> 2^(-2 x) from 0.1: it oscillates towards 0.5 slowly (a factor ~0.69 per
 # iteration), so every iteration changes the result (which the CPU test checks) and nothing overflows.
 _EXP_FACTOR, _EXP_START = -2.0, 0.1
@@ -220,7 +235,61 @@ def _run_role(role: str, a_smem, b_smem, p_smem, iters: int, interpret: bool):
         zeros = plgpu.layout_cast(jnp.zeros((ROWS, _SLICE), jnp.float32), layout)
         total = lax.fori_loop(0, iters, group_sum, zeros)
         return jnp.concatenate([total] * (COLS // _SLICE), axis=1)
+    if role in ("tok", "tokfix"):
+        return _token_step_role(role, a_smem, b_smem, p_smem, iters)
     raise ValueError(f"unknown role {role!r}; expected one of {ROLES}")
+
+
+# The fixed per-column reference of the tokfix role (log2 units, near the scores' maxima).
+_TOK_REFERENCE = 0.5
+
+
+def _token_step_role(role: str, a_smem, b_smem, p_smem, iters: int):
+    """The ``tok`` / ``tokfix`` loop: keys ``K = V = A`` ([64 keys, 128]), one token's queries ``Q =
+    B[:16]``; ``P^T`` staged in ``p_smem[:16, :64]``. Returns ``[O^T[:64], O^T[64:], l, 0]`` as a
+    ``[64, 128]`` array (``l`` broadcast down the rows)."""
+    layout = plgpu.Layout.WGMMA
+    col_layout = layout.reduce(0)
+    shape = (ROWS, _TOK_HEADS)
+    q_token = b_smem.at[pl.ds(0, _TOK_HEADS)]
+    p_staging = p_smem.at[pl.ds(0, _TOK_HEADS), pl.ds(0, ROWS)]  # [16 heads, 64 keys]: B = its .T
+
+    def product(a, b):
+        def issue(acc_ref):
+            plgpu.wgmma(acc_ref, a, b)
+            return acc_ref[...]
+
+        return pl.run_scoped(issue, plgpu.ACC(shape, jnp.float32))
+
+    def columns(x):
+        return lax.broadcast_in_dim(x, shape, [1])
+
+    def attend(i, carry):
+        o_lo, o_hi, m, l_part = carry
+        s = product(a_smem, q_token.T) * _STEP_SCALE  # S^T [64 keys, 16 heads]
+        if role == "tok":
+            m_new = jnp.maximum(m, s.max(axis=0))  # down the keys: across the 4 warps
+            alpha = columns(jnp.exp2(m - m_new))
+        else:
+            m_new, alpha = m, None
+        p = jnp.exp2(s - columns(m_new))
+        p_staging.T[...] = plgpu.layout_cast(p.astype(jnp.bfloat16), plgpu.Layout.WGMMA_TRANSPOSED)
+        plgpu.commit_smem()
+        # O^T [128, 16] += V^T [128, 64 keys] P^T [64 keys, 16]: V^T's two 64-row halves are the
+        # transposed 64-column halves of A.
+        pv_lo = product(a_smem.at[:, pl.ds(0, 64)].T, p_staging.T)
+        pv_hi = product(a_smem.at[:, pl.ds(64, 64)].T, p_staging.T)
+        if alpha is None:
+            return o_lo + pv_lo, o_hi + pv_hi, m_new, l_part + p
+        return o_lo * alpha + pv_lo, o_hi * alpha + pv_hi, m_new, l_part * alpha + p
+
+    zeros = plgpu.layout_cast(jnp.zeros(shape, jnp.float32), layout)
+    m_init = -jnp.inf if role == "tok" else _TOK_REFERENCE
+    m0 = plgpu.layout_cast(jnp.full((_TOK_HEADS,), m_init, jnp.float32), col_layout)
+    o_lo, o_hi, _, l_part = lax.fori_loop(0, iters, attend, (zeros, zeros, m0, zeros))
+    l_rows = columns(l_part.sum(axis=0))
+    filler = plgpu.layout_cast(jnp.zeros((ROWS, COLS - 3 * _TOK_HEADS), jnp.float32), layout)
+    return jnp.concatenate([o_lo, o_hi, l_rows, filler], axis=1)
 
 
 def overlap_kernel(roles: tuple[str, ...], iters: int, n_ctas: int, *, interpret: bool = False):
@@ -305,6 +374,16 @@ def expected(role: str, a: np.ndarray, b: np.ndarray, iters: int) -> np.ndarray:
         m = x.max(axis=1, keepdims=True)
         lse = m + np.log2(iters * np.exp2(x - m).sum(axis=1, keepdims=True))
         return np.broadcast_to(lse, (ROWS, COLS))
+    if role in ("tok", "tokfix"):
+        # Every iteration sees the same scores, as for fa: O^T and l grow by the same amounts.
+        x = (a.astype(np.float64) @ b[:_TOK_HEADS].astype(np.float64).T) * _STEP_SCALE  # [64 keys, 16]
+        reference = x.max(axis=0, keepdims=True) if role == "tok" else _TOK_REFERENCE
+        p = np.exp2(x - reference)
+        p16 = np.asarray(jnp.asarray(p, jnp.float32).astype(jnp.bfloat16), np.float64)
+        o_t = iters * (a.astype(np.float64).T @ p16)  # [128, 16]
+        l = np.broadcast_to(iters * p.sum(axis=0, keepdims=True), (ROWS, _TOK_HEADS))
+        filler = np.zeros((ROWS, COLS - 3 * _TOK_HEADS))
+        return np.concatenate([o_t[:ROWS], o_t[ROWS:], l, filler], axis=1)
     if role == "fine":
         lse = (np.arange(COLS) % _SLICE) * _FINE_LSE_STEP
         p = np.exp2(s * _STEP_SCALE - lse[None, :])

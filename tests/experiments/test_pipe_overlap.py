@@ -23,6 +23,7 @@ def overlap(experiment):
         ("pstep", "step", "mma"),
         ("fa", "idle"),
         ("coarse", "fine"),
+        ("tok", "tokfix"),
     ],
     ids=lambda r: "+".join(r),
 )
