@@ -103,7 +103,7 @@ _STEP_SCALE = 0.25
 # The fine role: columns 8 h + t as in the scoring kernel (head h, token t), an lse per column.
 _SLICE, _FINE_LSE_STEP = 8, 0.125
 # The tok roles: one token's 16 heads (the first rows of B), their output O^T [128, 16] in columns
-# 0:16 (rows 0-63) and 16:32 (rows 64-127) of the register array, the softmax sums in 32:48.
+# 0:16 (rows 0-63) and 16:32 (rows 64-127) of the register array, the softmax's per-key sums in 32:48.
 _TOK_HEADS = 16
 # The exp roles iterate x -> 2^(-2 x) from 0.1: it oscillates towards 0.5 slowly (a factor ~0.69 per
 # iteration), so every iteration changes the result (which the CPU test checks) and nothing overflows.
@@ -246,8 +246,15 @@ _TOK_REFERENCE = 0.5
 
 def _token_step_role(role: str, a_smem, b_smem, p_smem, iters: int):
     """The ``tok`` / ``tokfix`` loop: keys ``K = V = A`` ([64 keys, 128]), one token's queries ``Q =
-    B[:16]``; ``P^T`` staged in ``p_smem[:16, :64]``. Returns ``[O^T[:64], O^T[64:], l, 0]`` as a
-    ``[64, 128]`` array (``l`` broadcast down the rows)."""
+    B[:16]``; ``P^T`` staged in ``p_smem[:16, :64]``. Returns ``[O^T[:64], O^T[64:], L, 0]`` as a
+    ``[64, 128]`` array, ``L`` the per-key partial sums of the softmax denominators (each thread's share,
+    not summed down the keys).
+
+    ``tok``'s column maximum reduces across the 4 warps through Pallas's reduction scratch, which
+    every warpgroup of the kernel shares (jax 0.11.2). That is harmless here only because all
+    warpgroups reduce the same values in every iteration; a sum at the end through the same scratch
+    (while another warpgroup still took maxima) computed wrong values with three warpgroups on the
+    H200, hence ``L`` unsummed. A real kernel would need one scratch per warpgroup."""
     layout = plgpu.Layout.WGMMA
     col_layout = layout.reduce(0)
     shape = (ROWS, _TOK_HEADS)
@@ -287,9 +294,8 @@ def _token_step_role(role: str, a_smem, b_smem, p_smem, iters: int):
     m_init = -jnp.inf if role == "tok" else _TOK_REFERENCE
     m0 = plgpu.layout_cast(jnp.full((_TOK_HEADS,), m_init, jnp.float32), col_layout)
     o_lo, o_hi, _, l_part = lax.fori_loop(0, iters, attend, (zeros, zeros, m0, zeros))
-    l_rows = columns(l_part.sum(axis=0))
     filler = plgpu.layout_cast(jnp.zeros((ROWS, COLS - 3 * _TOK_HEADS), jnp.float32), layout)
-    return jnp.concatenate([o_lo, o_hi, l_rows, filler], axis=1)
+    return jnp.concatenate([o_lo, o_hi, l_part, filler], axis=1)
 
 
 def overlap_kernel(roles: tuple[str, ...], iters: int, n_ctas: int, *, interpret: bool = False):
@@ -381,9 +387,8 @@ def expected(role: str, a: np.ndarray, b: np.ndarray, iters: int) -> np.ndarray:
         p = np.exp2(x - reference)
         p16 = np.asarray(jnp.asarray(p, jnp.float32).astype(jnp.bfloat16), np.float64)
         o_t = iters * (a.astype(np.float64).T @ p16)  # [128, 16]
-        l = np.broadcast_to(iters * p.sum(axis=0, keepdims=True), (ROWS, _TOK_HEADS))
         filler = np.zeros((ROWS, COLS - 3 * _TOK_HEADS))
-        return np.concatenate([o_t[:ROWS], o_t[ROWS:], l, filler], axis=1)
+        return np.concatenate([o_t[:ROWS], o_t[ROWS:], iters * p, filler], axis=1)
     if role == "fine":
         lse = (np.arange(COLS) % _SLICE) * _FINE_LSE_STEP
         p = np.exp2(s * _STEP_SCALE - lse[None, :])
