@@ -210,6 +210,17 @@ PREFILL_VARIANTS = {
     # Blocks at least 3 tokens of an 8-token tile chose go to the tile kernel (default 2): with the
     # faster token phase, a block 2 tokens share costs about as much there as in the tile kernel.
     "min_share_3": _prefill_tilings(attention=dict(min_share=3)),
+    # Every block in the tile phase (no token phase, no fp32 state between phases, one forward chunk):
+    # phase_blocks_h200.json puts the tile kernel at ~470 SM-ns per 64-row group block and the token
+    # phase at ~490 per block + ~450 per token. With 128-key steps (default) and with 64-key ones,
+    # which let a warpgroup skip each block none of its tokens chose.
+    "min_share_1": _prefill_tilings(attention=dict(min_share=1)),
+    "min_share_1_64_key_steps": _prefill_tilings(
+        attention=dict(
+            min_share=1,
+            mosaic=dataclasses.replace(sparse_attention.MOSAIC_BLOCK_SIZES.mosaic, blocks_per_step=1),
+        )
+    ),
     # Session 14's small-kernel launches (4096 top-k elements, a 3-stage token phase).
     "small_kernels_session14": _prefill_tilings(select=dict(topk_elems=4096), attention=dict(token_stages=3)),
     # The forward tile kernel with one tile per CTA (the default before session 14; now persistent).
