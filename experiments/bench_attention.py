@@ -123,6 +123,9 @@ VARIANTS = {
         mosaic=MosaicTile(blocks_per_step=2, pingpong=True, unmasked_path=False),
         mosaic_dq=MosaicTile(unmasked_path=False),
     ),
+    # Every block in the tile phases (forward and dQ; no token phases): the prefill's forward is faster
+    # so up to 16K tokens (interleaved_prefill_h200_*_min_share_1.json); this times the backward too.
+    "mosaic8_union": dataclasses.replace(MOSAIC_BLOCK_SIZES, min_share=1),
     "mosaic8_share3_pairs_pp_scoremasks": dataclasses.replace(
         MOSAIC_SHARE3_PP,
         mosaic=MosaicTile(blocks_per_step=2, pingpong=True, unmasked_path=False, row_masks=False),
