@@ -25,7 +25,8 @@ Both phases give the exact per-token result. The block lists, bitmasks and count
 Triton-lowered Pallas; on Hopper GPUs the forward's and dQ's tile phases and the backward's dK/dV
 run warp-specialised Mosaic GPU kernels instead (``sparse_attention_mgpu``,
 ``sparse_attention_mgpu_bwd``; ``BlockSizes.mosaic``, ``mosaic_dq`` and ``mosaic_dkdv``, chosen by
-``default_block_sizes``).
+``default_block_sizes``, which there takes the pure union for inputs of at most
+``UNION_MAX_KEY_BLOCKS`` key blocks).
 
 Query slices. ``q`` (and ``block_idx``) may hold only the query positions ``[q_offset, q_offset + Tq)``
 of the ``Tk`` keys (context parallelism); ``q_offset`` may be traced. The kernels take it as a
@@ -43,6 +44,7 @@ for each key block, the tokens that selected it (a CSR index built on device): n
 deterministic.
 """
 
+import dataclasses
 import functools
 
 import jax
@@ -68,6 +70,8 @@ from pallas_kernels.tiling import (
 
 __all__ = [
     "MOSAIC_BLOCK_SIZES",
+    "MOSAIC_UNION_BLOCK_SIZES",
+    "UNION_MAX_KEY_BLOCKS",
     "block_view",
     "default_block_sizes",
     "fwd_chunk_len",
@@ -541,17 +545,36 @@ MOSAIC_BLOCK_SIZES = BlockSizes(
 )
 
 
-def default_block_sizes(dtype, head_dim: int, block_size: int, interpret: bool) -> BlockSizes:
+# Up to this many key blocks the Hopper default puts every block in the tile phases (the pure union,
+# no token phases, no fp32 state between the forward's phases). With at most 256 blocks to choose 96
+# from, an 8-token tile's union covers most of them anyway, and the token phase's per-token cost
+# (~450 SM-ns, experiments/results/phase_blocks_h200.json) outweighs the rows the union wastes. In
+# alternating blocks of prefill calls (interleaved_prefill_h200_16k_min_share_1.json and
+# interleaved_prefill_h200_8k_64k_min_share_1.json) the union took 1.30 vs 1.43 ms (smooth q/k) and
+# 1.35 vs 1.43 ms (random) at 8K, 3.45 vs 3.62 and 4.43 vs 4.59 ms at 16K, but 13.80 vs 12.84 ms on
+# random q/k at 32K and 37.31 vs 31.82 at 64K; forward + backward at 16K 16.14 vs 16.74 ms (correlated
+# selection) and 18.43 vs 18.47 (random, bench_attention_h200_16k_union.json).
+UNION_MAX_KEY_BLOCKS = 256
+MOSAIC_UNION_BLOCK_SIZES = dataclasses.replace(MOSAIC_BLOCK_SIZES, min_share=1)
+
+
+def default_block_sizes(
+    dtype, head_dim: int, block_size: int, interpret: bool, num_keys: int | None = None
+) -> BlockSizes:
     """The tiling ``sparse_attention_pallas`` uses when none is given.
 
     ``MOSAIC_BLOCK_SIZES`` when compiling for a Hopper GPU (compute capability 9.x: the kernel uses
     WGMMA and TMA) with inputs the Mosaic tile phase supports (bf16/fp16, head dim 64/128, 64-key
-    blocks); else ``BlockSizes()`` (Triton kernels only, and the interpret-mode default).
+    blocks), or ``MOSAIC_UNION_BLOCK_SIZES`` there when ``num_keys`` (the key length) spans at most
+    ``UNION_MAX_KEY_BLOCKS`` blocks; else ``BlockSizes()`` (Triton kernels only, and the
+    interpret-mode default).
     """
     if interpret or jax.default_backend() != "gpu":
         return BlockSizes()
     major = str(getattr(jax.devices()[0], "compute_capability", "0")).split(".")[0]
     if major == "9" and supported_mosaic(dtype, head_dim, block_size) is None:
+        if num_keys is not None and -(-num_keys // block_size) <= UNION_MAX_KEY_BLOCKS:
+            return MOSAIC_UNION_BLOCK_SIZES
         return MOSAIC_BLOCK_SIZES
     return BlockSizes()
 
@@ -604,7 +627,8 @@ def sparse_attention_pallas(
         raise ValueError(f"block_idx must have shape [{b}, {hkv}, {tq}, K], got {block_idx.shape}")
     if isinstance(q_offset, int | np.integer) and not 0 <= q_offset <= tk - tq:
         raise ValueError(f"q_offset={q_offset} puts {tq} queries outside the {tk} keys")
-    config = default_block_sizes(q.dtype, q.shape[-1], block_size, interpret) if config is None else config
+    if config is None:
+        config = default_block_sizes(q.dtype, q.shape[-1], block_size, interpret, num_keys=tk)
     if lists is not None:
         _check_lists(lists, b, hkv, round_up(tq, config.align), block_idx.shape[-1], config)
     return _attention_jit(

@@ -19,6 +19,8 @@ import pytest
 
 from pallas_kernels.sparse_attention import (
     MOSAIC_BLOCK_SIZES,
+    MOSAIC_UNION_BLOCK_SIZES,
+    UNION_MAX_KEY_BLOCKS,
     default_block_sizes,
     sparse_attention_pallas,
 )
@@ -92,6 +94,9 @@ CASES = [
     # Persistent launches: 26 and 34 tiles over two CTAs, two KV heads / batch rows in the tile order.
     Case(g=16, d=64, t=100, hkv=2, block_size=64, k=3, dtype=jnp.bfloat16, config=MOSAIC_BLOCK_SIZES),
     Case(g=3, d=128, t=130, b=2, hkv=1, block_size=64, k=3, dtype=jnp.float16, config=PERSISTENT_UNION),
+    # The Hopper default up to UNION_MAX_KEY_BLOCKS key blocks: the default's kernel options on the
+    # pure union's lists.
+    Case(g=16, d=64, t=150, hkv=2, block_size=64, k=3, dtype=jnp.bfloat16, config=MOSAIC_UNION_BLOCK_SIZES),
 ]
 GPU_CASES = [
     Case(g=16, d=128, t=8192 + 37, block_size=64, k=24, dtype=jnp.bfloat16, config=TRITON_BWD),
@@ -104,6 +109,7 @@ GPU_CASES = [
     Case(g=4, d=64, t=4096 + 5, b=2, block_size=64, k=15, dtype=jnp.bfloat16, config=PAIRS_PINGPONG_UNION),
     Case(g=16, d=128, t=8192 + 37, block_size=64, k=25, dtype=jnp.bfloat16, config=MOSAIC_BLOCK_SIZES),
     Case(g=4, d=64, t=4096 + 5, b=2, block_size=64, k=15, dtype=jnp.bfloat16, config=PERSISTENT_UNION),
+    Case(g=16, d=128, t=16384, block_size=64, k=96, dtype=jnp.bfloat16, config=MOSAIC_UNION_BLOCK_SIZES),
 ]
 
 
@@ -180,12 +186,19 @@ def test_unsupported_inputs_raise(dtype, block_size):
 
 
 def test_default_tiling():
-    """Interpret mode and non-Hopper backends default to the Triton tiling; fp32 never gets Mosaic."""
+    """Interpret mode and non-Hopper backends default to the Triton tiling; fp32 never gets Mosaic;
+    on Hopper inputs of at most UNION_MAX_KEY_BLOCKS key blocks get the pure union."""
+    short, long = UNION_MAX_KEY_BLOCKS * 64, UNION_MAX_KEY_BLOCKS * 64 + 1
     assert default_block_sizes(jnp.bfloat16, 128, 64, interpret=True) == BlockSizes()
-    assert default_block_sizes(jnp.float32, 128, 64, interpret=INTERPRET) == BlockSizes()
+    assert default_block_sizes(jnp.bfloat16, 128, 64, interpret=True, num_keys=short) == BlockSizes()
+    assert default_block_sizes(jnp.float32, 128, 64, interpret=INTERPRET, num_keys=short) == BlockSizes()
     hopper = jax.default_backend() == "gpu" and str(jax.devices()[0].compute_capability).startswith("9")
     want = MOSAIC_BLOCK_SIZES if hopper else BlockSizes()
     assert default_block_sizes(jnp.bfloat16, 128, 64, interpret=INTERPRET) == want
+    assert default_block_sizes(jnp.bfloat16, 128, 64, interpret=INTERPRET, num_keys=long) == want
+    want_short = MOSAIC_UNION_BLOCK_SIZES if hopper else BlockSizes()
+    assert default_block_sizes(jnp.bfloat16, 128, 64, interpret=INTERPRET, num_keys=short) == want_short
+    assert MOSAIC_UNION_BLOCK_SIZES.min_share == 1 and not MOSAIC_UNION_BLOCK_SIZES.has_token_phase
 
 
 # Abstract operands of the lowering tests: 1 batch row, 256 tokens, 2 KV heads.
