@@ -109,7 +109,9 @@ GPU_CASES = [
     Case(g=4, d=64, t=4096 + 5, b=2, block_size=64, k=15, dtype=jnp.bfloat16, config=PAIRS_PINGPONG_UNION),
     Case(g=16, d=128, t=8192 + 37, block_size=64, k=25, dtype=jnp.bfloat16, config=MOSAIC_BLOCK_SIZES),
     Case(g=4, d=64, t=4096 + 5, b=2, block_size=64, k=15, dtype=jnp.bfloat16, config=PERSISTENT_UNION),
-    Case(g=16, d=128, t=16384, block_size=64, k=96, dtype=jnp.bfloat16, config=MOSAIC_UNION_BLOCK_SIZES),
+    Case(
+        g=16, d=128, t=16384, hkv=1, block_size=64, k=40, dtype=jnp.bfloat16, config=MOSAIC_UNION_BLOCK_SIZES
+    ),
 ]
 
 
