@@ -1,7 +1,8 @@
 """What the sparse forward's two phases compute for the benchmark's inputs, and what each unit costs.
 
 For each length and input kind (``bench_selection``'s inputs and seeds) the Pallas selection builds the
-attention's lists (``pallas_backend.prefill_selection_pallas``, the prefill's first stage) and this
+attention's lists (``pallas_backend.prefill_selection_pallas``, the prefill's first stage; the default
+tiling, with the token phase also where the default is the pure union, ``two_phase_tiling``) and this
 script counts per forward chunk (``sparse_attention.fwd_chunk_len``, one launch of each phase):
 
 - ``tokens``; ``tile_entries``: the tile lists' blocks; ``group_blocks``: the blocks the tile phase's
@@ -99,9 +100,21 @@ def fit_token_phase(rows: list[dict], n_sm: int) -> dict:
     }
 
 
-def _prefill(q, k, v, *, cfg):
+def two_phase_tiling(q, k, cfg):
+    """The prefill's default tiling for ``q``, ``k``, with ``min_share=2`` where the default has no token
+    phase (on Hopper the pure union up to ``sparse_attention.UNION_MAX_KEY_BLOCKS`` key blocks): the
+    split this script measures, as the default runs it on longer inputs."""
+    tiling = pallas_backend.prefill_attention_tiling(q, k, cfg)
+    if tiling.tile_tokens == 0:
+        raise SystemExit(f"the default tiling {tiling} has no tile phase to count")
+    return tiling if tiling.has_token_phase else dataclasses.replace(tiling, min_share=2)
+
+
+def _prefill(q, k, v, *, cfg, tiling):
     """The benchmark's prefill: selection on the attention's own q, k, then the sparse forward."""
-    return pallas_backend.infllmv2_attention_pallas(q, k, v, cfg, select_q=q, select_k=k)
+    return pallas_backend.infllmv2_attention_pallas(
+        q, k, v, cfg, select_q=q, select_k=k, attention_tiling=tiling
+    )
 
 
 def run(lens, kinds, *, smoke: bool, log=print) -> dict:
@@ -112,9 +125,7 @@ def run(lens, kinds, *, smoke: bool, log=print) -> dict:
     for t in lens:
         for kind in kinds:
             q, k, v = _inputs(t, shape, jnp.bfloat16, kind)
-            tiling = pallas_backend.prefill_attention_tiling(q, k, cfg)
-            if not tiling.has_token_phase or tiling.tile_tokens == 0:
-                raise SystemExit(f"the default tiling {tiling} has no tile and token phases to count")
+            tiling = two_phase_tiling(q, k, cfg)
             select = functools.partial(
                 pallas_backend.prefill_selection_pallas, cfg=cfg, attention_tiling=tiling
             )
@@ -124,14 +135,15 @@ def run(lens, kinds, *, smoke: bool, log=print) -> dict:
             chunk = sparse_attention.fwd_chunk_len(b, k.shape[2], d, tp, tiling)
             counts = chunk_counts(idx, lists, chunk=chunk, tile_tokens=tiling.tile_tokens)
             if on_gpu:
-                prefill = jax.jit(functools.partial(_prefill, cfg=cfg))
+                prefill = jax.jit(functools.partial(_prefill, cfg=cfg, tiling=tiling))
                 token_ms, tile_ms = launch_times(kernel_times(prefill, q, k, v, calls=3))
                 if len(token_ms) != len(counts):
                     raise RuntimeError(f"{len(token_ms)} token-phase kernels for {len(counts)} chunks")
                 for row, ms in zip(counts, token_ms, strict=True):
                     row["token_ms"] = round(ms, 4)
             group_blocks = sum(r["group_blocks"] for r in counts)
-            entry = {"seq_len": t, "inputs": kind, "chunk_tokens": chunk, "chunks": counts}
+            entry = {"seq_len": t, "inputs": kind, "min_share": tiling.min_share, "chunk_tokens": chunk}
+            entry["chunks"] = counts
             if on_gpu:
                 entry["tile_ms"] = round(tile_ms, 4)
                 entry["tile_sm_ns_per_group_block"] = round(

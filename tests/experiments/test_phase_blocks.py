@@ -73,6 +73,19 @@ def test_a_smoke_run_writes_counts_that_add_up(phase, tmp_path):
             assert c["tile_token_blocks"] + c["token_blocks"] == c["selected_blocks"] > 0
 
 
+def test_the_pure_union_is_counted_with_the_token_phase_it_would_have(phase, monkeypatch):
+    from infllm_jax.ops import pallas_backend
+
+    union = BlockSizes(tile_tokens=8, min_share=1)
+    monkeypatch.setattr(pallas_backend, "prefill_attention_tiling", lambda q, k, cfg: union)
+    assert phase.two_phase_tiling(None, None, None) == BlockSizes(tile_tokens=8, min_share=2)
+    monkeypatch.setattr(
+        pallas_backend, "prefill_attention_tiling", lambda q, k, cfg: BlockSizes(tile_tokens=0)
+    )
+    with pytest.raises(SystemExit, match="no tile phase"):
+        phase.two_phase_tiling(None, None, None)
+
+
 @pytest.mark.skipif(jax.default_backend() == "gpu", reason="checks the refusal on a machine without a GPU")
 def test_main_refuses_to_profile_without_a_gpu(phase, tmp_path):
     with pytest.raises(SystemExit, match="run it on a GPU"):
