@@ -153,7 +153,12 @@ def _prefill_tilings(select=None, attention=None):
             group, pool = q.shape[2] // k.shape[2], cfg.block_size // cfg.kernel_stride
             tiling = pallas_selection.default_block_sizes(q.dtype, q.shape[-1], group, pool, on_cpu)
             config = sparse_attention.default_block_sizes(
-                q.dtype, q.shape[-1], cfg.block_size, on_cpu, num_keys=k.shape[1]
+                q.dtype,
+                q.shape[-1],
+                cfg.block_size,
+                on_cpu,
+                num_keys=k.shape[1],
+                num_selected=cfg.num_selected,
             )
             return pallas_backend.infllmv2_attention_pallas(
                 q,
@@ -216,7 +221,7 @@ PREFILL_VARIANTS = {
     # phase_blocks_h200.json puts the tile kernel at ~470 SM-ns per 64-row group block and the token
     # phase at ~490 per block + ~450 per token. With 128-key steps (the default's) and with 64-key
     # ones, which let a warpgroup skip each block none of its tokens chose. Since session 23 the first
-    # is the default up to sparse_attention.UNION_MAX_KEY_BLOCKS key blocks (16K tokens).
+    # is the default up to 16K tokens (sparse_attention.UNION_KEY_BLOCKS_PER_SELECTED).
     "min_share_1": _prefill_tilings(attention=dict(min_share=1)),
     "min_share_1_64_key_steps": _prefill_tilings(
         attention=dict(

@@ -102,7 +102,7 @@ def fit_token_phase(rows: list[dict], n_sm: int) -> dict:
 
 def two_phase_tiling(q, k, cfg):
     """The prefill's default tiling for ``q``, ``k``, with ``min_share=2`` where the default has no token
-    phase (on Hopper the pure union up to ``sparse_attention.UNION_MAX_KEY_BLOCKS`` key blocks): the
+    phase (on Hopper the pure union up to 16K tokens, ``sparse_attention.UNION_KEY_BLOCKS_PER_SELECTED``): the
     split this script measures, as the default runs it on longer inputs."""
     tiling = pallas_backend.prefill_attention_tiling(q, k, cfg)
     if tiling.tile_tokens == 0:

@@ -25,8 +25,8 @@ Both phases give the exact per-token result. The block lists, bitmasks and count
 Triton-lowered Pallas; on Hopper GPUs the forward's and dQ's tile phases and the backward's dK/dV
 run warp-specialised Mosaic GPU kernels instead (``sparse_attention_mgpu``,
 ``sparse_attention_mgpu_bwd``; ``BlockSizes.mosaic``, ``mosaic_dq`` and ``mosaic_dkdv``, chosen by
-``default_block_sizes``, which there takes the pure union for inputs of at most
-``UNION_MAX_KEY_BLOCKS`` key blocks).
+``default_block_sizes``, which there takes the pure union for inputs of few key blocks per selected
+block, ``UNION_KEY_BLOCKS_PER_SELECTED``).
 
 Query slices. ``q`` (and ``block_idx``) may hold only the query positions ``[q_offset, q_offset + Tq)``
 of the ``Tk`` keys (context parallelism); ``q_offset`` may be traced. The kernels take it as a
@@ -45,6 +45,7 @@ deterministic.
 """
 
 import dataclasses
+import fractions
 import functools
 
 import jax
@@ -71,11 +72,12 @@ from pallas_kernels.tiling import (
 __all__ = [
     "MOSAIC_BLOCK_SIZES",
     "MOSAIC_UNION_BLOCK_SIZES",
-    "UNION_MAX_KEY_BLOCKS",
+    "UNION_KEY_BLOCKS_PER_SELECTED",
     "block_view",
     "default_block_sizes",
     "fwd_chunk_len",
     "gather_blocks",
+    "prefers_union",
     "sparse_attention_pallas",
     "supported",
     "supported_mosaic",
@@ -545,38 +547,57 @@ MOSAIC_BLOCK_SIZES = BlockSizes(
 )
 
 
-# Up to this many key blocks the Hopper default puts every block in the tile phases (the pure union,
-# no token phases, no fp32 state between the forward's phases). With at most 256 blocks to choose 96
-# from, an 8-token tile's union covers most of them anyway, and the token phase's per-token cost
-# (~450 SM-ns, experiments/results/phase_blocks_h200.json) outweighs the rows the union wastes. In
-# alternating blocks of prefill calls (interleaved_prefill_h200_16k_min_share_1.json and
-# interleaved_prefill_h200_8k_64k_min_share_1.json) the union took 1.30 vs 1.43 ms (smooth q/k) and
-# 1.35 vs 1.43 ms (random) at 8K, 3.45 vs 3.62 and 4.43 vs 4.59 ms at 16K, but 13.80 vs 12.84 ms on
-# random q/k at 32K and 37.31 vs 31.82 at 64K; forward + backward at 16K 16.14 vs 16.74 ms (correlated
-# selection) and 18.43 vs 18.47 (random, bench_attention_h200_16k_union.json).
-UNION_MAX_KEY_BLOCKS = 256
+# For inputs of few key blocks per selected block the Hopper default puts every block in the tile
+# phases (the pure union: no token phases, no fp32 state between the forward's phases). When a token
+# chooses 96 of at most 256 blocks, an 8-token tile's union covers most of them anyway, and the token
+# phase's per-token cost (~450 SM-ns, experiments/results/phase_blocks_h200.json) outweighs the rows
+# the union wastes. In alternating blocks of prefill calls with the shipped 96 selected blocks
+# (interleaved_prefill_h200_16k_min_share_1.json and interleaved_prefill_h200_8k_64k_min_share_1.json)
+# the union took 1.30 vs 1.43 ms (smooth q/k) and 1.35 vs 1.43 ms (random) at 8K, 3.45 vs 3.62 and
+# 4.43 vs 4.59 ms at 16K (256 blocks), but 13.80 vs 12.84 ms on random q/k at 32K and 37.31 vs 31.82
+# at 64K; forward + backward at 16K 16.14 vs 16.74 ms (correlated selection) and 18.43 vs 18.47
+# (random, bench_attention_h200_16k_union.json). The bound is kept as a ratio, so that smaller
+# selections (whose tiles share less) switch to the union at proportionally fewer blocks; only 96
+# selected blocks were measured.
+UNION_KEY_BLOCKS_PER_SELECTED = fractions.Fraction(256, 96)
 MOSAIC_UNION_BLOCK_SIZES = dataclasses.replace(MOSAIC_BLOCK_SIZES, min_share=1)
 
 
 def default_block_sizes(
-    dtype, head_dim: int, block_size: int, interpret: bool, num_keys: int | None = None
+    dtype,
+    head_dim: int,
+    block_size: int,
+    interpret: bool,
+    num_keys: int | None = None,
+    num_selected: int | None = None,
 ) -> BlockSizes:
     """The tiling ``sparse_attention_pallas`` uses when none is given.
 
     ``MOSAIC_BLOCK_SIZES`` when compiling for a Hopper GPU (compute capability 9.x: the kernel uses
     WGMMA and TMA) with inputs the Mosaic tile phase supports (bf16/fp16, head dim 64/128, 64-key
-    blocks), or ``MOSAIC_UNION_BLOCK_SIZES`` there when ``num_keys`` (the key length) spans at most
-    ``UNION_MAX_KEY_BLOCKS`` blocks; else ``BlockSizes()`` (Triton kernels only, and the
-    interpret-mode default).
+    blocks), or there ``MOSAIC_UNION_BLOCK_SIZES`` when ``num_keys`` (the key length) spans at most
+    ``UNION_KEY_BLOCKS_PER_SELECTED * num_selected`` blocks (256 for the shipped 96 selected blocks,
+    i.e. 16K tokens); else ``BlockSizes()`` (Triton kernels only, and the interpret-mode default).
     """
     if interpret or jax.default_backend() != "gpu":
         return BlockSizes()
     major = str(getattr(jax.devices()[0], "compute_capability", "0")).split(".")[0]
     if major == "9" and supported_mosaic(dtype, head_dim, block_size) is None:
-        if num_keys is not None and -(-num_keys // block_size) <= UNION_MAX_KEY_BLOCKS:
+        if (
+            num_keys is not None
+            and num_selected is not None
+            and prefers_union(num_keys, num_selected, block_size)
+        ):
             return MOSAIC_UNION_BLOCK_SIZES
         return MOSAIC_BLOCK_SIZES
     return BlockSizes()
+
+
+def prefers_union(num_keys: int, num_selected: int, block_size: int) -> bool:
+    """Whether the Hopper default takes the pure union for ``num_keys`` keys in ``block_size`` blocks of
+    which each token selects ``num_selected``: at most ``UNION_KEY_BLOCKS_PER_SELECTED`` key blocks per
+    selected block."""
+    return -(-num_keys // block_size) <= UNION_KEY_BLOCKS_PER_SELECTED * num_selected
 
 
 def sparse_attention_pallas(
@@ -628,7 +649,9 @@ def sparse_attention_pallas(
     if isinstance(q_offset, int | np.integer) and not 0 <= q_offset <= tk - tq:
         raise ValueError(f"q_offset={q_offset} puts {tq} queries outside the {tk} keys")
     if config is None:
-        config = default_block_sizes(q.dtype, q.shape[-1], block_size, interpret, num_keys=tk)
+        config = default_block_sizes(
+            q.dtype, q.shape[-1], block_size, interpret, num_keys=tk, num_selected=block_idx.shape[-1]
+        )
     if lists is not None:
         _check_lists(lists, b, hkv, round_up(tq, config.align), block_idx.shape[-1], config)
     return _attention_jit(

@@ -114,7 +114,7 @@ def prefill_attention_tiling(q: jax.Array, k: jax.Array, cfg: SparseConfig, atte
     if reason is not None:
         raise NotImplementedError(f"Pallas sparse attention does not support {reason}")
     return attention_tiling or sparse_attention.default_block_sizes(
-        q.dtype, q.shape[-1], cfg.block_size, interpret, num_keys=k.shape[1]
+        q.dtype, q.shape[-1], cfg.block_size, interpret, num_keys=k.shape[1], num_selected=cfg.num_selected
     )
 
 

@@ -20,8 +20,9 @@ import pytest
 from pallas_kernels.sparse_attention import (
     MOSAIC_BLOCK_SIZES,
     MOSAIC_UNION_BLOCK_SIZES,
-    UNION_MAX_KEY_BLOCKS,
+    UNION_KEY_BLOCKS_PER_SELECTED,
     default_block_sizes,
+    prefers_union,
     sparse_attention_pallas,
 )
 from pallas_kernels.sparse_attention_bwd import build_csr
@@ -94,7 +95,7 @@ CASES = [
     # Persistent launches: 26 and 34 tiles over two CTAs, two KV heads / batch rows in the tile order.
     Case(g=16, d=64, t=100, hkv=2, block_size=64, k=3, dtype=jnp.bfloat16, config=MOSAIC_BLOCK_SIZES),
     Case(g=3, d=128, t=130, b=2, hkv=1, block_size=64, k=3, dtype=jnp.float16, config=PERSISTENT_UNION),
-    # The Hopper default up to UNION_MAX_KEY_BLOCKS key blocks: the default's kernel options on the
+    # The Hopper default for few key blocks per selected block: the default's kernel options on the
     # pure union's lists.
     Case(g=16, d=64, t=150, hkv=2, block_size=64, k=3, dtype=jnp.bfloat16, config=MOSAIC_UNION_BLOCK_SIZES),
 ]
@@ -189,18 +190,35 @@ def test_unsupported_inputs_raise(dtype, block_size):
 
 def test_default_tiling():
     """Interpret mode and non-Hopper backends default to the Triton tiling; fp32 never gets Mosaic;
-    on Hopper inputs of at most UNION_MAX_KEY_BLOCKS key blocks get the pure union."""
-    short, long = UNION_MAX_KEY_BLOCKS * 64, UNION_MAX_KEY_BLOCKS * 64 + 1
-    assert default_block_sizes(jnp.bfloat16, 128, 64, interpret=True) == BlockSizes()
-    assert default_block_sizes(jnp.bfloat16, 128, 64, interpret=True, num_keys=short) == BlockSizes()
-    assert default_block_sizes(jnp.float32, 128, 64, interpret=INTERPRET, num_keys=short) == BlockSizes()
+    on Hopper inputs of at most UNION_KEY_BLOCKS_PER_SELECTED key blocks per selected block get the
+    pure union (256 blocks of 64 keys for the shipped 96 selected blocks)."""
+    assert UNION_KEY_BLOCKS_PER_SELECTED * 96 == 256
+    short, long = 256 * 64, 256 * 64 + 1
+    default = functools.partial(default_block_sizes, jnp.bfloat16, 128, 64)
+    assert default(interpret=True) == BlockSizes()
+    assert default(interpret=True, num_keys=short, num_selected=96) == BlockSizes()
+    assert (
+        default_block_sizes(jnp.float32, 128, 64, INTERPRET, num_keys=short, num_selected=96) == BlockSizes()
+    )
     hopper = jax.default_backend() == "gpu" and str(jax.devices()[0].compute_capability).startswith("9")
     want = MOSAIC_BLOCK_SIZES if hopper else BlockSizes()
-    assert default_block_sizes(jnp.bfloat16, 128, 64, interpret=INTERPRET) == want
-    assert default_block_sizes(jnp.bfloat16, 128, 64, interpret=INTERPRET, num_keys=long) == want
     want_short = MOSAIC_UNION_BLOCK_SIZES if hopper else BlockSizes()
-    assert default_block_sizes(jnp.bfloat16, 128, 64, interpret=INTERPRET, num_keys=short) == want_short
+    assert default(interpret=INTERPRET) == want
+    assert default(interpret=INTERPRET, num_keys=short) == want  # no selection size: no union
+    assert default(interpret=INTERPRET, num_keys=long, num_selected=96) == want
+    assert default(interpret=INTERPRET, num_keys=short, num_selected=96) == want_short
     assert MOSAIC_UNION_BLOCK_SIZES.min_share == 1 and not MOSAIC_UNION_BLOCK_SIZES.has_token_phase
+
+
+def test_the_union_bound_scales_with_the_selection():
+    # The shipped 96 selected 64-key blocks: the union up to 256 key blocks (16K tokens), a partial
+    # last block counting as one.
+    assert prefers_union(16384, 96, 64) and not prefers_union(16385, 96, 64)
+    assert prefers_union(16384 - 63, 96, 64)
+    # A smaller selection switches at proportionally fewer blocks: 48 selected, 128 blocks.
+    assert prefers_union(128 * 64, 48, 64) and not prefers_union(128 * 64 + 1, 48, 64)
+    # Blocks, not tokens: 32-key blocks halve the key length at which it switches.
+    assert prefers_union(256 * 32, 96, 32) and not prefers_union(256 * 32 + 1, 96, 32)
 
 
 # Abstract operands of the lowering tests: 1 batch row, 256 tokens, 2 KV heads.
