@@ -517,7 +517,18 @@ def run(
                 # baseline (speedup_vs_cudnn_dense) of every input kind, recorded before their rows.
                 record(dense, "prefill", t, dense_prefill(dense), (q, k, v), kind)
             if t in prefill_lens:
-                _, compiled = record("pallas", "prefill", t, sparse_prefill(cfg), (q, k, v), kind)
+                # The default attention tiling depends on the length (the pure union up to 16K tokens
+                # on Hopper): the row says which split between the tile and token phases it ran.
+                min_share = pallas_backend.prefill_attention_tiling(q, k, cfg).min_share
+                _, compiled = record(
+                    "pallas",
+                    "prefill",
+                    t,
+                    sparse_prefill(cfg),
+                    (q, k, v),
+                    kind,
+                    attention_min_share=min_share,
+                )
                 out = None if compiled is None else np.asarray(compiled(q, k, v))
                 for name in extra_prefill:
                     variant_row, variant = record(

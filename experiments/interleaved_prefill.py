@@ -49,6 +49,7 @@ from bench_selection import (
 from tqdm.auto import tqdm
 
 from infllm_jax import SparseConfig
+from infllm_jax.ops import pallas_backend
 
 
 def time_interleaved(
@@ -230,6 +231,9 @@ def run(
             row = {
                 "seq_len": t,
                 "inputs": kind,
+                # The default's split between the tile and token phases (the pure union up to 16K
+                # tokens on Hopper).
+                "pallas_attention_min_share": pallas_backend.prefill_attention_tiling(q, k, cfg).min_share,
                 "rounds": rounds,
                 "block": block,
                 **summarise(times, before, f"{dense}_dense", block),

@@ -15,6 +15,8 @@ def test_prefill_variant_rows_compare_with_the_default_and_the_dense_baseline(tm
     rows = {r["implementation"]: r for r in result["rows"]}
     assert rows.keys() == {"xla", "pallas", "pallas_xla_lists"}
     assert not [r for r in rows.values() if "error" in r]
+    # The default prefill row names its attention tiling's split (CPU: the Triton tiling, min_share 2).
+    assert rows["pallas"]["attention_min_share"] == 2
     variant = rows["pallas_xla_lists"]
     # Same selection, same kernels, lists built two ways: the same output bit for bit.
     assert variant["output_identical_to_pallas"] is True and variant["max_abs_diff_vs_pallas"] == 0.0
