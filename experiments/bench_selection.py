@@ -152,14 +152,7 @@ def _prefill_tilings(select=None, attention=None):
             on_cpu = jax.default_backend() == "cpu"
             group, pool = q.shape[2] // k.shape[2], cfg.block_size // cfg.kernel_stride
             tiling = pallas_selection.default_block_sizes(q.dtype, q.shape[-1], group, pool, on_cpu)
-            config = sparse_attention.default_block_sizes(
-                q.dtype,
-                q.shape[-1],
-                cfg.block_size,
-                on_cpu,
-                num_keys=k.shape[1],
-                num_selected=cfg.num_selected,
-            )
+            config = pallas_backend.prefill_attention_tiling(q, k, cfg)
             return pallas_backend.infllmv2_attention_pallas(
                 q,
                 k,
