@@ -9,10 +9,15 @@ tokens' rows column block by column block, ascending:
 
 - a column's token bits are ``sum_r mask[r] << r`` and its share the column sum;
 - columns chosen by at least ``min_share`` of the tile's tokens get the next tile-list slots (a
-  prefix sum over the shared flags), the other chosen ones the next slots of their tokens' lists.
+  prefix sum over the shared flags), the other chosen ones the next slots of their tokens' lists;
+- with ``half_order`` (``BlockSizes.half_order``, the Hopper default) one step reads the tiles' whole
+  rows and one prefix sum of three packed counts puts the shared columns in their halves' groups
+  (first half only, both, second half only). Whole rows cost: at 128K the list kernels take ~1.45
+  instead of ~0.9 ms (``bench_selection_h200_half_order.json``), which the tile kernel more than
+  recovers on random q/k and about recovers on smooth ones.
 
-The lists come out ascending, like ``tile_lists``' (which orders by block too), and equal them entry
-for entry for canonical inputs (tests compare both). Only tilings without ``mask_split`` (no
+The lists come out in ``tile_lists``' order (ascending, or ascending within each half group), and
+equal them entry for entry for canonical inputs (tests compare both). Only tilings without ``mask_split`` (no
 mask-free group ahead of the rest; every shipped tiling) and with a tile phase are built here.
 
 On the H200 (``experiments/results/bench_selection_h200_fused_lists*.json``, same runs): the list
@@ -29,7 +34,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from pallas_kernels._compat import pl, pltriton, triton_params
-from pallas_kernels.tiling import EMPTY_BLOCK, BlockSizes, TileLists, next_pow2, round_up
+from pallas_kernels.tiling import EMPTY_BLOCK, BlockSizes, TileLists, half_groups, next_pow2, round_up
 
 __all__ = ["ListTiling", "list_tiling", "lists_from_masks", "stack_chunk_lists"]
 
@@ -40,12 +45,14 @@ class ListTiling:
 
     Attributes:
       tile_tokens: tokens per tile; min_share: tokens of a tile that must share a block for the tile
-        phase; align: ``Tp`` is ``T`` rounded up to a multiple of this.
+        phase; align: ``Tp`` is ``T`` rounded up to a multiple of this; half_order: order the tile
+        lists by the halves of the tile that chose each entry (``BlockSizes.half_order``).
     """
 
     tile_tokens: int
     min_share: int
     align: int
+    half_order: bool = False
 
 
 def list_tiling(config: BlockSizes) -> ListTiling | None:
@@ -53,7 +60,32 @@ def list_tiling(config: BlockSizes) -> ListTiling | None:
     (no tile phase, or ``mask_split``: ``tile_lists`` then puts mask-free entries first)."""
     if config.tile_tokens == 0 or config.mask_split:
         return None
-    return ListTiling(config.tile_tokens, config.min_share, config.align)
+    return ListTiling(config.tile_tokens, config.min_share, config.align, config.half_order)
+
+
+def _half_order_slots(bits, shared, tq: int, lp: int):
+    """``[1, cols]`` slot of each shared column in a list ordered by ``half_groups`` (first half only,
+    both halves, second half only; each group ascending), counted from the list's start.
+
+    A group holds fewer than ``lp`` entries, so when three ``log2(lp)``-bit counts fit in 32 bits one
+    prefix sum of ``1 << (group * width)`` counts all three groups at once (int32 wraps, and logical
+    shifts read the top field back); else one prefix sum per group.
+    """
+    first_half, second_half = half_groups(bits, tq)
+    group = jnp.where(second_half, jnp.where(first_half, 1, 2), 0)
+    width = (lp - 1).bit_length()
+    if 3 * width <= 32:
+        field = (1 << width) - 1
+        one_hot = jnp.where(shared, lax.shift_left(1, group * width), 0)
+        totals = jnp.sum(one_hot, axis=1, keepdims=True)
+        counts = [lax.shift_right_logical(totals, g * width) & field for g in range(2)]
+        rank = lax.shift_right_logical(jnp.cumsum(one_hot, axis=1), group * width) & field
+    else:
+        members = [(shared & (group == g)).astype(jnp.int32) for g in range(3)]
+        counts = [jnp.sum(m, axis=1, keepdims=True) for m in members[:2]]
+        rank = sum(jnp.where(group == g, jnp.cumsum(m, axis=1), 0) for g, m in enumerate(members))
+    start = jnp.where(group == 0, 0, jnp.where(group == 1, counts[0], counts[0] + counts[1]))
+    return start + rank - 1
 
 
 def _lists_kernel(
@@ -69,8 +101,10 @@ def _lists_kernel(
     step: int,
     min_share: int,
     block_size: int,
+    half_order: bool,
 ):
-    """One tile of ``tq`` tokens (leading batch / KV-head dims squeezed).
+    """One tile of ``tq`` tokens (leading batch / KV-head dims squeezed). With ``half_order`` the step
+    covers the whole row (``step == cols``), so ordering each step's entries orders the list.
 
     Refs:
       pos_ref: ``[2]`` int32: key position of the chunk's first token and of the sequence's last one.
@@ -95,7 +129,11 @@ def _lists_kernel(
         chosen = pltriton.load(mask_ref.at[:, pl.ds(i * step, step)]).astype(jnp.int32)  # [tq, step]
         bits = jnp.sum(lax.shift_left(chosen, row), axis=0, keepdims=True)
         shared = jnp.sum(chosen, axis=0, keepdims=True) >= min_share
-        slot = jnp.where(shared, n_tile + jnp.cumsum(shared.astype(jnp.int32), axis=1) - 1, lp - 1)
+        if half_order:
+            slot = n_tile + _half_order_slots(bits, shared, tq, lp)
+        else:
+            slot = n_tile + jnp.cumsum(shared.astype(jnp.int32), axis=1) - 1
+        slot = jnp.where(shared, slot, lp - 1)
         pltriton.store(tile_ids_ref.at[tile_row, slot], block, mask=shared)
         pltriton.store(tile_bits_ref.at[tile_row, slot], bits, mask=shared)
         own = (chosen > 0) & ~shared
@@ -144,7 +182,8 @@ def lists_from_masks(
       tiling: the attention's tiling (``list_tiling``).
       num_selected: ``K``, the most blocks a token keeps.
       block_size: tokens per key block.
-      step_elems: mask elements (tile rows x columns) a program reads per step, in registers.
+      step_elems: mask elements (tile rows x columns) a program reads per step, in registers; with
+        ``tiling.half_order`` a step reads whole rows (every column of the tile's tokens).
       warps, stages: Triton launch parameters.
       interpret: run in the Pallas interpreter (CPU).
 
@@ -158,7 +197,7 @@ def lists_from_masks(
     if chunk % tq or cols & (cols - 1):
         raise ValueError(f"masks {mask.shape}: need whole {tq}-token tiles and a power-of-two width")
     lp, kp = next_pow2(tq * num_selected + 1), next_pow2(num_selected + 1)
-    step = min(cols, max(step_elems // tq, 16))
+    step = cols if tiling.half_order else min(cols, max(step_elems // tq, 16))
     n_tiles = chunk // tq
 
     def tile_spec(width):
@@ -171,7 +210,14 @@ def lists_from_masks(
         return jax.ShapeDtypeStruct((b, hkv, rows, width), jnp.int32)
 
     return pl.pallas_call(
-        functools.partial(_lists_kernel, tq=tq, step=step, min_share=tiling.min_share, block_size=block_size),
+        functools.partial(
+            _lists_kernel,
+            tq=tq,
+            step=step,
+            min_share=tiling.min_share,
+            block_size=block_size,
+            half_order=tiling.half_order,
+        ),
         grid=(n_tiles, b, hkv),
         in_specs=[pl.BlockSpec((2,), lambda i, bi, h: (0,)), token_spec(cols)],
         out_specs=[tile_spec(lp), tile_spec(lp), tile_spec(2), token_spec(kp), token_spec(2)],

@@ -534,10 +534,14 @@ def _attention_jit(q, k, v, block_idx, q_offset, lists, *, block_size, config, i
 # instead of 2 (fewer launches and tails), for ~0.5 GiB more peak memory at 128K. The forward tile
 # kernel runs persistent (one CTA per SM; 27.46 vs 27.77 ms at 128K, 3.60 vs 3.72 ms for the 16K prefill,
 # bench_selection_h200_persistent.json). The Triton token phase pipelines two stages deep, not three
-# (5.44 vs 6.18 ms at 128K, 0.29 vs 0.37 ms at 16K, bench_selection_h200_token_stages.json).
+# (5.44 vs 6.18 ms at 128K, 0.29 vs 0.37 ms at 16K, bench_selection_h200_token_stages.json). The tile
+# lists are grouped by the halves of the tile that chose each block (half_order): prefill at 128K
+# 76.71 vs 77.64 ms on random q/k, 49.28 vs 49.33 on smooth ones; 16K 4.12 vs 4.25 and 3.20 vs 3.24
+# (bench_selection_h200_half_order.json; two more runs in the session-24 notes agree on random q/k).
 MOSAIC_BLOCK_SIZES = BlockSizes(
     tile_tokens=8,
     min_share=2,
+    half_order=True,
     tile_warps=8,
     token_stages=2,
     fwd_chunk_bytes=1 << 30,

@@ -27,6 +27,7 @@ __all__ = [
     "MosaicTile",
     "TileLists",
     "canonical_blocks",
+    "half_groups",
     "next_pow2",
     "persistent_ctas",
     "round_up",
@@ -131,6 +132,16 @@ class BlockSizes:
       mask_split: run the blocks that need no mask (all of the tile's tokens selected them and see
         all their keys) in a first loop without any masking. Off by default: on the H200 it saved
         1% in the tile phase and cost 10% in the token phase (experiments/results/NOTES_attention_kernels.md).
+      half_order: order each tile list by which halves of the tile's tokens selected an entry: the
+        blocks only the first half chose, then those both halves chose, then those only the second
+        half chose, each group ascending (else the list is ascending). The Mosaic forward's 128-key
+        steps take two consecutive entries, and each compute warpgroup (one half) runs a step when
+        either entry is its half's: grouped, a step rarely pairs one half's private entry with
+        another group's, which costs the other warpgroup a 64-key half step for nothing. The order
+        changes no result beyond the online softmax's rounding. On the H200 at 128K it cut the
+        Mosaic tile kernel by 1.1-1.9 ms (of ~28.5, random q/k) and by 0.04-1.0 ms (smooth q/k) in
+        three runs, while the block-list kernel, which must then read whole rows, grew by ~0.55 ms
+        (experiments/results/bench_selection_h200_half_order.json and the session-24 notes).
       dkv_tokens: tokens stacked per step of the dK/dV walk (``dkv_tokens * 16`` rows).
       tile_warps, token_warps, dkv_warps: ``num_warps`` of the tile-phase, token-phase and dK/dV kernels.
       num_stages: Triton software-pipelining depth of every kernel but the forward's token phase.
@@ -160,6 +171,7 @@ class BlockSizes:
     tile_kv_blocks: int = 1
     token_kv_blocks: int = 1
     mask_split: bool = False
+    half_order: bool = False
     dkv_tokens: int = 8
     tile_warps: int = 4
     token_warps: int = 2
@@ -187,6 +199,11 @@ class BlockSizes:
             raise ValueError(f"tile_tokens must be 0 or a power of two <= 16, got {self.tile_tokens}")
         if self.min_share < 1:
             raise ValueError(f"min_share must be >= 1, got {self.min_share}")
+        if self.half_order and (self.tile_tokens < 2 or self.mask_split):
+            raise ValueError(
+                "half_order needs tiles of at least 2 tokens and no mask_split (which orders the lists "
+                f"by mask instead), got tile_tokens={self.tile_tokens}, mask_split={self.mask_split}"
+            )
         for name in ("num_stages", "token_stages"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -343,7 +360,12 @@ def tile_lists(
     # Entries that need no mask go first, then the masked ones, each group ascending.
     t0 = (q_offset + jnp.arange(tp // tq, dtype=jnp.int32) * tq)[None, None, :, None]
     free = (run_bits == (1 << tq) - 1) & (x * block_size + block_size - 1 <= t0) & config.mask_split
-    tile_ids, tile_bits = _stable_partition((head & free, head & ~free), (x, run_bits), fill=(0, 0))
+    if config.half_order:  # (no mask_split)
+        first_half, second_half = half_groups(run_bits, tq)
+        groups = (head & first_half & ~second_half, head & first_half & second_half, head & ~first_half)
+    else:
+        groups = (head & free, head & ~free)
+    tile_ids, tile_bits = _stable_partition(groups, (x, run_bits), fill=(0, 0))
     tile_cnt = jnp.stack(
         [head.sum(axis=3, dtype=jnp.int32), (head & free).sum(axis=3, dtype=jnp.int32)], axis=-1
     )
@@ -360,6 +382,13 @@ def tile_lists(
         token_ids,
         _token_counts(token_ids, block_size, config.mask_split, q_offset),
     )
+
+
+def half_groups(bits: jax.Array, tile_tokens: int) -> tuple[jax.Array, jax.Array]:
+    """Whether a token of the first half, and one of the second half, of a ``tile_tokens``-token tile
+    set a bit of ``bits`` (token ``i`` is bit ``i``): ``BlockSizes.half_order``'s groups."""
+    half = tile_tokens // 2
+    return (bits & ((1 << half) - 1)) != 0, lax.shift_right_logical(bits, half) != 0
 
 
 def _sort_by_block(x: jax.Array, num_key_blocks: int | None) -> tuple[jax.Array, jax.Array]:

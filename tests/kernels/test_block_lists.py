@@ -2,10 +2,11 @@
 
 ``select_blocks(..., lists_for=)`` must give, entry for entry, the ``TileLists`` that the XLA path
 (``canonical_blocks`` + ``tile_lists``) builds from the same selection: across tilings (tile sizes,
-shares, a pure union without token phase, token batches), sequence lengths that are no multiple of a
-tile, several query chunks in several top-k bands, and query slices at static and traced offsets. End
-to end, ``infllmv2_attention(..., implementation="pallas")`` takes this path and equals selection
-followed by sparse attention bit for bit, forward and gradients. On CPU the kernels run in Pallas
+shares, a pure union without token phase, token batches, lists grouped by the tile's halves),
+sequence lengths that are no multiple of a tile, several query chunks in several top-k bands, and
+query slices at static and traced offsets. End to end, ``infllmv2_attention(...,
+implementation="pallas")`` takes this path and equals selection followed by sparse attention bit for
+bit, forward and gradients. On CPU the kernels run in Pallas
 interpret mode; the ``gpu``-marked test compiles them at 32K.
 """
 
@@ -66,6 +67,8 @@ TILINGS = {
     "8-token-tiles-share-2": BlockSizes(tile_tokens=8, min_share=2),
     "8-token-tiles-share-3": BlockSizes(tile_tokens=8, min_share=3),
     "8-token-tiles-union-no-token-phase": BlockSizes(tile_tokens=8, min_share=1),
+    "8-token-tiles-share-2-half-order": BlockSizes(tile_tokens=8, min_share=2, half_order=True),
+    "8-token-tiles-union-half-order": BlockSizes(tile_tokens=8, min_share=1, half_order=True),
     "16-token-tiles-token-batch-2": BlockSizes(tile_tokens=16, min_share=2, token_batch=2),
 }
 
@@ -84,16 +87,37 @@ def test_lists_equal_the_xla_lists(config):
 
 @pytest.mark.parametrize(
     "config",
-    [TILINGS["4-token-tiles-share-2"], TILINGS["8-token-tiles-share-3"]],
-    ids=["4-token-tiles-share-2", "8-token-tiles-share-3"],
+    [
+        TILINGS["4-token-tiles-share-2"],
+        TILINGS["8-token-tiles-share-3"],
+        TILINGS["8-token-tiles-share-2-half-order"],
+    ],
+    ids=["4-token-tiles-share-2", "8-token-tiles-share-3", "8-token-tiles-share-2-half-order"],
 )
 def test_lists_built_over_several_column_steps_equal_the_xla_lists(config):
     # 64 mask elements per step: 16 block columns (the minimum), so tiles walk their up to 19 blocks in
     # two steps and the slot counts carry over from one step to the next; int8 masks (default int32).
+    # half_order reads whole rows whatever the step size, so its groups span the whole list.
     q, k, _ = qkv(5, 300)
     tiling = pallas_selection.BlockSizes(list_elems=64, list_warps=2, list_mask_dtype="int8")
     idx, lists = select_with_lists(q, k, SMALL, config, query_chunk=128, block_sizes=tiling)
     assert_lists_equal(lists, xla_lists(idx, config, SMALL))
+
+
+@pytest.mark.parametrize("lp", [1024, 2048], ids=["packed-counts", "one-prefix-sum-per-group"])
+def test_half_order_slots_follow_the_groups(lp):
+    """Both ways of counting the halves' groups (three counts packed in one prefix sum while they fit,
+    else one prefix sum per group) give each shared column its slot in the grouped order."""
+    rng = np.random.default_rng(7)
+    cols = 512
+    bits = rng.integers(0, 256, size=(1, cols), dtype=np.int32)
+    shared = rng.random((1, cols)) < 0.6
+    slots = np.asarray(block_lists._half_order_slots(jnp.asarray(bits), jnp.asarray(shared), 8, lp))
+    first, second = (bits & 0x0F) != 0, (bits & 0xF0) != 0
+    group = np.where(second, np.where(first, 1, 2), 0)
+    columns = np.flatnonzero(shared[0])
+    order = sorted(columns, key=lambda c: (group[0, c], c))
+    np.testing.assert_array_equal(slots[0, order], np.arange(len(order)))
 
 
 def test_list_kernel_launch_parameters_are_validated():
@@ -116,7 +140,9 @@ def test_lists_of_a_query_slice_equal_the_xla_lists(traced):
 def test_tilings_without_mask_free_group_or_tile_phase_are_left_to_xla():
     assert block_lists.list_tiling(BlockSizes(tile_tokens=0)) is None
     assert block_lists.list_tiling(BlockSizes(mask_split=True)) is None
-    assert block_lists.list_tiling(sparse_attention.MOSAIC_BLOCK_SIZES) == block_lists.ListTiling(8, 2, 8)
+    assert block_lists.list_tiling(sparse_attention.MOSAIC_BLOCK_SIZES) == block_lists.ListTiling(
+        8, 2, 8, True
+    )
 
 
 def test_infllmv2_attention_builds_the_lists_in_the_selection():

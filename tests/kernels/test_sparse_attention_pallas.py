@@ -342,6 +342,50 @@ def test_tile_lists_partition_each_selection(config):
             assert sorted(got) == want, (h, ti)
 
 
+@pytest.mark.parametrize("min_share", [1, 2], ids=["union", "share-2"])
+def test_half_order_groups_the_ascending_lists_by_the_halves_that_chose_them(min_share):
+    """With ``half_order`` a tile's list holds the ascending list's (block, bits) entries: first those
+    only tokens of the tile's first half chose, then those both halves chose, then those only the second
+    half chose, each group ascending; the counts and token lists stay the same."""
+    rng = np.random.default_rng(2)
+    t, k, bs, tq = 64, 6, 4, 8
+    ids, _ = canonical_blocks(random_block_idx(rng, 1, 2, t, k, bs), padded_len=t, block_size=bs)
+    build = jax.jit(tile_lists, static_argnums=(1, 2))
+    plain = BlockSizes(tile_tokens=tq, min_share=min_share)
+    want = jax.device_get(build(ids, plain, bs))
+    got = jax.device_get(build(ids, dataclasses.replace(plain, half_order=True), bs))
+    for name in ("tile_cnt", "token_ids", "token_cnt"):
+        np.testing.assert_array_equal(getattr(got, name), getattr(want, name), err_msg=name)
+
+    def entries(lists, h, tile, n):
+        return list(
+            zip(
+                lists.tile_ids[0, h, tile, :n].tolist(), lists.tile_bits[0, h, tile, :n].tolist(), strict=True
+            )
+        )
+
+    def group(entry):  # 0: first half only, 1: both halves, 2: second half only
+        first, second = (entry[1] & 0x0F) != 0, (entry[1] & 0xF0) != 0
+        return 0 if not second else 1 if first else 2
+
+    orders = set()
+    for h in range(2):
+        for tile in range(t // tq):
+            n = want.tile_cnt[0, h, tile, 0]
+            ascending, ordered = entries(want, h, tile, n), entries(got, h, tile, n)
+            assert ordered == sorted(ascending, key=lambda e: (group(e), e[0])), (h, tile)
+            assert (got.tile_ids[0, h, tile, n:] == 0).all() and (got.tile_bits[0, h, tile, n:] == 0).all()
+            orders.add(ordered == ascending)
+    assert orders == {True, False}  # some lists were reordered, some were ascending already
+
+
+def test_half_order_needs_halves_and_no_mask_split():
+    with pytest.raises(ValueError, match="half_order"):
+        BlockSizes(tile_tokens=0, half_order=True)
+    with pytest.raises(ValueError, match="half_order"):
+        BlockSizes(tile_tokens=8, mask_split=True, half_order=True)
+
+
 def test_canonical_blocks_keep_valid_distinct_visible_ids_in_order():
     """-1 slots (leading or trailing), repeats and ids past the token's own block are dropped; the
     rest keep their ascending order, then EMPTY_BLOCK; padded tokens get nothing."""
