@@ -224,9 +224,14 @@ PREFILL_VARIANTS = {
     ),
     # Tile lists ascending (the default before session 24) instead of grouped by the halves of the tile
     # that chose each entry (sparse_attention.MOSAIC_BLOCK_SIZES.half_order), with the list kernel's
-    # launch then (4 warps, 4096-element steps); and the grouped lists with 4 warps.
-    "lists_ascending": _prefill_tilings(attention=dict(half_order=False), select=dict(list_warps=4)),
+    # launch then (4 warps, 4096-element steps); and the grouped lists in whole rows with 4 warps.
+    "lists_ascending": _prefill_tilings(
+        attention=dict(half_order=False), select=dict(list_elems=4096, list_warps=4)
+    ),
     "lists_half_order_4_warps": _prefill_tilings(select=dict(list_warps=4)),
+    # The grouped lists built in 512-column steps (the list kernel then walks each row twice, the first
+    # time to count the groups) with the launch of the ascending lists, instead of in whole rows.
+    "lists_half_order_two_walks": _prefill_tilings(select=dict(list_elems=4096, list_warps=4)),
     # Session 14's small-kernel launches (4096 top-k elements, a 3-stage token phase).
     "small_kernels_session14": _prefill_tilings(select=dict(topk_elems=4096), attention=dict(token_stages=3)),
     # The forward tile kernel with one tile per CTA (the default before session 14; now persistent).

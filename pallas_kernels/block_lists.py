@@ -10,11 +10,13 @@ tokens' rows column block by column block, ascending:
 - a column's token bits are ``sum_r mask[r] << r`` and its share the column sum;
 - columns chosen by at least ``min_share`` of the tile's tokens get the next tile-list slots (a
   prefix sum over the shared flags), the other chosen ones the next slots of their tokens' lists;
-- with ``half_order`` (``BlockSizes.half_order``, the Hopper default) one step reads the tiles' whole
-  rows and one prefix sum of three packed counts puts the shared columns in their halves' groups
-  (first half only, both, second half only). Whole rows cost: at 128K the list kernels take ~1.45
-  instead of ~0.9 ms (``bench_selection_h200_half_order.json``), which the tile kernel more than
-  recovers on random q/k and about recovers on smooth ones.
+- with ``half_order`` (``BlockSizes.half_order``, the Hopper default) one prefix sum of three packed
+  counts puts the shared columns in their halves' groups (first half only, both, second half only);
+  a group starts after the groups before it, so a row walked in several steps is walked twice (the
+  first walk counts the groups). The Hopper selection tiling reads whole rows up to 128K tokens (one
+  walk): its list kernels then take ~1.45 instead of ~0.9 ms at 128K
+  (``bench_selection_h200_half_order.json``), which the tile kernel more than recovers on random q/k
+  and about recovers on smooth ones.
 
 The lists come out in ``tile_lists``' order (ascending, or ascending within each half group), and
 equal them entry for entry for canonical inputs (tests compare both). Only tilings without ``mask_split`` (no
@@ -28,6 +30,7 @@ and from 4.34 to 3.85 ms at 16K (smooth inputs); other launch parameters were no
 
 import dataclasses
 import functools
+import itertools
 
 import jax
 import jax.numpy as jnp
@@ -63,29 +66,35 @@ def list_tiling(config: BlockSizes) -> ListTiling | None:
     return ListTiling(config.tile_tokens, config.min_share, config.align, config.half_order)
 
 
-def _half_order_slots(bits, shared, tq: int, lp: int):
-    """``[1, cols]`` slot of each shared column in a list ordered by ``half_groups`` (first half only,
-    both halves, second half only; each group ascending), counted from the list's start.
-
-    A group holds fewer than ``lp`` entries, so when three ``log2(lp)``-bit counts fit in 32 bits one
-    prefix sum of ``1 << (group * width)`` counts all three groups at once (int32 wraps, and logical
-    shifts read the top field back); else one prefix sum per group.
-    """
+def _half_group(bits, tq: int):
+    """``BlockSizes.half_order``'s group of each column: 0 if only tokens of the tile's first half
+    chose it, 1 if both halves did, 2 if only the second half did (``bits``: token ``i`` is bit ``i``)."""
     first_half, second_half = half_groups(bits, tq)
-    group = jnp.where(second_half, jnp.where(first_half, 1, 2), 0)
+    return jnp.where(second_half, jnp.where(first_half, 1, 2), 0)
+
+
+def _group_ranks(group, shared, n_groups: int, lp: int):
+    """Inclusive rank ``[1, step]`` of each shared column among the step's shared columns of its group,
+    and the step's count of each group (``[1, 1]`` each).
+
+    A group holds fewer than ``lp`` entries, so while ``n_groups`` counts of ``log2(lp)`` bits fit in
+    32 bits one prefix sum of ``1 << (group * width)`` ranks every group at once (int32 wraps, and
+    logical shifts read the top field back); else one prefix sum per group.
+    """
+    if n_groups == 1:
+        flags = shared.astype(jnp.int32)
+        return jnp.cumsum(flags, axis=1), (jnp.sum(flags, axis=1, keepdims=True),)
     width = (lp - 1).bit_length()
-    if 3 * width <= 32:
+    if n_groups * width <= 32:
         field = (1 << width) - 1
         one_hot = jnp.where(shared, lax.shift_left(1, group * width), 0)
         totals = jnp.sum(one_hot, axis=1, keepdims=True)
-        counts = [lax.shift_right_logical(totals, g * width) & field for g in range(2)]
+        counts = tuple(lax.shift_right_logical(totals, g * width) & field for g in range(n_groups))
         rank = lax.shift_right_logical(jnp.cumsum(one_hot, axis=1), group * width) & field
-    else:
-        members = [(shared & (group == g)).astype(jnp.int32) for g in range(3)]
-        counts = [jnp.sum(m, axis=1, keepdims=True) for m in members[:2]]
-        rank = sum(jnp.where(group == g, jnp.cumsum(m, axis=1), 0) for g, m in enumerate(members))
-    start = jnp.where(group == 0, 0, jnp.where(group == 1, counts[0], counts[0] + counts[1]))
-    return start + rank - 1
+        return rank, counts
+    members = [(shared & (group == g)).astype(jnp.int32) for g in range(n_groups)]
+    rank = sum(jnp.where(group == g, jnp.cumsum(m, axis=1), 0) for g, m in enumerate(members))
+    return rank, tuple(jnp.sum(m, axis=1, keepdims=True) for m in members)
 
 
 def _lists_kernel(
@@ -103,8 +112,12 @@ def _lists_kernel(
     block_size: int,
     half_order: bool,
 ):
-    """One tile of ``tq`` tokens (leading batch / KV-head dims squeezed). With ``half_order`` the step
-    covers the whole row (``step == cols``), so ordering each step's entries orders the list.
+    """One tile of ``tq`` tokens (leading batch / KV-head dims squeezed).
+
+    The tile list is a sequence of groups (one, or ``half_order``'s three), each ascending: a shared
+    column's slot is its group's start (the counts of the groups before it) plus the group's entries
+    of earlier steps plus its rank in this step. With several groups over several steps, a first walk
+    over the steps counts the groups; in one step, the step's own counts are the totals.
 
     Refs:
       pos_ref: ``[2]`` int32: key position of the chunk's first token and of the sequence's last one.
@@ -122,18 +135,36 @@ def _lists_kernel(
     row = lax.broadcasted_iota(jnp.int32, (tq, 1), 0)
     tile_row = jnp.zeros((1, step), jnp.int32)
     token_rows = jnp.broadcast_to(row, (tq, step))
+    n_groups = 3 if half_order else 1
+    zeros = tuple(jnp.zeros((1, 1), jnp.int32) for _ in range(n_groups))
 
-    def body(i, carry):
-        n_tile, n_token = carry  # [1, 1], [tq, 1]
+    def columns(i):
+        """Step ``i``'s block ids ``[1, step]``, masks ``[tq, step]``, token bits, shared flags and groups."""
         block = i * step + lax.broadcasted_iota(jnp.int32, (1, step), 1)
-        chosen = pltriton.load(mask_ref.at[:, pl.ds(i * step, step)]).astype(jnp.int32)  # [tq, step]
+        chosen = pltriton.load(mask_ref.at[:, pl.ds(i * step, step)]).astype(jnp.int32)
         bits = jnp.sum(lax.shift_left(chosen, row), axis=0, keepdims=True)
         shared = jnp.sum(chosen, axis=0, keepdims=True) >= min_share
-        if half_order:
-            slot = n_tile + _half_order_slots(bits, shared, tq, lp)
-        else:
-            slot = n_tile + jnp.cumsum(shared.astype(jnp.int32), axis=1) - 1
-        slot = jnp.where(shared, slot, lp - 1)
+        group = _half_group(bits, tq) if half_order else jnp.zeros_like(bits)
+        return block, chosen, bits, shared, group
+
+    def count(i, totals):
+        _, _, _, shared, group = columns(i)
+        return tuple(
+            t + jnp.sum((shared & (group == g)).astype(jnp.int32), axis=1, keepdims=True)
+            for g, t in enumerate(totals)
+        )
+
+    totals = lax.fori_loop(0, n_steps, count, zeros) if n_groups > 1 and step < cols else None
+
+    def body(i, carry):
+        runs, n_token = carry  # per group [1, 1]; [tq, 1]
+        block, chosen, bits, shared, group = columns(i)
+        rank, counts = _group_ranks(group, shared, n_groups, lp)
+        ends = list(itertools.accumulate(counts if totals is None else totals))
+        base = runs[0]
+        for g in range(1, n_groups):
+            base = jnp.where(group == g, ends[g - 1] + runs[g], base)
+        slot = jnp.where(shared, base + rank - 1, lp - 1)
         pltriton.store(tile_ids_ref.at[tile_row, slot], block, mask=shared)
         pltriton.store(tile_bits_ref.at[tile_row, slot], bits, mask=shared)
         own = (chosen > 0) & ~shared
@@ -142,13 +173,12 @@ def _lists_kernel(
             token_ids_ref.at[token_rows, token_slot], jnp.broadcast_to(block, (tq, step)), mask=own
         )
         return (
-            n_tile + jnp.sum(shared.astype(jnp.int32), axis=1, keepdims=True),
+            tuple(r + c for r, c in zip(runs, counts, strict=True)),
             n_token + jnp.sum(own.astype(jnp.int32), axis=1, keepdims=True),
         )
 
-    n_tile, n_token = lax.fori_loop(
-        0, n_steps, body, (jnp.zeros((1, 1), jnp.int32), jnp.zeros((tq, 1), jnp.int32))
-    )
+    runs, n_token = lax.fori_loop(0, n_steps, body, (zeros, jnp.zeros((tq, 1), jnp.int32)))
+    n_tile = sum(runs)
     tile_slot = lax.broadcasted_iota(jnp.int32, (1, lp), 1)
     pltriton.store(tile_ids_ref, jnp.zeros((1, lp), jnp.int32), mask=tile_slot >= n_tile)
     pltriton.store(tile_bits_ref, jnp.zeros((1, lp), jnp.int32), mask=tile_slot >= n_tile)
@@ -182,8 +212,8 @@ def lists_from_masks(
       tiling: the attention's tiling (``list_tiling``).
       num_selected: ``K``, the most blocks a token keeps.
       block_size: tokens per key block.
-      step_elems: mask elements (tile rows x columns) a program reads per step, in registers; with
-        ``tiling.half_order`` a step reads whole rows (every column of the tile's tokens).
+      step_elems: mask elements (tile rows x columns) a program reads per step, in registers (with
+        ``tiling.half_order`` and more than one step per row, the program reads each step twice).
       warps, stages: Triton launch parameters.
       interpret: run in the Pallas interpreter (CPU).
 
@@ -197,7 +227,7 @@ def lists_from_masks(
     if chunk % tq or cols & (cols - 1):
         raise ValueError(f"masks {mask.shape}: need whole {tq}-token tiles and a power-of-two width")
     lp, kp = next_pow2(tq * num_selected + 1), next_pow2(num_selected + 1)
-    step = cols if tiling.half_order else min(cols, max(step_elems // tq, 16))
+    step = min(cols, max(step_elems // tq, 16))
     n_tiles = chunk // tq
 
     def tile_spec(width):

@@ -434,14 +434,16 @@ def _check_supported(q, k, block_size, kernel_size, kernel_stride, block_sizes):
 # took 51.44 vs 52.19 ms for the same kernel time, i.e. fewer launch gaps; peak memory 3.01 vs 3.00 GiB,
 # bench_selection_h200_chunks_session14.json). The top-k programs hold 2048 block scores, one row of
 # the widest band (2.04 vs 2.26 ms at 128K, bench_selection_h200_token_stages.json). The block-list
-# kernel runs 8 warps: the Hopper attention tiling's half_order has it read the tiles' whole rows
-# (8 x 2048 mask elements per program at 128K), which took 1.55 ms with 8 warps and 1.64 with 4
-# (bench_selection_h200_half_order_three_scans.json, smooth q/k).
+# kernel reads whole rows of 8-token tiles up to 128K tokens (16384 mask elements per program: one
+# walk over the columns, which the Hopper attention tiling's half_order would otherwise take twice)
+# with 8 warps: 1.55 ms at 128K against 1.64 with 4 (bench_selection_h200_half_order_three_scans.json,
+# smooth q/k).
 MOSAIC_SELECTION = BlockSizes(
     mosaic=MosaicScore(persistent=True),
     max_chunk=32768,
     chunk_bytes=2 << 30,
     topk_elems=2048,
+    list_elems=16384,
     list_warps=8,
 )
 

@@ -105,19 +105,22 @@ def test_lists_built_over_several_column_steps_equal_the_xla_lists(config):
 
 
 @pytest.mark.parametrize("lp", [1024, 2048], ids=["packed-counts", "one-prefix-sum-per-group"])
-def test_half_order_slots_follow_the_groups(lp):
-    """Both ways of counting the halves' groups (three counts packed in one prefix sum while they fit,
-    else one prefix sum per group) give each shared column its slot in the grouped order."""
+def test_half_order_ranks_count_each_group(lp):
+    """Both ways of ranking the halves' groups (three counts packed in one prefix sum while they fit,
+    else one prefix sum per group) give each shared column its rank within its group, and the counts."""
     rng = np.random.default_rng(7)
     cols = 512
     bits = rng.integers(0, 256, size=(1, cols), dtype=np.int32)
     shared = rng.random((1, cols)) < 0.6
-    slots = np.asarray(block_lists._half_order_slots(jnp.asarray(bits), jnp.asarray(shared), 8, lp))
+    group = block_lists._half_group(jnp.asarray(bits), 8)
+    rank, counts = block_lists._group_ranks(group, jnp.asarray(shared), 3, lp)
     first, second = (bits & 0x0F) != 0, (bits & 0xF0) != 0
-    group = np.where(second, np.where(first, 1, 2), 0)
-    columns = np.flatnonzero(shared[0])
-    order = sorted(columns, key=lambda c: (group[0, c], c))
-    np.testing.assert_array_equal(slots[0, order], np.arange(len(order)))
+    want_group = np.where(second, np.where(first, 1, 2), 0)
+    np.testing.assert_array_equal(np.asarray(group), want_group)
+    for g in range(3):
+        members = shared[0] & (want_group[0] == g)
+        np.testing.assert_array_equal(np.asarray(rank)[0, members], np.arange(1, members.sum() + 1))
+        assert int(counts[g][0, 0]) == members.sum()
 
 
 def test_list_kernel_launch_parameters_are_validated():
@@ -194,18 +197,19 @@ def test_lists_of_the_wrong_shape_are_rejected():
         )
 
 
-def test_block_lists_kernel_lowers_for_cuda():
+@pytest.mark.parametrize("list_elems", [4096, 256], ids=["one-walk", "two-walks"])
+def test_block_lists_kernel_lowers_for_cuda(list_elems):
     """The mask output of the top-k and the list kernel lower for an H200 (Pallas -> Triton IR), which
-    interpret mode does not check."""
+    interpret mode does not check: with the Hopper tiling's half-order lists, in one walk over the 64
+    block columns of 4096 tokens, or in two (32-column steps)."""
     q = jax.ShapeDtypeStruct((1, 4096, 32, 128), jnp.bfloat16)
     k = jax.ShapeDtypeStruct((1, 4096, 2, 128), jnp.bfloat16)
     tiling = block_lists.list_tiling(sparse_attention.MOSAIC_BLOCK_SIZES)
 
     def select(q, k):
         kwargs = pallas_backend.selection_kwargs(SparseConfig())
-        return pallas_selection.select_blocks(
-            q, k, **kwargs, block_sizes=pallas_selection.BlockSizes(), lists_for=tiling
-        )
+        block_sizes = pallas_selection.BlockSizes(list_elems=list_elems)
+        return pallas_selection.select_blocks(q, k, **kwargs, block_sizes=block_sizes, lists_for=tiling)
 
     text = lower_for_h200(select, q, k)
     assert "infllmv2_block_lists" in text
