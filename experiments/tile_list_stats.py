@@ -1,7 +1,8 @@
-"""What the Mosaic forward's 8-token tile lists hold for the benchmark's smooth q/k (CPU, no GPU needed).
+"""What the Mosaic forward's 8-token tile lists hold for the benchmark's q/k (CPU, no GPU needed).
 
 Selects blocks with ``select_blocks_reference`` for the last ``--queries`` tokens of a ``--seq-len`` sequence
-(``bench_attention.smooth_process`` q/k, the shipped config), builds the 8-token tile lists with
+(``--inputs smooth``: ``bench_attention.smooth_process`` q/k; ``random``: ``bench_selection``'s i.i.d. ones;
+the shipped config), builds the 8-token tile lists with
 ``tiling.tile_lists`` (shares of 2 and, for comparison, the pure union) and reports per tile:
 
 - the list length, split into blocks that tokens of both compute warpgroups chose (tokens 0-3 and 4-7) and
@@ -10,7 +11,8 @@ Selects blocks with ``select_blocks_reference`` for the last ``--queries`` token
   lists ascending (shipped) or grouped by warpgroup;
 - the share of the rows a warpgroup computes that belong to a token that chose the block.
 
-  python3 experiments/tile_list_stats.py [--seq-len 131072] [--queries 2048] [--out experiments/results]
+  python3 experiments/tile_list_stats.py [--seq-len 131072] [--queries 2048] [--inputs random]
+      [--out experiments/results]
 """
 
 import argparse
@@ -20,12 +22,13 @@ import sys
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 # Sibling scripts, not package modules: importable because running experiments/<script>.py puts
 # experiments/ first on sys.path (the documented way to run these benchmarks).
 from bench_attention import BLOCK, smooth_process
-from bench_selection import DEFAULT_CORR, DEFAULT_NOISE
+from bench_selection import DEFAULT_CORR, DEFAULT_NOISE, MINICPM4_SHAPE, _inputs, describe_inputs
 
 from infllm_jax.config import SparseConfig
 from infllm_jax.ops.selection import select_blocks_reference
@@ -81,14 +84,21 @@ def main(argv=None) -> None:
     parser.add_argument(
         "--queries", type=int, default=2048, help="the last tokens of the sequence to select for"
     )
+    parser.add_argument("--inputs", choices=["smooth", "random"], default="smooth")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = parser.parse_args(argv)
     t, s = args.seq_len, args.queries
     if s % TILE_TOKENS or not 0 < s <= t:
         parser.error(f"--queries must be a multiple of {TILE_TOKENS} in (0, --seq-len]")
-    kq, kk = jax.random.split(jax.random.PRNGKey(0))
-    q = smooth_process(kq, t, 32, 128, DEFAULT_CORR, DEFAULT_NOISE)[:, t - s :]
-    k = smooth_process(kk, t, 2, 128, DEFAULT_CORR, DEFAULT_NOISE)
+    if args.inputs == "smooth":
+        kq, kk = jax.random.split(jax.random.PRNGKey(0))
+        q = smooth_process(kq, t, 32, 128, DEFAULT_CORR, DEFAULT_NOISE)[:, t - s :]
+        k = smooth_process(kk, t, 2, 128, DEFAULT_CORR, DEFAULT_NOISE)
+        inputs = f"bench_attention.smooth_process(corr={DEFAULT_CORR}, noise={DEFAULT_NOISE}), seed 0"
+    else:
+        q, k, _ = _inputs(t, MINICPM4_SHAPE, jnp.bfloat16, "random")
+        q = q[:, t - s :]
+        inputs = f"bench_selection random inputs ({describe_inputs('random')}), seed 0"
     idx = select_blocks_reference(q, k, SparseConfig(dense_len=-1), query_chunk=256, q_offset=t - s)
     ids, cnt = canonical_blocks(idx, padded_len=s, block_size=BLOCK, q_offset=t - s)
     result = {
@@ -97,8 +107,7 @@ def main(argv=None) -> None:
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "device": "CPU (no kernels run)",
         "jax_version": jax.__version__,
-        "inputs": f"bench_attention.smooth_process(corr={DEFAULT_CORR}, noise={DEFAULT_NOISE}), seed 0, "
-        f"queries [{t - s}, {t}) of T = {t}, select_blocks_reference with the shipped config",
+        "inputs": f"{inputs}, queries [{t - s}, {t}) of T = {t}, select_blocks_reference, shipped config",
         "blocks_per_token": float(np.mean(cnt)),
     }
     for share in (2, 1):
@@ -110,7 +119,8 @@ def main(argv=None) -> None:
             stats["private_blocks_per_token"] = float(np.mean(np.asarray(lists.token_cnt)[..., 0]))
         result[f"min_share_{share}"] = stats
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"tile_list_stats_{t // 1024}k.json"
+    suffix = "" if args.inputs == "smooth" else f"_{args.inputs}"
+    path = args.out / f"tile_list_stats_{t // 1024}k{suffix}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
     print(f"wrote {path}")

@@ -25,9 +25,12 @@ def test_steps_pair_list_entries_in_list_order_or_grouped_by_warpgroup(stats):
     assert got["useful_row_share"] == 0.25
 
 
-def test_a_small_run_writes_consistent_statistics(stats, tmp_path):
-    stats.main(["--seq-len", "2048", "--queries", "64", "--out", str(tmp_path)])
-    result = json.loads((tmp_path / "tile_list_stats_2k.json").read_text())
+@pytest.mark.parametrize("inputs", ["smooth", "random"])
+def test_a_small_run_writes_consistent_statistics(stats, tmp_path, inputs):
+    stats.main(["--seq-len", "2048", "--queries", "64", "--inputs", inputs, "--out", str(tmp_path)])
+    suffix = "" if inputs == "smooth" else "_random"
+    result = json.loads((tmp_path / f"tile_list_stats_2k{suffix}.json").read_text())
+    assert result["inputs"].startswith("bench_attention" if inputs == "smooth" else "bench_selection random")
     assert {"command", "date", "device", "jax_version", "inputs"} <= result.keys()
     for share in ("min_share_2", "min_share_1"):
         got = result[share]
