@@ -97,7 +97,8 @@ def test_lists_equal_the_xla_lists(config):
 def test_lists_built_over_several_column_steps_equal_the_xla_lists(config):
     # 64 mask elements per step: 16 block columns (the minimum), so tiles walk their up to 19 blocks in
     # two steps and the slot counts carry over from one step to the next; int8 masks (default int32).
-    # half_order reads whole rows whatever the step size, so its groups span the whole list.
+    # With half_order the kernel walks such rows twice (the first walk counts the groups), so its groups
+    # still span the whole list.
     q, k, _ = qkv(5, 300)
     tiling = pallas_selection.BlockSizes(list_elems=64, list_warps=2, list_mask_dtype="int8")
     idx, lists = select_with_lists(q, k, SMALL, config, query_chunk=128, block_sizes=tiling)
