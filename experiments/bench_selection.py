@@ -176,6 +176,7 @@ PREFILL_VARIANTS = {
     "lists_1024_elems": _prefill_tilings(select=dict(list_elems=1024)),
     "lists_2_stages": _prefill_tilings(select=dict(list_stages=2)),
     "lists_8_warps": _prefill_tilings(select=dict(list_warps=8)),
+    # Whole rows in one walk with 8 warps: the Hopper default in session 24.
     "lists_whole_rows_8_warps": _prefill_tilings(select=dict(list_elems=16384, list_warps=8)),
     # The masks' dtype before session 9's last run (int32 since).
     "lists_int8_masks": _prefill_tilings(select=dict(list_mask_dtype="int8")),
@@ -203,6 +204,10 @@ PREFILL_VARIANTS = {
     # program, the token phase's warps, pipelining depth, tokens per program and blocks per step.
     **{f"topk_{n}_warp{'s' * (n > 1)}": _prefill_tilings(select=dict(topk_warps=n)) for n in (1, 2, 8)},
     **{f"topk_{n}_elems": _prefill_tilings(select=dict(topk_elems=n)) for n in (1024, 4096, 8192)},
+    # The top-k's full 16-pass search without the per-pass test whether every row already has exactly
+    # k keys at its threshold (two block barriers a pass): with bfloat16 scores the early exit saves
+    # little (15.6 of 16 passes on average in session 21's profile of the widest band).
+    "topk_no_early_exit": _prefill_tilings(select=dict(topk_early_exit=False)),
     **{f"token_{n}_warp{'s' * (n > 1)}": _prefill_tilings(attention=dict(token_warps=n)) for n in (1, 4)},
     **{f"token_{n}_stage{'s' * (n > 1)}": _prefill_tilings(attention=dict(token_stages=n)) for n in (1, 3)},
     "token_batch_2": _prefill_tilings(attention=dict(token_batch=2)),
@@ -230,8 +235,11 @@ PREFILL_VARIANTS = {
     ),
     "lists_half_order_4_warps": _prefill_tilings(select=dict(list_warps=4)),
     # The grouped lists built in 512-column steps (the list kernel then walks each row twice, the first
-    # time to count the groups) with the launch of the ascending lists, instead of in whole rows.
+    # time to count the groups) with the launch of the ascending lists, instead of in whole rows (the
+    # Hopper default since session 25, named as session 25's first run timed it); and in 1024-column
+    # steps with 8 warps.
     "lists_half_order_two_walks": _prefill_tilings(select=dict(list_elems=4096, list_warps=4)),
+    "lists_half_order_two_walks_8_warps": _prefill_tilings(select=dict(list_elems=8192, list_warps=8)),
     # Session 14's small-kernel launches (4096 top-k elements, a 3-stage token phase).
     "small_kernels_session14": _prefill_tilings(select=dict(topk_elems=4096), attention=dict(token_stages=3)),
     # The forward tile kernel with one tile per CTA (the default before session 14; now persistent).

@@ -434,17 +434,15 @@ def _check_supported(q, k, block_size, kernel_size, kernel_stride, block_sizes):
 # took 51.44 vs 52.19 ms for the same kernel time, i.e. fewer launch gaps; peak memory 3.01 vs 3.00 GiB,
 # bench_selection_h200_chunks_session14.json). The top-k programs hold 2048 block scores, one row of
 # the widest band (2.04 vs 2.26 ms at 128K, bench_selection_h200_token_stages.json). The block-list
-# kernel reads whole rows of 8-token tiles up to 128K tokens (16384 mask elements per program: one
-# walk over the columns, which the Hopper attention tiling's half_order would otherwise take twice)
-# with 8 warps: 1.55 ms at 128K against 1.64 with 4 (bench_selection_h200_half_order_three_scans.json,
-# smooth q/k).
+# kernel keeps BlockSizes' launch (4096 mask elements per program, 4 warps): with the Hopper attention
+# tiling's half_order it walks each row of 8-token tiles twice in 512-column steps, which took 0.69
+# instead of 1.08 ms at 128K against whole rows in one walk with 8 warps (the default in session 24;
+# bench_selection_h200_two_walks.json, smooth q/k; 0.74 vs 1.14 random).
 MOSAIC_SELECTION = BlockSizes(
     mosaic=MosaicScore(persistent=True),
     max_chunk=32768,
     chunk_bytes=2 << 30,
     topk_elems=2048,
-    list_elems=16384,
-    list_warps=8,
 )
 
 

@@ -140,9 +140,10 @@ class BlockSizes:
         another group's, which costs the other warpgroup a 64-key half step for nothing. The order
         changes no result beyond the online softmax's rounding. On the H200 at 128K it cut the
         Mosaic tile kernel by 1.1-1.9 ms (of ~28.5, random q/k) and by 0.04-1.0 ms (smooth q/k) in
-        three runs, while the block-list kernel, which then takes whole rows in one walk (a group
-        starts after the groups before it; with several column steps it walks each row twice), grew
-        by ~0.55 ms (experiments/results/bench_selection_h200_half_order.json, session-24 notes).
+        three runs (experiments/results/bench_selection_h200_half_order.json). The block-list kernel
+        then walks each row twice when it takes more than one column step (a group starts after the
+        groups before it): 0.69 instead of 0.59 ms at 128K with the default launch
+        (bench_selection_h200_two_walks.json, smooth q/k; notes of sessions 24-25).
       dkv_tokens: tokens stacked per step of the dK/dV walk (``dkv_tokens * 16`` rows).
       tile_warps, token_warps, dkv_warps: ``num_warps`` of the tile-phase, token-phase and dK/dV kernels.
       num_stages: Triton software-pipelining depth of every kernel but the forward's token phase.
