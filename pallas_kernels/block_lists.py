@@ -13,9 +13,9 @@ tokens' rows column block by column block, ascending:
 - with ``half_order`` (``BlockSizes.half_order``, the Hopper default) one prefix sum of three packed
   counts puts the shared columns in their halves' groups (first half only, both, second half only);
   a group starts after the groups before it, so a row walked in several steps is walked twice (the
-  first walk counts the groups). On the H200 at 128K the two walks of 512-column steps took 0.69 ms
-  against 1.08 for whole rows in one walk and 0.59 for ascending lists in one walk of the same steps
-  (``bench_selection_h200_two_walks.json``, smooth q/k).
+  first walk counts the groups). On the H200 at 128K the widest launch took 0.69 ms with two walks of
+  512-column steps, against 1.08 for whole rows in one walk and 0.59 for ascending lists in one walk
+  of the same steps (``bench_selection_h200_two_walks.json``, smooth q/k).
 
 The lists come out in ``tile_lists``' order (ascending, or ascending within each half group), and
 equal them entry for entry for canonical inputs (tests compare both). Only tilings without ``mask_split`` (no

@@ -435,9 +435,9 @@ def _check_supported(q, k, block_size, kernel_size, kernel_stride, block_sizes):
 # bench_selection_h200_chunks_session14.json). The top-k programs hold 2048 block scores, one row of
 # the widest band (2.04 vs 2.26 ms at 128K, bench_selection_h200_token_stages.json). The block-list
 # kernel keeps BlockSizes' launch (4096 mask elements per program, 4 warps): with the Hopper attention
-# tiling's half_order it walks each row of 8-token tiles twice in 512-column steps, which took 0.69
-# instead of 1.08 ms at 128K against whole rows in one walk with 8 warps (the default in session 24;
-# bench_selection_h200_two_walks.json, smooth q/k; 0.74 vs 1.14 random).
+# tiling's half_order it walks each row of 8-token tiles twice in 512-column steps: at 128K its widest
+# launch took 0.69 instead of 1.08 ms against whole rows in one walk with 8 warps (the default in
+# session 24; bench_selection_h200_two_walks.json, smooth q/k; 0.74 vs 1.14 random).
 MOSAIC_SELECTION = BlockSizes(
     mosaic=MosaicScore(persistent=True),
     max_chunk=32768,

@@ -142,8 +142,8 @@ class BlockSizes:
         Mosaic tile kernel by 1.1-1.9 ms (of ~28.5, random q/k) and by 0.04-1.0 ms (smooth q/k) in
         three runs (experiments/results/bench_selection_h200_half_order.json). The block-list kernel
         then walks each row twice when it takes more than one column step (a group starts after the
-        groups before it): 0.69 instead of 0.59 ms at 128K with the default launch
-        (bench_selection_h200_two_walks.json, smooth q/k; notes of sessions 24-25).
+        groups before it): with the default launch its widest launch at 128K took 0.69 instead of
+        0.59 ms (bench_selection_h200_two_walks.json, smooth q/k; notes of sessions 24-25).
       dkv_tokens: tokens stacked per step of the dK/dV walk (``dkv_tokens * 16`` rows).
       tile_warps, token_warps, dkv_warps: ``num_warps`` of the tile-phase, token-phase and dK/dV kernels.
       num_stages: Triton software-pipelining depth of every kernel but the forward's token phase.
