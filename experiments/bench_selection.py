@@ -233,7 +233,7 @@ PREFILL_VARIANTS = {
     "lists_ascending": _prefill_tilings(
         attention=dict(half_order=False), select=dict(list_elems=4096, list_warps=4)
     ),
-    "lists_half_order_4_warps": _prefill_tilings(select=dict(list_warps=4)),
+    "lists_half_order_4_warps": _prefill_tilings(select=dict(list_elems=16384, list_warps=4)),
     # The grouped lists built in 512-column steps (the list kernel then walks each row twice, the first
     # time to count the groups) with the launch of the ascending lists, instead of in whole rows (the
     # Hopper default since session 25, named as session 25's first run timed it); and in 1024-column
