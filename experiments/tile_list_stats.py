@@ -9,7 +9,10 @@ the shipped config), builds the 8-token tile lists with
   blocks only one warpgroup's tokens chose;
 - the 2-block ring steps (``MosaicTile(blocks_per_step=2)``) that serve both warpgroups or one, with the
   lists ascending (shipped) or grouped by warpgroup;
-- the share of the rows a warpgroup computes that belong to a token that chose the block.
+- the share of the rows a warpgroup computes that belong to a token that chose the block;
+- for the token phase (shares of 2): how many of a token's private blocks the token at the same place of the
+  next tile (or of the next three) also has privately, i.e. what a token-phase program serving those tokens
+  together would load once instead of twice.
 
   python3 experiments/tile_list_stats.py [--seq-len 131072] [--queries 2048] [--inputs random]
       [--out experiments/results]
@@ -78,6 +81,25 @@ def list_stats(bits: np.ndarray, counts: np.ndarray) -> dict:
     return out
 
 
+def private_blocks_shared(token_ids: np.ndarray, token_cnt: np.ndarray, tiles: int, num_blocks: int) -> float:
+    """Share of the token-phase block loads that tokens at the same place of ``tiles`` consecutive tiles
+    have in common: ``1 - distinct / total`` over groups of such tokens.
+
+    Args:
+      token_ids: ``[..., T, K]`` the tokens' private block ids, the first ``token_cnt[..., T]`` valid.
+      tiles: tiles per group; ``T`` a multiple of ``tiles * 8``.
+    """
+    *lead, t, k = token_ids.shape
+    valid = np.arange(k) < token_cnt[..., None]
+    member = np.zeros((*lead, t, num_blocks + 1), bool)
+    np.put_along_axis(member, np.where(valid, token_ids, num_blocks), True, axis=-1)
+    member = member[..., :num_blocks].reshape(
+        *lead, t // (tiles * TILE_TOKENS), tiles, TILE_TOKENS, num_blocks
+    )
+    total = int(np.sum(token_cnt))
+    return 0.0 if total == 0 else 1.0 - int(np.sum(member.any(axis=-3))) / total
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seq-len", type=int, default=131072)
@@ -116,7 +138,12 @@ def main(argv=None) -> None:
         )
         stats = list_stats(np.asarray(lists.tile_bits), np.asarray(lists.tile_cnt)[..., 0])
         if lists.token_cnt is not None:
-            stats["private_blocks_per_token"] = float(np.mean(np.asarray(lists.token_cnt)[..., 0]))
+            token_ids, token_cnt = np.asarray(lists.token_ids), np.asarray(lists.token_cnt)[..., 0]
+            stats["private_blocks_per_token"] = float(np.mean(token_cnt))
+            for tiles in (2, 4):
+                stats[f"private_shared_over_{tiles}_tiles"] = private_blocks_shared(
+                    token_ids, token_cnt, tiles, t // BLOCK
+                )
         result[f"min_share_{share}"] = stats
     args.out.mkdir(parents=True, exist_ok=True)
     suffix = "" if args.inputs == "smooth" else f"_{args.inputs}"

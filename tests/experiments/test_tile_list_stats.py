@@ -25,6 +25,21 @@ def test_steps_pair_list_entries_in_list_order_or_grouped_by_warpgroup(stats):
     assert got["useful_row_share"] == 0.25
 
 
+def test_private_blocks_shared_counts_the_loads_tokens_of_neighbouring_tiles_have_in_common(stats):
+    # One KV head, 4 tiles of 8 tokens, 4 key blocks; only token 0 of each tile has private blocks.
+    ids = np.zeros((1, 32, 2), np.int32)
+    cnt = np.zeros((1, 32), np.int32)
+    for tile, blocks in enumerate([[0, 1], [1, 2], [3], []]):
+        ids[0, 8 * tile, : len(blocks)], cnt[0, 8 * tile] = blocks, len(blocks)
+    # Pairs of tiles: {0, 1} | {1, 2} loads 3 of 4 blocks, {3} | {} 1 of 1: 1 - 4/5.
+    assert stats.private_blocks_shared(ids, cnt, tiles=2, num_blocks=4) == pytest.approx(0.2)
+    # All four tiles: blocks 0-3 once each of 5 loads.
+    assert stats.private_blocks_shared(ids, cnt, tiles=4, num_blocks=4) == pytest.approx(0.2)
+    # Different places in the tile never share (token 1 of tile 1 instead of token 0).
+    ids[0, 9], cnt[0, 9], cnt[0, 8] = ids[0, 8], 2, 0
+    assert stats.private_blocks_shared(ids, cnt, tiles=2, num_blocks=4) == pytest.approx(0.0)
+
+
 @pytest.mark.parametrize("inputs", ["smooth", "random"])
 def test_a_small_run_writes_consistent_statistics(stats, tmp_path, inputs):
     stats.main(["--seq-len", "2048", "--queries", "64", "--inputs", inputs, "--out", str(tmp_path)])
@@ -43,3 +58,5 @@ def test_a_small_run_writes_consistent_statistics(stats, tmp_path, inputs):
     # The union lists every block the share-2 lists do, and the tokens' private ones.
     assert result["min_share_1"]["list_blocks"] >= result["min_share_2"]["list_blocks"]
     assert "private_blocks_per_token" in result["min_share_2"]
+    shared = [result["min_share_2"][f"private_shared_over_{n}_tiles"] for n in (2, 4)]
+    assert 0 <= shared[0] <= shared[1] < 1
