@@ -12,7 +12,12 @@ the shipped config), builds the 8-token tile lists with
 - the share of the rows a warpgroup computes that belong to a token that chose the block;
 - for the token phase (shares of 2): how many of a token's private blocks the token at the same place of the
   next tile (or of the next three) also has privately, i.e. what a token-phase program serving those tokens
-  together would load once instead of twice.
+  together would load once instead of twice;
+- a model of tiles of 8 tokens on 2 compute warpgroups (the kernel) against 12 tokens on 3 (a design, not
+  built): each tile's shared blocks grouped by the warpgroups whose tokens chose them, paired into 128-key
+  steps, each step costing what session 21's synthetic kernel measured for that many warpgroups running the
+  forward's step (``pipe_overlap_h200*.json``, role ``fa``), plus each private block at the token phase's
+  fitted cost (``phase_blocks_h200.json``), in SM-ns per token and KV head.
 
   python3 experiments/tile_list_stats.py [--seq-len 131072] [--queries 2048] [--inputs random]
       [--out experiments/results]
@@ -39,6 +44,8 @@ from pallas_kernels.tiling import BlockSizes, canonical_blocks, tile_lists
 
 TILE_TOKENS = 8
 HALF = TILE_TOKENS // 2
+RESULTS = Path(__file__).resolve().parent / "results"
+WARPGROUP_TOKENS = 4  # a compute warpgroup's 64 WGMMA rows: 4 tokens x 16 heads
 
 
 def warpgroup_classes(bits: np.ndarray) -> np.ndarray:
@@ -100,6 +107,61 @@ def private_blocks_shared(token_ids: np.ndarray, token_cnt: np.ndarray, tiles: i
     return 0.0 if total == 0 else 1.0 - int(np.sum(member.any(axis=-3))) / total
 
 
+def measured_step_costs(results: Path = RESULTS) -> tuple[dict[int, float], float]:
+    """Per-SM ns of one forward step (``pipe_overlap`` role ``fa``) with 1, 2 and 3 warpgroups running it,
+    and the token phase's fitted SM-ns per private block, from the committed H200 results."""
+    steps = {}
+    for name in ("pipe_overlap_h200.json", "pipe_overlap_h200_scoring_parts.json"):
+        data = json.loads((results / name).read_text())
+        for row in data["rows"]:
+            roles = [r for r in row["roles"] if r != "idle"]
+            if set(roles) == {"fa"} and len(roles) not in steps:
+                steps[len(roles)] = row["device_ms"] * 1e6 / (data["iters"] * data["waves"])
+    fit = json.loads((results / "phase_blocks_h200.json").read_text())["token_phase_fit"]
+    return steps, fit["per_token_block_sm_ns"]
+
+
+def warpgroup_tile_model(
+    ids: np.ndarray, tile_tokens: int, num_blocks: int, step_ns: dict[int, float], token_block_ns: float
+) -> dict:
+    """Modelled forward cost of tiles of ``tile_tokens`` tokens, one compute warpgroup per 4 of them.
+
+    Args:
+      ids: ``[..., T, K]`` canonical block ids (ids ``>= num_blocks`` are empty slots); ``T`` a multiple
+        of ``tile_tokens``.
+      step_ns: per-SM ns of a 128-key step run by 1, 2, ... warpgroups.
+      token_block_ns: SM-ns per private block in the token phase.
+    """
+    *lead, t, _ = ids.shape
+    groups = tile_tokens // WARPGROUP_TOKENS
+    member = np.zeros((*lead, t, num_blocks + 1), bool)
+    np.put_along_axis(member, np.minimum(ids, num_blocks), True, axis=-1)
+    member = member[..., :num_blocks].reshape(-1, tile_tokens, num_blocks)  # [tiles, tokens, blocks]
+    counts = member.sum(axis=1)
+    private = int(np.sum(member & (counts == 1)[:, None, :]))
+    group_chose = member.reshape(-1, groups, WARPGROUP_TOKENS, num_blocks).any(axis=2)
+    subsets = np.einsum("tgb,g->tb", group_chose.astype(np.int64), 1 << np.arange(groups))
+    list_blocks = steps_ns = warpgroup_steps = 0.0
+    for tile_subsets, shared in zip(subsets, counts >= 2, strict=True):
+        entries = np.sort(tile_subsets[shared])  # grouped by the warpgroups that compute them
+        if len(entries) % 2:
+            entries = np.append(entries, 0)
+        active = np.bitwise_count(entries[0::2] | entries[1::2])
+        list_blocks += int(shared.sum())
+        warpgroup_steps += int(active.sum())
+        steps_ns += sum(step_ns[int(n)] for n in active)
+    tokens = member.shape[0] * tile_tokens
+    tile_ns, token_ns = steps_ns / tokens, private * token_block_ns / tokens
+    return {
+        "list_blocks": list_blocks / member.shape[0],
+        "private_blocks_per_token": private / tokens,
+        "warpgroup_steps_per_token": warpgroup_steps / tokens,
+        "tile_sm_ns_per_token": tile_ns,
+        "token_phase_sm_ns_per_token": token_ns,
+        "sm_ns_per_token": tile_ns + token_ns,
+    }
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seq-len", type=int, default=131072)
@@ -110,8 +172,8 @@ def main(argv=None) -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = parser.parse_args(argv)
     t, s = args.seq_len, args.queries
-    if s % TILE_TOKENS or not 0 < s <= t:
-        parser.error(f"--queries must be a multiple of {TILE_TOKENS} in (0, --seq-len]")
+    if s % TILE_TOKENS or not 24 <= s <= t:
+        parser.error(f"--queries must be a multiple of {TILE_TOKENS} in [24, --seq-len]")
     if args.inputs == "smooth":
         kq, kk = jax.random.split(jax.random.PRNGKey(0))
         q = smooth_process(kq, t, 32, 128, DEFAULT_CORR, DEFAULT_NOISE)[:, t - s :]
@@ -145,6 +207,17 @@ def main(argv=None) -> None:
                     token_ids, token_cnt, tiles, t // BLOCK
                 )
         result[f"min_share_{share}"] = stats
+    # Both tilings over the same tokens: the last multiple of 24 (8-token tiles stay the kernel's).
+    modelled = np.asarray(ids)[..., s % 24 :, :]
+    step_ns, token_block_ns = measured_step_costs()
+    result["warpgroup_tile_model"] = {
+        "queries": modelled.shape[-2],
+        "step_ns_by_warpgroups": {str(n): ns for n, ns in sorted(step_ns.items())},
+        "token_phase_ns_per_block": token_block_ns,
+    } | {
+        f"{tokens}_token_tiles": warpgroup_tile_model(modelled, tokens, t // BLOCK, step_ns, token_block_ns)
+        for tokens in (TILE_TOKENS, 3 * WARPGROUP_TOKENS)
+    }
     args.out.mkdir(parents=True, exist_ok=True)
     suffix = "" if args.inputs == "smooth" else f"_{args.inputs}"
     path = args.out / f"tile_list_stats_{t // 1024}k{suffix}.json"

@@ -40,6 +40,37 @@ def test_private_blocks_shared_counts_the_loads_tokens_of_neighbouring_tiles_hav
     assert stats.private_blocks_shared(ids, cnt, tiles=2, num_blocks=4) == pytest.approx(0.0)
 
 
+def test_the_warpgroup_tile_model_pairs_shared_blocks_into_steps_of_the_warpgroups_that_chose_them(stats):
+    step_ns, token_block_ns = {1: 1.0, 2: 1.5, 3: 2.0}, 10.0
+    # 24 tokens of one KV head, each choosing blocks 0 and 1 of 4 (id 4 would be an empty slot).
+    ids = np.tile(np.array([0, 1], np.int32), (1, 24, 1))
+    got = {n: stats.warpgroup_tile_model(ids, n, 4, step_ns, token_block_ns) for n in (8, 12)}
+    # 8-token tiles: two shared entries, one step of both warpgroups per tile (3 tiles).
+    assert got[8]["list_blocks"] == 2 and got[8]["warpgroup_steps_per_token"] == pytest.approx(2 / 8)
+    assert got[8]["sm_ns_per_token"] == pytest.approx(3 * 1.5 / 24)
+    # 12-token tiles: one step of three warpgroups per tile (2 tiles).
+    assert got[12]["sm_ns_per_token"] == pytest.approx(2 * 2.0 / 24)
+    # Token 5 takes block 2 instead of 1: a private block (token phase), the steps unchanged.
+    ids[0, 5, 1] = 2
+    got = stats.warpgroup_tile_model(ids, 8, 4, step_ns, token_block_ns)
+    assert got["private_blocks_per_token"] == pytest.approx(1 / 24)
+    assert got["token_phase_sm_ns_per_token"] == pytest.approx(10 / 24)
+    assert got["tile_sm_ns_per_token"] == pytest.approx(3 * 1.5 / 24)
+    # Tokens 0 and 1 (first warpgroup only) take block 3 instead of 1: tile 0 lists [first only, both,
+    # both] -> steps (first | both) and (both | padding), two steps of both warpgroups.
+    ids[0, :2, 1] = 3
+    got = stats.warpgroup_tile_model(ids, 8, 4, step_ns, token_block_ns)
+    assert got["tile_sm_ns_per_token"] == pytest.approx((2 * 1.5 + 2 * 1.5) / 24)
+
+
+def test_the_model_reads_the_measured_step_costs(stats):
+    step_ns, token_block_ns = stats.measured_step_costs()
+    assert sorted(step_ns) == [1, 2, 3]
+    # More warpgroups take longer per step but less per warpgroup.
+    assert step_ns[1] < step_ns[2] < step_ns[3] and step_ns[3] / 3 < step_ns[2] / 2 < step_ns[1]
+    assert token_block_ns > 0
+
+
 @pytest.mark.parametrize("inputs", ["smooth", "random"])
 def test_a_small_run_writes_consistent_statistics(stats, tmp_path, inputs):
     stats.main(["--seq-len", "2048", "--queries", "64", "--inputs", inputs, "--out", str(tmp_path)])
@@ -60,3 +91,12 @@ def test_a_small_run_writes_consistent_statistics(stats, tmp_path, inputs):
     assert "private_blocks_per_token" in result["min_share_2"]
     shared = [result["min_share_2"][f"private_shared_over_{n}_tiles"] for n in (2, 4)]
     assert 0 <= shared[0] <= shared[1] < 1
+    model = result["warpgroup_tile_model"]
+    assert model["queries"] == 48  # the last multiple of 24 of the 64 queries
+    narrow, wide = model["8_token_tiles"], model["12_token_tiles"]
+    # Wider tiles share more: fewer private blocks per token.
+    assert wide["private_blocks_per_token"] <= narrow["private_blocks_per_token"]
+    for got in (narrow, wide):
+        assert got["sm_ns_per_token"] == pytest.approx(
+            got["tile_sm_ns_per_token"] + got["token_phase_sm_ns_per_token"]
+        )
