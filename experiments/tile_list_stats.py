@@ -93,7 +93,8 @@ def private_blocks_shared(token_ids: np.ndarray, token_cnt: np.ndarray, tiles: i
     have in common: ``1 - distinct / total`` over groups of such tokens.
 
     Args:
-      token_ids: ``[..., T, K]`` the tokens' private block ids, the first ``token_cnt[..., T]`` valid.
+      token_ids: ``[..., T, K]`` the tokens' private block ids; token_cnt: ``[..., T]`` how many of each
+        token's are valid.
       tiles: tiles per group; ``T`` a multiple of ``tiles * 8``.
     """
     *lead, t, k = token_ids.shape
@@ -109,9 +110,10 @@ def private_blocks_shared(token_ids: np.ndarray, token_cnt: np.ndarray, tiles: i
 
 def measured_step_costs(results: Path = RESULTS) -> tuple[dict[int, float], float]:
     """Per-SM ns of one forward step (``pipe_overlap`` role ``fa``) with 1, 2 and 3 warpgroups running it,
-    and the token phase's fitted SM-ns per private block, from the committed H200 results."""
+    and the token phase's fitted SM-ns per private block, from the committed H200 results. Two and three
+    warpgroups come from one run (the scoring-parts call), one warpgroup from the first call."""
     steps = {}
-    for name in ("pipe_overlap_h200.json", "pipe_overlap_h200_scoring_parts.json"):
+    for name in ("pipe_overlap_h200_scoring_parts.json", "pipe_overlap_h200.json"):
         data = json.loads((results / name).read_text())
         for row in data["rows"]:
             roles = [r for r in row["roles"] if r != "idle"]
