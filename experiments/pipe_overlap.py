@@ -28,7 +28,11 @@ given a role that it repeats ``--iters`` times:
   ``P^T`` to SMEM in bf16, and ``O^T += V^T P^T`` as two ``64 x 16 x 64`` WGMMAs (``V = A``);
 - ``tokfix``: ``tok`` with a fixed per-column reference instead of the running maximum (no cross-warp
   reduction: the lower bound of what such a step can cost);
-- ``idle``.
+- ``idle``;
+- ``mem``: idle after giving up its registers (``setmaxnreg`` down to 24), as a memory warpgroup does;
+  with one in the combination every other warpgroup raises its budget to an equal share of the rest
+  (``compute_registers``), as the kernels' compute warpgroups do: ``fa+fa+fa+mem`` is the forward's step
+  in a kernel of 3 compute warpgroups and a memory one, under the registers such a kernel would have.
 
 Each role alone needs ~512 cycles per iteration at the datasheet rates (2.1 MFLOP at 4,096 dense bf16
 FLOP per cycle and SM; 8,192 ``exp2`` at 16 per cycle and SM). If the pipes overlap, ``mma + exp``
@@ -63,7 +67,7 @@ from pallas_kernels._compat import SWIZZLED_128B, pl, plgpu
 from pallas_kernels.tiling import persistent_ctas
 
 ROWS, COLS, DEPTH = 64, 128, 128  # the WGMMA: [ROWS, DEPTH] x [COLS, DEPTH]^T
-ROLES = ("idle", "mma", "exp", "exp16", "step", "pstep", "fa", "coarse", "fine", "tok", "tokfix")
+ROLES = ("idle", "mma", "exp", "exp16", "step", "pstep", "fa", "coarse", "fine", "tok", "tokfix", "mem")
 # The roles of warpgroups 0, 1, ... of the combinations timed by default.
 COMBOS = (
     ("mma", "idle"),
@@ -92,6 +96,8 @@ COMBOS = (
     ("tokfix", "tokfix", "tokfix"),
 )
 MAX_WARPGROUPS = 4
+# Registers per SM and warpgroup size; what a mem warpgroup keeps (setmaxnreg's minimum).
+_SM_REGISTERS, _WG_THREADS, MEMORY_REGISTERS = 65536, 128, 24
 # Overlap rows: (pair, the two pairs whose times add up to "no overlap").
 OVERLAPS = (
     (("mma", "exp"), ("mma", "idle"), ("idle", "exp")),
@@ -150,7 +156,7 @@ def _run_role(role: str, a_smem, b_smem, p_smem, iters: int, interpret: bool):
 
         return pl.run_scoped(issue, plgpu.ACC((ROWS, COLS), jnp.float32))
 
-    if role == "idle":
+    if role in ("idle", "mem"):
         return full(0.0)
     if role == "mma":
         return lax.fori_loop(0, iters, lambda i, acc: acc + mma(), full(0.0))
@@ -298,6 +304,17 @@ def _token_step_role(role: str, a_smem, b_smem, p_smem, iters: int):
     return jnp.concatenate([o_lo, o_hi, l_part, filler], axis=1)
 
 
+def compute_registers(roles: tuple[str, ...]) -> int | None:
+    """Per-thread register budget of the non-``mem`` warpgroups of a combination with ``mem`` ones: an
+    equal share of what the ``mem`` warpgroups give up, a multiple of 8, at most 256 (``None`` without
+    ``mem``: no warpgroup changes its budget)."""
+    n_mem = roles.count("mem")
+    if n_mem == 0 or n_mem == len(roles):
+        return None
+    per_thread = _SM_REGISTERS // _WG_THREADS - n_mem * MEMORY_REGISTERS
+    return min(per_thread // (len(roles) - n_mem) // 8 * 8, 256)
+
+
 def overlap_kernel(roles: tuple[str, ...], iters: int, n_ctas: int, *, interpret: bool = False):
     """``(a [64, 128], b [128, 128]) bf16 -> out [n_ctas, W, 64, 128] float32``: warpgroup ``w < W`` of
     every CTA runs ``roles[w]`` for ``iters`` iterations on ``a @ b.T`` and writes its register array."""
@@ -318,10 +335,16 @@ def overlap_kernel(roles: tuple[str, ...], iters: int, n_ctas: int, *, interpret
             plgpu.copy_gmem_to_smem(b_ref, b_smem, bar)
 
         plgpu.barrier_wait(bar)
+        budget = compute_registers(roles)
         for w, role in enumerate(roles):
 
             @pl.when(wg == w)
             def _(w=w, role=role):
+                if budget is not None:
+                    if role == "mem":
+                        plgpu.set_max_registers(MEMORY_REGISTERS, action="decrease")
+                    else:
+                        plgpu.set_max_registers(budget, action="increase")
                 value = _run_role(role, a_smem, b_smem, p_smem.at[w], iters, interpret)
                 out_smem.at[w][...] = value
                 plgpu.commit_smem()
@@ -358,7 +381,7 @@ def overlap_kernel(roles: tuple[str, ...], iters: int, n_ctas: int, *, interpret
 def expected(role: str, a: np.ndarray, b: np.ndarray, iters: int) -> np.ndarray:
     """numpy (float64) value of ``role``'s register array after ``iters`` iterations."""
     s = a.astype(np.float64) @ b.astype(np.float64).T
-    if role == "idle":
+    if role in ("idle", "mem"):
         return np.zeros((ROWS, COLS))
     if role == "mma":
         return iters * s
@@ -437,6 +460,7 @@ def run(iters: int, waves: int, reps: int, combos=COMBOS) -> list[dict]:
             "device_ms": round(device, 4),
             "host_median_ms": round(statistics.median(host), 4),
             "max_rel_error": error,
+            "compute_registers": compute_registers(roles),
         }
         print(f"{' + '.join(roles):>22} {device:8.3f} ms  (rel. error {error:.1e})", flush=True)
         rows.append(row)

@@ -24,6 +24,7 @@ def overlap(experiment):
         ("fa", "idle"),
         ("coarse", "fine"),
         ("tok", "tokfix"),
+        ("fa", "mma", "exp", "mem"),
     ],
     ids=lambda r: "+".join(r),
 )
@@ -36,6 +37,15 @@ def test_each_role_computes_its_loop(overlap, roles):
     # (a missing iteration is off by a third).
     assert overlap.check(roles, out, a, b, iters) < 1e-3
     assert overlap.check(roles, out, a, b, iters + 1) > 1e-2
+
+
+def test_mem_warpgroups_give_their_registers_to_the_others(overlap):
+    assert overlap.compute_registers(("fa", "fa")) is None  # nobody changes budgets
+    # 3 compute warpgroups and a memory one: (512 - 24) / 3 = 162.7 -> 160 per thread.
+    assert overlap.compute_registers(("fa", "fa", "fa", "mem")) == 160
+    assert overlap.compute_registers(("fa", "fa", "mem")) == 240
+    assert overlap.compute_registers(("fa", "mem")) == 256  # setmaxnreg's maximum
+    assert overlap.compute_registers(("mem", "mem")) is None
 
 
 def test_overlap_is_one_when_the_slower_role_hides_the_other_and_zero_when_they_add(overlap):
