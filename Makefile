@@ -4,7 +4,7 @@ VENV    := .venv
 PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 # The CPU suite is mostly single-threaded (Pallas interpreters), so one pytest worker per core
-# (pytest-xdist) nearly halves it on a 2-core machine: ~35 instead of ~55 minutes.
+# (pytest-xdist) cuts it on a 2-core machine to 35-40 minutes from ~55.
 PYTEST_WORKERS ?= auto
 PYTEST_ARGS ?=
 
