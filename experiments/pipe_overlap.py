@@ -326,6 +326,9 @@ def overlap_kernel(roles: tuple[str, ...], iters: int, n_ctas: int, *, interpret
     if iters < 1 or n_ctas < 1:
         raise ValueError(f"iters and n_ctas must be >= 1, got {iters}, {n_ctas}")
 
+    staged = [w for w, role in enumerate(roles) if role != "mem"]  # warpgroups with output staging
+    n_staged = max(len(staged), 1)
+
     def body(a_ref, b_ref, out_ref, a_smem, b_smem, out_smem, p_smem, _pad, bar):
         wg, cta = lax.axis_index("wg"), lax.axis_index("cta")
 
@@ -355,8 +358,6 @@ def overlap_kernel(roles: tuple[str, ...], iters: int, n_ctas: int, *, interpret
                 plgpu.wait_smem_to_gmem(0)
 
     n_wg = len(roles)
-    staged = [w for w, role in enumerate(roles) if role != "mem"]  # warpgroups with output staging
-    n_staged = max(len(staged), 1)
     used = 2 * (ROWS + COLS) * DEPTH + 4 * n_staged * ROWS * COLS + 2 * n_staged * ROWS * COLS
     scratch = (
         plgpu.SMEM((ROWS, DEPTH), jnp.bfloat16, transforms=SWIZZLED_128B),

@@ -88,6 +88,14 @@ def list_stats(bits: np.ndarray, counts: np.ndarray) -> dict:
     return out
 
 
+def block_membership(ids: np.ndarray, num_blocks: int) -> np.ndarray:
+    """``[..., T, K]`` block ids (ids ``>= num_blocks`` are empty slots) -> ``[..., T, num_blocks]`` bool:
+    which blocks each token lists."""
+    member = np.zeros((*ids.shape[:-1], num_blocks + 1), bool)
+    np.put_along_axis(member, np.minimum(ids, num_blocks), True, axis=-1)
+    return member[..., :num_blocks]
+
+
 def private_blocks_shared(token_ids: np.ndarray, token_cnt: np.ndarray, tiles: int, num_blocks: int) -> float:
     """Share of the token-phase block loads that tokens at the same place of ``tiles`` consecutive tiles
     have in common: ``1 - distinct / total`` over groups of such tokens.
@@ -99,9 +107,7 @@ def private_blocks_shared(token_ids: np.ndarray, token_cnt: np.ndarray, tiles: i
     """
     *lead, t, k = token_ids.shape
     valid = np.arange(k) < token_cnt[..., None]
-    member = np.zeros((*lead, t, num_blocks + 1), bool)
-    np.put_along_axis(member, np.where(valid, token_ids, num_blocks), True, axis=-1)
-    member = member[..., :num_blocks].reshape(
+    member = block_membership(np.where(valid, token_ids, num_blocks), num_blocks).reshape(
         *lead, t // (tiles * TILE_TOKENS), tiles, TILE_TOKENS, num_blocks
     )
     total = int(np.sum(token_cnt))
@@ -134,11 +140,8 @@ def warpgroup_tile_model(
       step_ns: per-SM ns of a 128-key step run by 1, 2, ... warpgroups.
       token_block_ns: SM-ns per private block in the token phase.
     """
-    *lead, t, _ = ids.shape
     groups = tile_tokens // WARPGROUP_TOKENS
-    member = np.zeros((*lead, t, num_blocks + 1), bool)
-    np.put_along_axis(member, np.minimum(ids, num_blocks), True, axis=-1)
-    member = member[..., :num_blocks].reshape(-1, tile_tokens, num_blocks)  # [tiles, tokens, blocks]
+    member = block_membership(ids, num_blocks).reshape(-1, tile_tokens, num_blocks)  # [tiles, tokens, blocks]
     counts = member.sum(axis=1)
     private = int(np.sum(member & (counts == 1)[:, None, :]))
     group_chose = member.reshape(-1, groups, WARPGROUP_TOKENS, num_blocks).any(axis=2)
